@@ -1,0 +1,27 @@
+"""Errors neuromerge raises on bad input: one clear line each, caught by the CLI (exit code 2)."""
+
+from __future__ import annotations
+
+
+class NeuromergeError(Exception):
+    """Base class: the message is a single line meant for the user."""
+
+
+class ConfigError(NeuromergeError):
+    """The YAML / Python config is invalid (unknown method or parameter, out-of-range value, ...)."""
+
+
+class CheckpointError(NeuromergeError):
+    """An input checkpoint cannot be read as given (missing, truncated, quantized, GGUF, unsafe pickle...)."""
+
+
+class CompatibilityError(NeuromergeError):
+    """The models of a pool cannot be merged together (missing tensor, shape or dtype mismatch, vocab...)."""
+
+
+class NonFiniteError(NeuromergeError):
+    """An input tensor holds NaN or Inf values (allowed only with `allow_nonfinite: true`)."""
+
+
+class OutputExistsError(NeuromergeError):
+    """The output folder exists and `--force` was not given."""

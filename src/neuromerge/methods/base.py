@@ -1,0 +1,130 @@
+"""The contract between the merge engine and a static merge method.
+
+A method is a class registered with :func:`neuromerge.methods.registry.method`. It declares a pydantic
+``Params`` model (validated before any weight is read, shown by ``neuromerge methods NAME``) and implements
+:meth:`MergeMethod.merge`, which receives *one* tensor (or one row chunk of it) of every model in fp32 and returns
+the merged tensor. Whole-model quantities (the global top-k threshold of TIES / NeuroMerging, removed L1 mass)
+are computed by the engine's statistics pass and handed over in :class:`MergeInput.stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+TensorKind = Literal["neuronal", "point"]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    #: multiplier of each model's task vector (mergekit's per-model ``weight``)
+    weight: float = Field(1.0, description="per-model multiplier of its task vector (or of its weights)")
+
+
+@dataclass(frozen=True)
+class GlobalStats:
+    """Whole-model statistics computed by the engine's statistics pass, one entry per model.
+
+    ``thresholds[t]``: the exact global magnitude threshold of model ``t`` (entries ``|τ_t| >= thr`` are kept).
+    ``removed_l1[t]`` / ``total_l1[t]``: L1 mass of ``τ_t`` below the threshold / in total (float64 sums).
+    ``kept[t]`` / ``total[t]``: entry counts.
+    """
+
+    thresholds: tuple[float, ...]
+    removed_l1: tuple[float, ...]
+    total_l1: tuple[float, ...]
+    kept: tuple[int, ...]
+    total: tuple[int, ...]
+
+    @property
+    def removed_fraction(self) -> tuple[float, ...]:
+        """``σ_t = ‖τ_t ⊙ (1 − m_t)‖₁ / ‖τ_t‖₁`` per model."""
+        return tuple(r / t if t > 0 else 0.0 for r, t in zip(self.removed_l1, self.total_l1, strict=True))
+
+
+P = TypeVar("P", bound=MethodParams)
+
+UniformFn = Callable[[int, tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class MergeInput(Generic[P]):
+    """Everything a method sees for one tensor (or one row chunk of it).
+
+    ``base`` and ``models`` are fp32 in *canonical layout*: a neuronal tensor is 2-D with one output neuron per
+    row (GPT-2 Conv1D matrices are transposed, conv kernels reshaped to ``(out, in·k·k)``); a point tensor is
+    1-D. When the tensor is processed in row chunks, ``rows`` gives the chunk's row range in the full tensor
+    and ``full_shape`` the canonical shape of the whole tensor.
+    """
+
+    name: str
+    kind: TensorKind
+    base: torch.Tensor
+    models: Sequence[torch.Tensor]
+    params: P
+    per_model: Sequence[P]
+    stats: GlobalStats | None = None
+    rows: tuple[int, int] = (0, 0)
+    full_shape: tuple[int, ...] = ()
+    uniform: UniformFn | None = None
+    report: dict[str, float] = field(default_factory=dict)
+    _deltas: list[torch.Tensor] | None = None
+
+    @property
+    def deltas(self) -> list[torch.Tensor]:
+        """Task vectors ``τ_t = θ_t − θ0`` (computed once, fp32)."""
+        if self._deltas is None:
+            self._deltas = [m - self.base for m in self.models]
+        return self._deltas
+
+    @property
+    def stacked_deltas(self) -> torch.Tensor:
+        """``τ`` stacked as ``(T, ...)``."""
+        return torch.stack(self.deltas)
+
+    @property
+    def weights(self) -> list[float]:
+        return [p.weight for p in self.per_model]
+
+    def random_uniform(self, model_index: int) -> torch.Tensor:
+        """Uniform [0, 1) draws for every entry of this chunk of model ``model_index``'s tensor, from a
+        counter-based generator keyed by (seed, method, tensor name, model index) and the entry's position in
+        the full tensor, so the draw does not depend on chunking or threads."""
+        if self.uniform is None:  # pragma: no cover - the engine always provides it
+            raise RuntimeError("no random generator attached to this MergeInput")
+        return self.uniform(model_index, tuple(self.base.shape))
+
+
+class MergeMethod(Generic[P]):
+    """A static merge method. Subclasses set the class attributes and implement :meth:`merge`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: one-line summary and the source of the formula (paper / official code)
+    summary: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    #: True when the result on a row chunk depends only on that chunk (and global stats): elementwise or
+    #: row-wise methods. Per-tensor methods (SVD, per-tensor top-k, cosines) set False.
+    chunkable: ClassVar[bool] = True
+    #: number of models (excluding a base that is not listed among them) the method accepts
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    #: True when the method draws random numbers (DARE): the engine then attaches a generator
+    random: ClassVar[bool] = False
+
+    def global_densities(self, params: P, per_model: Sequence[P]) -> list[float] | None:
+        """Per-model densities whose exact *global* top-k thresholds the statistics pass must compute, or None
+        when the method needs no whole-model statistics."""
+        return None
+
+    def merge(self, x: MergeInput[P]) -> torch.Tensor:
+        """Return the merged tensor ``θ`` (fp32, canonical layout, shape of ``x.base``)."""
+        raise NotImplementedError
