@@ -1,3 +1,40 @@
-"""neuromerge: fine-grained model merging, one tensor at a time."""
+"""neuromerge: fine-grained model merging, one tensor at a time.
+
+Python API:
+
+- :func:`merge` — merge the pool a config describes into a Hugging Face folder (streaming, atomic);
+- :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
+- :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
+- :func:`methods` — the registered merge methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["TaskVector", "Weights", "__version__", "merge", "methods"]
+
+
+def merge(config: Any, out: Any, **kwargs: Any) -> Any:
+    """Merge the pool of ``config`` (YAML path, dict or :class:`~neuromerge.config.MergeConfig`) into ``out``.
+    See :func:`neuromerge.engine.run.merge` for the options."""
+    from .engine.run import merge as _merge
+
+    return _merge(config, out, **kwargs)
+
+
+def methods() -> dict[str, Any]:
+    """Registered merge methods by name."""
+    from .methods import available
+
+    return available()
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TaskVector", "Weights"):
+        from . import task_vector
+
+        return getattr(task_vector, name)
+    raise AttributeError(name)

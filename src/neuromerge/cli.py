@@ -1,5 +1,162 @@
-"""Command-line interface (placeholder, filled by the engine work)."""
+"""``neuromerge`` command line: ``merge`` and ``methods`` (more commands arrive with routing, bench, search)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import NeuromergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-grained model merging, one tensor at a time.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit's shape)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder (a Hugging Face model folder)")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check everything and print the plan; write nothing")]
+    = False,
+    threads: Annotated[int | None, typer.Option(help="worker threads (default: CPU cores)", min=1)] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    durable: Annotated[bool, typer.Option("--durable", help="fsync every file before the final rename")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
+    = False,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 16,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """Merge the models of CONFIG into the folder OUT."""
+    from .engine.report import summarize_plan
+    from .engine.run import merge as run_merge
+    from .engine.run import prepare
+    from .io.writer import install_signal_cleanup
+
+    chunk_elements = chunk_mb * 2**20 // 4
+    try:
+        if dry_run:
+            plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
+            try:
+                if out.exists() and not force:
+                    raise NeuromergeError(f"output folder {out} exists; pass --force to replace it")
+                _print_plan(summarize_plan(plan, threads or _cores()))
+            finally:
+                plan.pool.close()
+            return
+        install_signal_cleanup()
+        result = run_merge(config, out, threads=threads, force=force, durable=durable, device=device,
+                           allow_download=allow_download, chunk_elements=chunk_elements, progress=progress)
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    rep = result.report
+    for warning in rep["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(
+        f"merged {rep['summary']['merged_tensors']} tensors with {rep['summary']['method']} into {out} "
+        f"in {rep['timings_s']['total']:.1f} s (peak RSS {_human(rep['peak_rss_bytes'])})"
+    )
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _print_plan(summary: dict[str, Any]) -> None:
+    typer.echo(f"method           {summary['method']}")
+    typer.echo(f"base             {summary['base_model']}")
+    for m in summary["models"]:
+        typer.echo(f"model            {m}")
+    typer.echo(f"tensors          {summary['tensors']} ({summary['merged_tensors']} merged, "
+               f"{summary['copied_tensors']} copied from the base; {summary['chunked_tensors']} in row chunks)")
+    typer.echo(f"parameters       {summary['merged_parameters']:,} merged")
+    typer.echo(f"input size       {_human(summary['input_bytes'])}")
+    typer.echo(f"output size      {_human(summary['output_bytes'])}")
+    typer.echo(f"peak memory      ~{_human(summary['estimated_peak_working_set_bytes'])} tensor working set "
+               f"({summary['threads']} threads)")
+    for w in summary["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo("ok: the config, the files and every tensor name, shape and dtype check out")
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="show one method's parameters")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List the merge methods, or one method's parameters with their defaults."""
+    from .methods import available, get
+
+    try:
+        classes = [get(name)] if name else list(available().values())
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    rows = [_describe(cls) for cls in classes]
+    if as_json:
+        typer.echo(json.dumps(rows if name is None else rows[0], indent=2, default=str))
+        return
+    if name is None:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            alias = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+            typer.echo(f"{r['name']:<{width}}  {r['summary']}{alias}")
+        return
+    r = rows[0]
+    typer.echo(f"{r['name']}: {r['summary']}")
+    if r["source"]:
+        typer.echo(f"source: {r['source']}")
+    typer.echo(f"models: {r['models']}; row-chunkable: {r['chunkable']}")
+    typer.echo("parameters:")
+    for p in r["parameters"]:
+        typer.echo(f"  {p['name']:<24} default {p['default']!r:<10} {p['constraints']:<16} {p['description']}")
+
+
+def _describe(cls: Any) -> dict[str, Any]:
+    params = []
+    for fname, info in cls.Params.model_fields.items():
+        constraints = " ".join(
+            f"{k}{getattr(m, attr)}" for m in info.metadata
+            for k, attr in ((">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le")) if hasattr(m, attr)
+        )
+        ann = getattr(info.annotation, "__args__", None)
+        if ann and all(isinstance(a, str) for a in ann):
+            constraints = "|".join(ann)
+        params.append({"name": info.alias or fname, "default": info.default, "constraints": constraints,
+                       "description": info.description or ""})
+    maxm = cls.max_models
+    models = f"{cls.min_models}" if maxm == cls.min_models else f">= {cls.min_models}" + (
+        f", <= {maxm}" if maxm else "")
+    return {"name": cls.name, "aliases": list(cls.aliases), "summary": cls.summary, "source": cls.source,
+            "models": models, "chunkable": cls.chunkable, "parameters": params}
 
 
 def main() -> None:
-    print("neuromerge")
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

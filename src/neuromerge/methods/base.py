@@ -119,11 +119,19 @@ class MergeMethod(Generic[P]):
     max_models: ClassVar[int | None] = None
     #: True when the method draws random numbers (DARE): the engine then attaches a generator
     random: ClassVar[bool] = False
+    #: False for methods that only combine the models' weights (linear averaging): ``base_model`` may then be
+    #: omitted and the first model provides the tensor names, non-merged tensors and config files
+    needs_base: ClassVar[bool] = True
 
     def global_densities(self, params: P, per_model: Sequence[P]) -> list[float] | None:
         """Per-model densities whose exact *global* top-k thresholds the statistics pass must compute, or None
         when the method needs no whole-model statistics."""
         return None
+
+    def chunkable_for(self, params: P) -> bool:
+        """Whether this tensor may be processed in row chunks with these (resolved) parameters; defaults to the
+        class attribute ``chunkable`` (e.g. TIES is chunkable with a global trim, not with a per-tensor one)."""
+        return self.chunkable
 
     def merge(self, x: MergeInput[P]) -> torch.Tensor:
         """Return the merged tensor ``θ`` (fp32, canonical layout, shape of ``x.base``)."""

@@ -32,3 +32,13 @@ def uniform(seed: int, start: int, count: int) -> torch.Tensor:
         z = z ^ (z >> np.uint64(31))
     out = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
     return torch.from_numpy(out)
+
+
+def draw(seed: int, method: str, tensor_name: str, model_index: int, start: int, shape: tuple[int, ...]
+         ) -> torch.Tensor:
+    """Uniform draws shaped ``shape`` for entries ``start ..`` (flat, in canonical layout) of a tensor, keyed by
+    (seed, method, tensor name, model index)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return uniform(key_seed(seed, method, tensor_name, model_index), start, n).reshape(shape)

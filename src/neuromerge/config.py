@@ -1,0 +1,337 @@
+"""Merge configuration: mergekit-shaped YAML validated by pydantic before any tensor data is read.
+
+```yaml
+merge_method: ties
+base_model: path/or/hf-id
+models:
+  - model: path/to/expert-a
+    parameters: {weight: 1.0}
+  - model: path/to/expert-b
+parameters: {density: 0.2, lambda: 1.0}
+exclude: ["classifier\\\\..*"]
+dtype: bfloat16
+seed: 0
+```
+
+A parameter value is a scalar, a *gradient* (a list of numbers interpolated over layer depth, as mergekit:
+``t = layer / (num_layers − 1)``, tensors outside the layer stack use ``t = 0``), or a list of
+``{filter: regex, value: …}`` conditions (first match wins; ``filter`` absent or ``"*"`` matches every tensor;
+mergekit treats ``filter`` as a substring, which a regex search reproduces for plain names).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .methods import MergeMethod, MethodParams
+from .methods import get as get_method
+
+Scalar = float | int | bool | str
+DEFAULT_EXCLUDE = (
+    r"(^|\.)(classifier|score|qa_outputs|pooler\.dense)\.",
+    r"(^|\.)heads?\.",
+)
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+#: mergekit top-level keys accepted and ignored because they do not change the merge semantics here
+IGNORED_MERGEKIT_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "name", "out_dtype_note")
+#: mergekit method parameters that are performance hints only
+IGNORED_MERGEKIT_PARAMS = ("int8_mask",)
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | list[Scalar]
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_regex(cls, v: str | None) -> str | None:
+        if v is not None and v != "*":
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"filter {v!r} is not a valid regular expression: {err}") from err
+        return v
+
+
+ParamValue = Scalar | list[Scalar] | list[Condition] | Condition
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class LayoutRule(BaseModel):
+    """Storage layout of the 2-D tensors whose name matches ``filter``: ``out_in`` (nn.Linear, the default) or
+    ``in_out`` (GPT-2's Conv1D)."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str
+    layout: Literal["out_in", "in_out"]
+
+
+class MergeConfig(BaseModel):
+    """A whole merge: the pool (base + models), the method and its parameters, and output options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    dtype: str | None = None
+    seed: int = 0
+    layout: list[LayoutRule] = Field(default_factory=list)
+    vocab: Literal["error", "shared"] = "error"
+    allow_nonfinite: bool = False
+    shard_size: str | int = "5GB"
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    tokenizer: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "out_dtype" in data and "dtype" not in data:
+            data = {**data, "dtype": data["out_dtype"]}
+            data.pop("out_dtype")
+        if isinstance(data, dict) and "slices" in data:
+            raise ValueError(
+                "mergekit `slices` (layer-range recombination) are not supported; list whole models under `models`"
+            )
+        return data
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[v]
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from err
+        return v
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    def method_class(self) -> type[MergeMethod]:
+        return get_method(self.merge_method)
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` → 5·10⁹ bytes, ``"500MiB"`` → 500·2²⁰; integers are bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"shard_size {size!r} is not a size such as 5GB or 500MiB")
+    unit = (m.group(2) or "B").upper()
+    base = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * base)
+
+
+def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfig:
+    """Parse and validate a config (YAML path, dict or MergeConfig), including the method's parameters."""
+    if isinstance(source, MergeConfig):
+        config = source
+    else:
+        if isinstance(source, str | Path):
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+            base_dir = path.parent
+        else:
+            data, base_dir = source, None
+        if not isinstance(data, dict):
+            raise ConfigError("the config must be a mapping with merge_method, base_model and models")
+        try:
+            config = MergeConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err)) from None
+        if base_dir is not None:
+            config = _relative_to(config, base_dir)
+    validate_method_parameters(config)
+    return config
+
+
+def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
+    """Model paths written relative to the config file resolve against its folder when they exist there."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or Path(p).is_absolute() or Path(p).exists():
+            return p
+        candidate = base_dir / p
+        return str(candidate) if candidate.exists() else p
+
+    models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
+    return config.model_copy(update={"base_model": fix(config.base_model), "models": models})
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def _candidates(value: Any) -> list[Scalar]:
+    """Every scalar a parameter setting can take (gradient endpoints interpolate between them)."""
+    if isinstance(value, Condition):
+        value = [value]
+    if isinstance(value, list):
+        out: list[Scalar] = []
+        for v in value:
+            out.extend(_candidates(v.value) if isinstance(v, Condition) else [v])
+        return out
+    return [value]
+
+
+def _clean(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS}
+
+
+def validate_method_parameters(config: MergeConfig) -> None:
+    """Check the method exists, the number of models fits, and every value a parameter can take (each
+    gradient endpoint, each filter's value) validates against the method's parameter model."""
+    cls = config.method_class()
+    n = len(config.models)
+    if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
+        want = str(cls.min_models) if cls.max_models == cls.min_models else f"at least {cls.min_models}"
+        raise ConfigError(f"merge method {cls.name!r} needs {want} models under `models`, got {n}")
+    if config.base_model is None and cls.needs_base:
+        raise ConfigError(f"merge method {cls.name!r} needs a `base_model`")
+    scopes = [("parameters", config.parameters)] + [
+        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models)
+    ]
+    for where, params in scopes:
+        for key, value in _clean(params).items():
+            for candidate in _candidates(value):
+                _validate_one(cls, where, key, candidate)
+
+
+def _validate_one(cls: type[MergeMethod], where: str, key: str, value: Scalar) -> None:
+    fields = _field_names(cls.Params)
+    if key not in fields:
+        raise ConfigError(
+            f"{where}: unknown parameter {key!r} for merge method {cls.name!r}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    try:
+        cls.Params.model_validate({key: value})
+    except ValidationError as err:
+        msg = "; ".join(e["msg"] for e in err.errors())
+        raise ConfigError(f"{where}.{key} = {value!r}: {msg}") from None
+
+
+@cache
+def _field_names_cached(params_cls: type[MethodParams]) -> frozenset[str]:
+    names = set()
+    for name, info in params_cls.model_fields.items():
+        names.add(info.alias or name)
+        names.add(name)
+    return frozenset(names)
+
+
+def _field_names(params_cls: type[MethodParams]) -> frozenset[str]:
+    return _field_names_cached(params_cls)
+
+
+# --------------------------------------------------------------------------------------------- resolution
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Index of the transformer block a tensor belongs to (``model.layers.3.mlp…`` → 3), or None."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def evaluate(value: ParamValue, name: str, t: float) -> Scalar | None:
+    """Resolve one setting for tensor ``name`` at depth ``t`` (mergekit's ``evaluate_setting``)."""
+    if isinstance(value, Condition):
+        value = [value]
+    if isinstance(value, bool | int | float | str):
+        return value
+    if not value:
+        return None
+    if all(isinstance(v, bool | int | float | str) for v in value):
+        values: Sequence[Scalar] = value  # type: ignore[assignment]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * float(values[i0]) + frac * float(values[i1])  # type: ignore[arg-type]
+    for cond in value:
+        assert isinstance(cond, Condition)
+        if cond.filter is None or cond.filter == "*" or re.search(cond.filter, name):
+            return evaluate(cond.value, name, t)
+    return None
+
+
+class ParamResolver:
+    """Resolves the method parameters of every tensor: globals → ``params``, per-model overrides → ``per_model``."""
+
+    def __init__(self, config: MergeConfig, num_layers: int | None):
+        self.config = config
+        self.cls = config.method_class()
+        self.num_layers = num_layers
+        self._cache: dict[str, tuple[MethodParams, list[MethodParams]]] = {}
+
+    def depth(self, name: str) -> float:
+        idx = layer_index(name)
+        if idx is None or not self.num_layers:
+            return 0.0
+        return idx / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+
+    def _resolve(self, params: dict[str, ParamValue], name: str, t: float) -> dict[str, Any]:
+        out = {}
+        for key, value in _clean(params).items():
+            v = evaluate(value, name, t)
+            if v is not None:
+                out[key] = v
+        return out
+
+    def resolve(self, name: str) -> tuple[MethodParams, list[MethodParams]]:
+        t = self.depth(name)
+        global_values = self._resolve(self.config.parameters, name, t)
+        model_values = [self._resolve(m.parameters, name, t) for m in self.config.models]
+        key = repr((sorted(global_values.items()), [sorted(v.items()) for v in model_values]))
+        cached = self._cache.get(key)
+        if cached is None:
+            params = self.cls.Params.model_validate(global_values)
+            per_model = [self.cls.Params.model_validate({**global_values, **v}) for v in model_values]
+            cached = self._cache[key] = (params, per_model)
+        return cached

@@ -1,0 +1,255 @@
+"""Plan a merge from headers alone: which tensors are merged or copied, in which layout, in which row chunks.
+
+Everything here reads only safetensors headers (and ``config.json``), so ``--dry-run`` and every compatibility
+error happen before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import MergeConfig, ParamResolver
+from ..errors import CompatibilityError, ConfigError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..methods import MergeMethod
+from .layout import Layout, LayoutRules
+
+Action = Literal["merge", "copy"]
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: names of input embeddings, used to resolve an output head tied to them (``tie_word_embeddings``)
+INPUT_EMBEDDING_RE = re.compile(r"(embed_tokens|wte|word_embeddings|shared|embed_in)\.weight$")
+OUTPUT_EMBEDDING_RE = re.compile(r"(lm_head|embed_out|predictions\.decoder|output)\.weight$")
+EMBEDDING_RE = re.compile(r"(embed|wte|lm_head|predictions\.decoder|shared|output)[^.]*\.weight$")
+
+
+@dataclass
+class Pool:
+    """What is merged: the base checkpoint (or the reference model when there is none) and the experts."""
+
+    base: Checkpoint
+    models: list[Checkpoint]
+    base_given: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        seen: dict[int, Checkpoint] = {}
+        for ckpt in [self.base, *self.models]:
+            seen.setdefault(id(ckpt), ckpt)
+        return list(seen.values())
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.close()
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    action: Action
+    reason: str
+    layout: Layout = "point"
+    fallback_layout: bool = False
+    sources: list[str] = field(default_factory=list)  # per model: name of the tensor to read (tied aliases)
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # row ranges merged
+    extra_rows: tuple[int, int, int] | None = None  # (start, stop, model index; -1 = base) copied, vocab=shared
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    pool: Pool
+    tensors: list[TensorPlan]
+    num_layers: int | None
+    chunk_elements: int
+    config_overrides: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == "merge"]
+
+    def output_bytes(self) -> int:
+        return sum(t.numel * t.out_dtype.itemsize for t in self.tensors)
+
+    def input_bytes(self) -> int:
+        return sum(c.total_bytes for c in self.pool.checkpoints)
+
+    def peak_memory_estimate(self, threads: int) -> int:
+        """Bytes of tensor working set at peak: per worker, the fp32 copies of one chunk of every model, the
+        task vectors and about as much again for temporaries, plus the raw input bytes of that chunk."""
+        t = len(self.pool.models)
+        biggest = max((self._chunk_elems(p) for p in self.tensors), default=0)
+        per_worker = biggest * (4 * (3 * t + 3) + 2 * (t + 1))
+        return per_worker * max(1, threads)
+
+    def _chunk_elems(self, p: TensorPlan) -> int:
+        if p.action == "copy" or not p.chunks:
+            return p.numel
+        row = p.numel // max(1, p.shape[0])
+        return max(b - a for a, b in p.chunks) * row
+
+
+def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Pool, MergeConfig]:
+    """Open every checkpoint of the config (headers only) and return the pool with the config it applies to.
+
+    The base may also be listed among the models: SLERP then interpolates from it (it is put first, mergekit's
+    convention); other methods drop it from the experts, since its task vector is zero (mergekit does the same).
+    """
+    cache: dict[str, Checkpoint] = {}
+
+    def get(ref: str) -> Checkpoint:
+        key = str(Path(ref).resolve()) if Path(ref).exists() else ref
+        if key not in cache:
+            cache[key] = open_checkpoint(ref, allow_download=allow_download)
+        return cache[key]
+
+    cls = config.method_class()
+    pairs = [(entry, get(entry.model)) for entry in config.models]
+    if config.base_model is None:
+        return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False), config
+    base = get(config.base_model)
+    notes: list[str] = []
+    if any(c is base for _, c in pairs):
+        if cls.max_models == 2 and cls.min_models == 2:
+            pairs.sort(key=lambda pair: pair[1] is not base)
+        else:
+            pairs = [(e, c) for e, c in pairs if c is not base]
+            notes.append("the base model is also listed under `models`; its task vector is zero and it is skipped")
+            if len(pairs) < cls.min_models:
+                raise ConfigError(f"merge method {cls.name!r} needs at least {cls.min_models} models besides the base")
+        config = config.model_copy(update={"models": [e for e, _ in pairs]})
+    return Pool(base=base, models=[c for _, c in pairs], base_given=True, notes=notes), config
+
+
+def num_layers_of(base: Checkpoint) -> int | None:
+    cfg = base.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(cfg.get(key), int):
+            return int(cfg[key])
+    from ..config import layer_index
+
+    indices = [i for i in (layer_index(n) for n in base.names()) if i is not None]
+    return max(indices) + 1 if indices else None
+
+
+def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = 1 << 22) -> MergePlan:
+    """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor."""
+    method = config.method_class()()
+    base = pool.base
+    resolver = ParamResolver(config, num_layers_of(base))
+    cfg = base.config or {}
+    rules = LayoutRules.build(cfg.get("model_type"), [(r.filter, r.layout) for r in config.layout])
+    exclude = [re.compile(p) for p in config.exclude]
+    warnings = list(pool.notes)
+    tensors: list[TensorPlan] = []
+    overrides: dict[str, object] = {}
+    out_dtype_override = OUT_DTYPES[config.dtype] if config.dtype else None
+
+    for name in base.names():
+        info = base.info(name)
+        floating = info.dtype.is_floating_point
+        out_dtype = (out_dtype_override or info.dtype) if floating else info.dtype
+        plan = TensorPlan(name, tuple(info.shape), info.dtype, out_dtype, "copy", "")
+        if not floating:
+            plan.reason = "non-floating (copied from the base)"
+        elif any(p.search(name) for p in exclude):
+            plan.reason = "excluded by pattern (copied from the base)"
+        else:
+            plan.action, plan.reason = "merge", "merged"
+            plan.sources = [_source_name(name, m, base) for m in pool.models]
+            _check_models(plan, pool, config, overrides)
+            plan.layout, plan.fallback_layout = rules.classify(name, plan.shape)
+            plan.chunks = _row_chunks(plan, method.chunkable_for(resolver.resolve(name)[0]), chunk_elements)
+        tensors.append(plan)
+
+    for m in pool.models:
+        extra = sorted(set(m.names()) - set(base.names()))
+        if extra:
+            warnings.append(f"{m.path}: {len(extra)} tensors absent from the base are ignored (e.g. {extra[0]})")
+    fallback = [t.name for t in tensors if t.fallback_layout]
+    if fallback:
+        warnings.append(
+            f"unknown architecture {cfg.get('model_type')!r}: {len(fallback)} 2-D tensors assumed (out, in) like "
+            "nn.Linear; add `layout` rules to the config if some are stored (in, out)"
+        )
+    if config.dtype:
+        overrides["torch_dtype"] = config.dtype
+    return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings)
+
+
+def _source_name(name: str, model: Checkpoint, base: Checkpoint) -> str:
+    """The tensor of ``model`` that holds ``name``: itself, or the input embedding it is tied to."""
+    if name in model:
+        return name
+    cfg = model.config or base.config or {}
+    if OUTPUT_EMBEDDING_RE.search(name) and cfg.get("tie_word_embeddings", True):
+        tied = [n for n in model.names() if INPUT_EMBEDDING_RE.search(n)]
+        if len(tied) == 1:
+            return tied[0]
+    raise CompatibilityError(f"tensor {name!r} of the base is missing in {model.path}")
+
+
+def _check_models(plan: TensorPlan, pool: Pool, config: MergeConfig, overrides: dict[str, object]) -> None:
+    rows = [plan.shape[0]] if plan.shape else []
+    for m, src in zip(pool.models, plan.sources, strict=True):
+        info = m.info(src)
+        if not info.dtype.is_floating_point:
+            raise CompatibilityError(
+                f"tensor {src!r} in {m.path} is {str(info.dtype).removeprefix('torch.')}, "
+                f"but the base's is floating ({str(plan.in_dtype).removeprefix('torch.')})"
+            )
+        if tuple(info.shape) == plan.shape:
+            rows.append(plan.shape[0] if plan.shape else 0)
+            continue
+        vocab_like = (
+            len(info.shape) == len(plan.shape) >= 1 and tuple(info.shape[1:]) == plan.shape[1:]
+            and (EMBEDDING_RE.search(plan.name) is not None)
+        )
+        if not vocab_like:
+            raise CompatibilityError(
+                f"shape mismatch for {plan.name!r}: base {list(plan.shape)}, {m.path} {list(info.shape)}"
+            )
+        if config.vocab != "shared":
+            raise CompatibilityError(
+                f"vocabulary size mismatch in {plan.name!r}: base has {plan.shape[0]} rows, {m.path} has "
+                f"{info.shape[0]}; set `vocab: shared` to merge the shared rows and take added rows from the "
+                "model that has them"
+            )
+        rows.append(info.shape[0])
+    shared, total = min(rows), max(rows)
+    if total != shared:
+        owner = -1 if plan.shape[0] == total else next(
+            i for i, m in enumerate(pool.models) if m.info(plan.sources[i]).shape[0] == total
+        )
+        plan.extra_rows = (shared, total, owner)
+        plan.shape = (total, *plan.shape[1:])
+        overrides["vocab_size"] = total
+
+
+def _row_chunks(plan: TensorPlan, chunkable: bool, chunk_elements: int) -> list[tuple[int, int]]:
+    shared_rows = plan.extra_rows[0] if plan.extra_rows else (plan.shape[0] if plan.shape else 1)
+    if not plan.shape:
+        return [(0, 1)]
+    row = max(1, math.prod(plan.shape[1:]))
+    chunkable = chunkable and plan.layout in ("out_in", "conv")
+    if not chunkable or shared_rows * row <= chunk_elements:
+        return [(0, shared_rows)]
+    step = max(1, chunk_elements // row)
+    return [(a, min(a + step, shared_rows)) for a in range(0, shared_rows, step)]

@@ -1,0 +1,44 @@
+"""Read one tensor (or row chunk) of every model of a pool as fp32 in canonical layout, checking finiteness."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NonFiniteError
+from .layout import to_canonical
+from .plan import Pool, TensorPlan
+
+
+def read_fp32(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, model: int,
+              allow_nonfinite: bool, device: torch.device) -> torch.Tensor:
+    """Model ``model`` (−1 = base) of tensor ``plan`` rows ``rows`` (None = whole), fp32, canonical layout."""
+    ckpt = pool.base if model < 0 else pool.models[model]
+    name = plan.name if model < 0 else plan.sources[model]
+    raw = ckpt.read(name, rows)
+    t = raw.to(device=device, dtype=torch.float32)
+    if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        where = f" rows {rows[0]}..{rows[1] - 1}" if rows else ""
+        raise NonFiniteError(
+            f"{ckpt.path}: tensor {name!r}{where} holds {bad} NaN/Inf values; "
+            "set `allow_nonfinite: true` to merge anyway"
+        )
+    return to_canonical(t, plan.layout)
+
+
+def read_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, allow_nonfinite: bool,
+             device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base and every model's copy of one chunk, in the pool's fixed model order."""
+    base = read_fp32(pool, plan, rows, model=-1, allow_nonfinite=allow_nonfinite, device=device)
+    models = [
+        read_fp32(pool, plan, rows, model=i, allow_nonfinite=allow_nonfinite, device=device)
+        for i in range(len(pool.models))
+    ]
+    return base, models
+
+
+def chunk_rows(plan: TensorPlan, chunk: tuple[int, int]) -> tuple[int, int] | None:
+    """Rows argument for a reader: None when the chunk is the whole tensor (0-d and transposed tensors too)."""
+    if not plan.shape or (chunk == (0, plan.shape[0]) and plan.extra_rows is None):
+        return None
+    return chunk

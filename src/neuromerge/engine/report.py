@@ -1,0 +1,122 @@
+"""The files every merge writes next to the weights: ``merge_report.json``, ``provenance.json``, ``README.md``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..methods import GlobalStats
+from .plan import MergePlan
+
+
+def _versions() -> dict[str, str]:
+    out = {"neuromerge": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("safetensors", "numpy", "pydantic", "transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
+    """Plain-data description of a plan (the ``--dry-run`` output and part of the report)."""
+    merged = plan.merged
+    return {
+        "method": plan.method.name,
+        "base_model": str(plan.pool.base.path),
+        "models": [str(m.path) for m in plan.pool.models],
+        "tensors": len(plan.tensors),
+        "merged_tensors": len(merged),
+        "copied_tensors": len(plan.tensors) - len(merged),
+        "merged_parameters": sum(t.numel for t in merged),
+        "chunked_tensors": sum(1 for t in merged if len(t.chunks) > 1),
+        "input_bytes": plan.input_bytes(),
+        "output_bytes": plan.output_bytes(),
+        "estimated_peak_working_set_bytes": plan.peak_memory_estimate(threads),
+        "threads": threads,
+        "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
+        "warnings": plan.warnings,
+    }
+
+
+def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return {
+        "thresholds": list(stats.thresholds),
+        "kept": list(stats.kept),
+        "total": list(stats.total),
+        "kept_density": [k / n if n else 0.0 for k, n in zip(stats.kept, stats.total, strict=True)],
+        "removed_l1_fraction": list(stats.removed_fraction),
+    }
+
+
+def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_tensor: dict[str, dict[str, float]],
+                  shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
+                  peak_rss: int) -> dict[str, Any]:
+    bytes_read = sum(c.bytes_read for c in plan.pool.checkpoints)
+    keys = sorted({k for rep in per_tensor.values() for k in rep})
+    sizes = {t.name: t.numel for t in plan.merged}
+    overall = {}
+    for key in keys:
+        num = sum(rep[key] * sizes.get(n, 0) for n, rep in per_tensor.items() if key in rep)
+        den = sum(sizes.get(n, 0) for n, rep in per_tensor.items() if key in rep)
+        overall[key] = num / den if den else 0.0
+    report = {
+        "summary": summarize_plan(plan, threads),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "peak_rss_bytes": peak_rss,
+        "bytes_read": bytes_read,
+        "bytes_written": shards.get("bytes_written", shards.get("total_size")),
+        "shards": shards.get("files", []),
+        "global_statistics": _stats_dict(stats),
+        "overall": overall,
+        "tensors": per_tensor,
+        "warnings": warnings,
+    }
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
+    provenance = {
+        "inputs": [
+            {"role": "base" if c is plan.pool.base else "model", "path": str(c.path), "bytes": c.total_bytes,
+             "header_sha256": c.header_hash()}
+            for c in plan.pool.checkpoints
+        ],
+        "versions": _versions(),
+        "seed": plan.config.seed,
+        "config": plan.config.model_dump(mode="json", exclude_none=True),
+        "command": " ".join(sys.argv),
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    (out / "README.md").write_text(_model_card(plan))
+    return report
+
+
+def _model_card(plan: MergePlan) -> str:
+    cfg = plan.config
+    models = "\n".join(f"- `{m.model}` {json.dumps(m.parameters) if m.parameters else ''}" for m in cfg.models)
+    params = json.dumps(cfg.parameters, default=str) if cfg.parameters else "defaults"
+    return f"""---
+library_name: transformers
+tags: [merge, neuromerge, {plan.method.name}]
+---
+# Merged model
+
+Made with [neuromerge](https://github.com/neuromerge/neuromerge) {__version__} using **{plan.method.name}**
+({plan.method.summary}).
+
+- Base model: `{cfg.base_model}`
+- Parameters: `{params}`; seed {cfg.seed}; output dtype {cfg.dtype or "the base's"}
+
+Models merged:
+{models}
+
+`provenance.json` lists the exact inputs (with header hashes), versions and the resolved config;
+`merge_report.json` gives per-tensor statistics, timings and memory.
+"""

@@ -1,0 +1,260 @@
+"""Run a merge: plan (headers only) → statistics pass (when the method needs whole-model quantities) → merge
+pass (one tensor or row chunk at a time on a thread pool) → atomic output with reports.
+
+Determinism: each job is a pure function of its chunk, torch runs single-threaded inside jobs (parallelism comes
+from the pool, so no reduction order depends on the thread count), statistics are summed in a fixed order, and
+random draws are counter-based (:mod:`neuromerge.tensors.rng`). The output is bitwise identical for any
+``threads``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import MergeConfig, ParamResolver, load_config
+from ..errors import ConfigError, NeuromergeError
+from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files, remove_stale_temp_dirs
+from ..methods import GlobalStats, MergeInput
+from ..tensors import rng
+from .plan import MergePlan, TensorPlan, build_plan, open_pool
+from .reading import chunk_rows, read_all, read_fp32
+from .report import write_reports
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` returns: the output folder and the content of ``merge_report.json``."""
+
+    out: Path
+    report: dict[str, Any]
+    plan: MergePlan | None = field(default=None, repr=False)
+
+
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download: bool = False,
+            chunk_elements: int = 1 << 22) -> MergePlan:
+    """Validate the config, open the pool (headers only) and plan every tensor. Used by ``--dry-run``."""
+    cfg = load_config(config)
+    pool, cfg = open_pool(cfg, allow_download=allow_download)
+    try:
+        return build_plan(cfg, pool, chunk_elements=chunk_elements)
+    except BaseException:
+        pool.close()
+        raise
+
+
+def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *, threads: int | None = None,
+          force: bool = False, durable: bool = False, device: str = "cpu", allow_download: bool = False,
+          chunk_elements: int = 1 << 22, progress: bool | None = None) -> MergeResult:
+    """Merge the pool described by ``config`` into the HF folder ``out`` (written atomically).
+
+    ``threads`` defaults to the number of CPU cores; ``chunk_elements`` bounds the rows processed at once for
+    large tensors (peak memory ≈ threads × chunk × (3T+3) × 4 bytes).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
+    try:
+        remove_stale_temp_dirs(out.parent, out.name)
+        with AtomicOutput(out, force=force, durable=durable) as tmp:
+            report = _execute(plan, tmp, threads=threads or os.cpu_count() or 1, device=_device(device),
+                              durable=durable, progress=progress, t_start=t_start)
+    finally:
+        plan.pool.close()
+    return MergeResult(out, report, plan)
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but torch sees no CUDA device")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device(name)
+
+
+class _Progress:
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def __call__(self, items: Iterable, total: int, desc: str) -> Iterable:
+        if not self.enabled:
+            return items
+        return tqdm(items, total=total, desc=desc, unit="chunk", leave=False, dynamic_ncols=True)
+
+
+def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, durable: bool,
+             progress: bool | None, t_start: float) -> dict[str, Any]:
+    cfg = plan.config
+    resolver = ParamResolver(cfg, plan.num_layers)
+    bar = _Progress(progress)
+    timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
+    jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
+
+    with _single_threaded_torch(), ThreadPoolExecutor(max_workers=threads) as pool:
+        t0 = time.perf_counter()
+        stats = _statistics(plan, resolver, jobs, pool, device, bar)
+        timings["statistics"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        writer = ShardedWriter(
+            tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
+            max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"},
+        )
+        work = [("merge", tp, chunk) for tp, chunk in jobs] + _copy_jobs(plan)
+
+        def run(job: tuple[str, TensorPlan, tuple[int, int]]) -> tuple[str, int, dict[str, float]]:
+            kind, tp, chunk = job
+            if kind == "merge":
+                return _merge_chunk(plan, resolver, tp, chunk, stats, writer, device)
+            return _copy_chunk(plan, tp, chunk, kind, writer)
+
+        per_tensor: dict[str, dict[str, float]] = {}
+        counts: dict[str, int] = {}
+        for name, numel, rep in bar(pool.map(run, work), len(work), "merge"):
+            acc = per_tensor.setdefault(name, {})
+            counts[name] = counts.get(name, 0) + numel
+            for key, value in rep.items():
+                acc[key] = acc.get(key, 0.0) + value * numel
+        for name, acc in per_tensor.items():
+            for key in acc:
+                acc[key] /= max(1, counts[name])
+        shards = writer.close(durable=durable)
+        timings["merge"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    warnings = list(plan.warnings)
+    warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
+    timings["finalize"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return write_reports(plan, tmp, stats=stats, per_tensor=per_tensor, shards=shards, timings=timings,
+                         warnings=warnings, threads=threads, peak_rss=_peak_rss())
+
+
+def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
+                pool: ThreadPoolExecutor, device: torch.device, bar: _Progress) -> GlobalStats | None:
+    densities: list[float] | None = None
+    for tp in plan.merged:
+        params, per_model = resolver.resolve(tp.name)
+        d = plan.method.global_densities(params, per_model)
+        if d is None:
+            return None
+        if densities is None:
+            densities = list(d)
+        elif list(d) != densities:
+            raise ConfigError(
+                f"density varies across tensors ({densities} vs {list(d)} at {tp.name!r}) but a global trim "
+                "needs one density per model; use `scope: tensor` for per-tensor densities"
+            )
+    if densities is None:
+        return None
+    from .stats import global_thresholds
+
+    def read(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tp, chunk = jobs[i]
+        return read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=plan.config.allow_nonfinite,
+                        device=device)
+
+    return global_thresholds(
+        range(len(jobs)), read, densities, executor=pool,
+        progress=lambda it: bar(it, len(jobs), "statistics"),
+    )
+
+
+def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk: tuple[int, int],
+                 stats: GlobalStats | None, writer: ShardedWriter, device: torch.device
+                 ) -> tuple[str, int, dict[str, float]]:
+    rows = chunk_rows(tp, chunk)
+    base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
+    params, per_model = resolver.resolve(tp.name)
+    full_shape = _canonical_shape(tp)
+    row_numel = int(base[0].numel()) if base.dim() == 2 else 1
+    seed, method_name = plan.config.seed, plan.method.name
+
+    def uniform(model_index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return rng.draw(seed, method_name, tp.name, model_index, chunk[0] * row_numel, shape).to(device)
+
+    x = MergeInput(
+        name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
+        params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape, uniform=uniform,
+    )
+    merged = plan.method.merge(x)
+    if tuple(merged.shape) != tuple(base.shape):
+        raise NeuromergeError(f"{method_name} returned shape {list(merged.shape)} for {tp.name!r}, "
+                              f"expected {list(base.shape)}")
+    if not plan.config.allow_nonfinite and not bool(torch.isfinite(merged).all()):
+        raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
+    from .layout import from_canonical
+
+    storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
+    out = from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu")
+    writer.write(tp.name, out, rows)
+    return tp.name, int(merged.numel()), dict(x.report)
+
+
+def _copy_jobs(plan: MergePlan) -> list[tuple[str, TensorPlan, tuple[int, int]]]:
+    jobs: list[tuple[str, TensorPlan, tuple[int, int]]] = []
+    for tp in plan.tensors:
+        if tp.action == "copy":
+            rows = tp.shape[0] if tp.shape else 1
+            row = max(1, tp.numel // max(1, rows))
+            step = max(1, plan.chunk_elements // row)
+            jobs += [("copy", tp, (a, min(a + step, rows))) for a in range(0, rows, step)]
+        if tp.extra_rows is not None:
+            jobs.append(("extra", tp, (tp.extra_rows[0], tp.extra_rows[1])))
+    return jobs
+
+
+def _copy_chunk(plan: MergePlan, tp: TensorPlan, chunk: tuple[int, int], kind: str, writer: ShardedWriter
+                ) -> tuple[str, int, dict[str, float]]:
+    if kind == "extra":
+        assert tp.extra_rows is not None
+        owner = tp.extra_rows[2]
+        ckpt = plan.pool.base if owner < 0 else plan.pool.models[owner]
+        name = tp.name if owner < 0 else tp.sources[owner]
+        t = ckpt.read(name, chunk)
+        writer.write(tp.name, t.to(tp.out_dtype), chunk)
+        return tp.name, 0, {}
+    rows = None if (not tp.shape or chunk == (0, tp.shape[0])) else chunk
+    t = plan.pool.base.read(tp.name, rows)
+    if t.dtype.is_floating_point and t.dtype != tp.out_dtype:
+        t = t.to(tp.out_dtype)
+    writer.write(tp.name, t, rows)
+    return tp.name, 0, {}
+
+
+def _canonical_shape(tp: TensorPlan) -> tuple[int, ...]:
+    rows = tp.extra_rows[0] if tp.extra_rows else (tp.shape[0] if tp.shape else 1)
+    if tp.layout == "point":
+        return (max(1, tp.numel),)
+    if tp.layout == "in_out":
+        return (tp.shape[1], tp.shape[0])
+    return (rows, max(1, tp.numel // max(1, tp.shape[0])))
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+__all__ = ["MergeResult", "merge", "prepare", "read_fp32"]

@@ -1,0 +1,135 @@
+"""Statistics pass: exact *global* per-model top-k thresholds without concatenating a model.
+
+The magnitude ``|τ|`` of an fp32 value is a non-negative float whose IEEE-754 bit pattern, read as an int32, is
+monotone in the value. A two-level radix select finds the ``k``-th largest magnitude exactly:
+
+1. one streamed pass builds, per model, a 2¹⁵-bin histogram of the high 16 bits (count and float64 L1 mass);
+   the bin holding the ``k``-th largest entry follows from cumulative counts;
+2. a second streamed pass histograms the low 16 bits of the entries that fall in that bin, which pins the
+   threshold down to the exact float.
+
+Memory is a few histograms per model, whatever the model size. Per-tensor histograms are summed in a fixed
+(tensor, chunk) order, so the float64 L1 sums — and thus ``σ`` of NeuroMerging's λ2 rule — do not depend on the
+number of threads. Entries ``>=`` the threshold are kept (ties kept), ``k = floor(density · N)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..methods import GlobalStats
+from ..tensors.selection import kept_count
+
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+
+ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def _abs_bits(base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mag = (model - base).abs().reshape(-1)
+    return mag, mag.view(torch.int32)
+
+
+def _high_histograms(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for m in models:
+        mag, bits = _abs_bits(base, m)
+        high = bits >> 16
+        counts = torch.bincount(high, minlength=HIGH_BINS)
+        sums = torch.bincount(high, weights=mag.double(), minlength=HIGH_BINS)
+        out.append((counts.cpu().numpy(), sums.cpu().numpy()))
+    return out
+
+
+def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Sequence[int | None]
+                    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for m, b in zip(models, bins, strict=True):
+        if b is None:
+            out.append(None)
+            continue
+        mag, bits = _abs_bits(base, m)
+        sel = (bits >> 16) == b
+        low = bits[sel] & 0xFFFF
+        counts = torch.bincount(low, minlength=LOW_BINS)
+        sums = torch.bincount(low, weights=mag[sel].double(), minlength=LOW_BINS)
+        out.append((counts.cpu().numpy(), sums.cpu().numpy()))
+    return out
+
+
+def _select(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """Bin holding the ``k``-th largest entry (counting from the top) and the rank ``r`` inside it."""
+    above = np.cumsum(counts[::-1])[::-1] - counts  # entries in strictly higher bins
+    b = int(np.nonzero((above < k) & (above + counts >= k))[0][-1])
+    return b, k - int(above[b])
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
+                      executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable] = iter
+                      ) -> GlobalStats:
+    """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models)."""
+    n_models = len(densities)
+    high_c = [np.zeros(HIGH_BINS, np.int64) for _ in range(n_models)]
+    high_s = [np.zeros(HIGH_BINS, np.float64) for _ in range(n_models)]
+
+    def pass1(job: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        base, models = read(job)
+        return _high_histograms(base, models)
+
+    for hists in progress(executor.map(pass1, jobs)):
+        for t, (c, s) in enumerate(hists):
+            high_c[t] += c
+            high_s[t] += s
+
+    totals = [int(c.sum()) for c in high_c]
+    total_l1 = [float(s.sum()) for s in high_s]
+    ks = [kept_count(n, d) for n, d in zip(totals, densities, strict=True)]
+    bins: list[int | None] = []
+    ranks: list[int] = []
+    for t in range(n_models):
+        if ks[t] == 0 or ks[t] >= totals[t]:
+            bins.append(None)
+            ranks.append(0)
+        else:
+            b, r = _select(high_c[t], ks[t])
+            bins.append(b)
+            ranks.append(r)
+
+    low_c = [np.zeros(LOW_BINS, np.int64) for _ in range(n_models)]
+    low_s = [np.zeros(LOW_BINS, np.float64) for _ in range(n_models)]
+    if any(b is not None for b in bins):
+
+        def pass2(job: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+            base, models = read(job)
+            return _low_histograms(base, models, bins)
+
+        for hists in progress(executor.map(pass2, jobs)):
+            for t, h in enumerate(hists):
+                if h is not None:
+                    low_c[t] += h[0]
+                    low_s[t] += h[1]
+
+    thresholds, removed, kept = [], [], []
+    for t in range(n_models):
+        b = bins[t]
+        if b is None:
+            everything = ks[t] >= totals[t]
+            thresholds.append(0.0 if everything else math.inf)
+            removed.append(0.0 if everything else total_l1[t])
+            kept.append(totals[t] if everything else 0)
+            continue
+        low, _ = _select(low_c[t], ranks[t])
+        thresholds.append(_bits_to_float((b << 16) | low))
+        removed.append(float(high_s[t][:b].sum()) + float(low_s[t][:low].sum()))
+        kept.append(int(high_c[t][b + 1:].sum()) + int(low_c[t][low:].sum()))
+    return GlobalStats(tuple(thresholds), tuple(removed), tuple(total_l1), tuple(kept), tuple(totals))

@@ -1,0 +1,70 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
+Sparse Masks", arXiv 2312.06795; official code ``rezazzr/breadcrumbs``), followed by Task Arithmetic
+(``breadcrumbs``) or TIES sign election + disjoint merge (``breadcrumbs_ties``). Peer: mergekit
+``breadcrumbs`` / ``breadcrumbs_ties`` (``sparsify.magnitude_outliers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..tensors.sparsify import breadcrumbs_sparsify
+from .base import MergeInput
+from .registry import method
+from .task_arithmetic import CombineParams, ConsensusCombineParams, LinearCombineParams, TaskVectorMerge
+from .ties import density_field
+
+
+class BreadcrumbsMaskParams(CombineParams):
+    """Mask parameters shared by both Breadcrumbs variants (per model, like mergekit)."""
+
+    density: float = density_field(0.15, "official code's starting point β = 0.15; mergekit's default 1.0")
+    gamma: float = Field(
+        0.01, ge=0, lt=1, description="fraction of largest-magnitude entries dropped as outliers, per model"
+    )
+
+
+class BreadcrumbsParams(BreadcrumbsMaskParams, LinearCombineParams):
+    pass
+
+
+class BreadcrumbsTiesParams(BreadcrumbsMaskParams, ConsensusCombineParams):
+    pass
+
+
+@method
+class Breadcrumbs(TaskVectorMerge[BreadcrumbsParams]):
+    """Breadcrumbs + Task Arithmetic.
+
+    Per tensor and model, with ``n`` entries: drop the ``⌊γ_t n⌋`` largest ``|τ_t|`` (outliers) and the
+    smallest ones so that ``k = ⌊density_t n⌋`` entries remain (fewer outliers are dropped when ``density +
+    γ > 1``); ``θ = θ0 + λ Σ_t w_t τ̂_t`` (``normalize``: divided by ``Σ_t w_t``). Needs whole tensors
+    (per-tensor ranks).
+    """
+
+    name = "breadcrumbs"
+    Params = BreadcrumbsParams
+    summary = "drop top-γ outliers and the smallest |τ| per tensor (keep density), then θ0 + λ Σ w_t τ̂_t"
+    source = "Davari & Belilovsky 2024, arXiv 2312.06795 (rezazzr/breadcrumbs); mergekit breadcrumbs"
+    chunkable = False
+    sparsifying = True
+
+    def sparsify(self, x: MergeInput[Any]) -> list[torch.Tensor]:
+        return [
+            breadcrumbs_sparsify(delta, p.density, p.gamma)
+            for delta, p in zip(x.deltas, x.per_model, strict=True)
+        ]
+
+
+@method
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs masks, then ``τ'_t = w_t τ̂_t``, ``γ = sign(Σ_t τ'_t)`` and the TIES disjoint merge
+    (``dis-mean`` default, ``dis-sum``); ``θ = θ0 + λ τ_m``."""
+
+    name = "breadcrumbs_ties"
+    Params = BreadcrumbsTiesParams
+    summary = "Breadcrumbs masks, then TIES sign election and disjoint mean"
+    source = "Davari & Belilovsky 2024, arXiv 2312.06795; mergekit breadcrumbs_ties"

@@ -1,0 +1,177 @@
+"""Task Arithmetic and the machinery shared by its sparsified / sign-elected variants (TIES, DARE,
+Breadcrumbs).
+
+Every member of the family computes ``θ = θ0 + λ · combine({w_t · s_t(τ_t)})`` where ``s_t`` sparsifies the
+task vector ``τ_t = θ_t − θ0`` (identity for Task Arithmetic) and ``combine`` is either the plain
+(optionally normalised) sum or the TIES sign election + disjoint merge. This is mergekit's
+``GeneralizedTaskArithmeticMerge``; each variant is a configured subclass of :class:`TaskVectorMerge`, not a
+copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from pydantic import Field, model_validator
+
+from ..errors import ConfigError
+from ..tensors.consensus import SignMethod, elect_sign
+from ..tensors.sparsify import (
+    TiesVariant,
+    ZeroSign,
+    elect_sign_positive,
+    nonzero_fraction,
+    sign_conflict_rate,
+    weighted_disjoint_merge,
+)
+from .base import MergeInput, MergeMethod, MethodParams
+from .registry import method
+
+#: |Σ w_t| below this counts as zero when normalising (mergekit's guard); the sum is then left undivided
+WEIGHT_SUM_EPS = 1e-8
+
+
+def lam_field(default: float, note: str) -> Any:
+    """The ``λ`` field (python ``lam``, ``lambda`` in configs) with its default and where it comes from."""
+    return Field(default, alias="lambda", description=f"scaling λ of the merged task vector ({note})")
+
+
+class CombineParams(MethodParams):
+    """Parameters of the ``combine`` step shared by the family: the scaling ``λ`` (``lambda`` in configs)."""
+
+    lam: float = lam_field(1.0, "mergekit's default 1.0")
+
+
+class LinearCombineParams(CombineParams):
+    """Plain weighted sum of task vectors, optionally normalised by the weight sum."""
+
+    lam: float = lam_field(0.3, "METHODS.md / official Task Arithmetic default 0.3")
+    normalize: bool = Field(False, description="divide Σ_t w_t τ_t by Σ_t w_t")
+
+
+class ConsensusCombineParams(CombineParams):
+    """TIES sign election + disjoint merge. mergekit's ``normalize: true/false`` is accepted as an alias of
+    ``variant: dis-mean/dis-sum``."""
+
+    variant: TiesVariant = Field(
+        "dis-mean",
+        description="disjoint merge: dis-mean = Σ m_t w_t τ̂_t / Σ m_t w_t (TIES paper), "
+        "dis-sum = Σ m_t w_t τ̂_t",
+    )
+    sign_method: SignMethod = Field(
+        "sum", description="sign election: sum = sign(Σ_t w_t τ̂_t) (TIES), count = majority of the signs"
+    )
+    zero_sign: ZeroSign = Field(
+        "majority",
+        description="elected sign where the election gives 0: majority = the majority sign of the tensor "
+        "(TIES code, per tensor), positive = +1 (mergekit, PEFT; independent of chunking)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize_alias(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "normalize" not in data:
+            return data
+        data = dict(data)
+        normalize = data.pop("normalize")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {normalize!r}")
+        variant = "dis-mean" if normalize else "dis-sum"
+        if data.get("variant", variant) != variant:
+            raise ValueError(f"normalize={normalize} contradicts variant={data['variant']!r}")
+        data["variant"] = variant
+        return data
+
+
+P = TypeVar("P", bound=CombineParams)
+
+
+def require_whole_tensor(x: MergeInput, reason: str) -> None:
+    """Raise when ``x`` is a row chunk of a bigger tensor although ``reason`` needs the whole tensor."""
+    if x.full_shape and tuple(x.full_shape) != tuple(x.base.shape):
+        raise ConfigError(
+            f"{x.name}: {reason} needs the whole tensor, but rows {x.rows[0]}..{x.rows[1]} of "
+            f"{tuple(x.full_shape)} were given (this parameter choice is not chunkable)"
+        )
+
+
+def weight_sum(weights: Sequence[float]) -> float:
+    """``Σ_t w_t``, or 1 when it is (numerically) zero, as mergekit does."""
+    total = float(sum(weights))
+    return 1.0 if abs(total) < WEIGHT_SUM_EPS else total
+
+
+class TaskVectorMerge(MergeMethod[P]):
+    """Generalized task arithmetic: ``θ = θ0 + λ · combine({τ'_t})`` with ``τ'_t = w_t · s_t(τ_t)``.
+
+    ``combine`` is chosen by the parameter model: :class:`LinearCombineParams` gives ``Σ_t τ'_t``
+    (divided by ``Σ_t w_t`` when ``normalize``), :class:`ConsensusCombineParams` gives TIES: ``γ =
+    sign(Σ_t τ'_t)`` (or of the sign counts; ties by ``zero_sign``) and the weighted disjoint merge
+    (``dis-mean``: ``Σ m_t τ'_t / Σ m_t w_t``, ``dis-sum``: ``Σ m_t τ'_t``). Subclasses override
+    :meth:`sparsify`. Reports ``sign_conflict`` (share of coordinates where the non-zero ``τ'_t``
+    disagree in sign) and, for sparsifying variants, ``kept_density`` (mean share of non-zero entries of
+    ``s_t(τ_t)``).
+    """
+
+    #: True when :meth:`sparsify` drops entries (then ``kept_density`` is reported)
+    sparsifying: ClassVar[bool] = False
+
+    def whole_tensor_reasons(self, params: P) -> list[str]:
+        """Why these parameters need whole tensors although the method is ``chunkable`` (empty: they do not).
+
+        A count election with the majority rule for ties: ties are frequent and the majority is per slice."""
+        if not isinstance(params, ConsensusCombineParams):
+            return []
+        if params.sign_method == "count" and params.zero_sign == "majority":
+            return ["sign_method='count' with zero_sign='majority'"]
+        return []
+
+    def chunkable_for(self, params: P) -> bool:
+        """Whether these parameters allow row chunks: ``chunkable`` holds for the default parameters; choices
+        listed by :meth:`whole_tensor_reasons` need whole tensors and are refused on a row chunk."""
+        return self.chunkable and not self.whole_tensor_reasons(params)
+
+    def sparsify(self, x: MergeInput[P]) -> list[torch.Tensor]:
+        """``s_t(τ_t)`` for every model (identity here)."""
+        return x.deltas
+
+    def merge(self, x: MergeInput[P]) -> torch.Tensor:
+        params = x.params
+        for reason in self.whole_tensor_reasons(params):
+            require_whole_tensor(x, f"{self.name} with {reason}")
+        taus = self.sparsify(x)
+        weights = x.weights
+        weighted = torch.stack([w * tau for w, tau in zip(weights, taus, strict=True)])
+        if isinstance(params, ConsensusCombineParams):
+            if params.zero_sign == "majority":
+                sign = elect_sign(weighted, params.sign_method)
+            else:
+                sign = elect_sign_positive(weighted, params.sign_method)
+            mixed = weighted_disjoint_merge(weighted, weights, sign, params.variant)
+        elif isinstance(params, LinearCombineParams):
+            mixed = weighted.sum(dim=0)
+            if params.normalize:
+                mixed = mixed / weight_sum(weights)
+        else:  # pragma: no cover - programming error in a subclass
+            raise TypeError(f"{type(self).__name__}.Params must derive from a combine parameter model")
+        x.report["sign_conflict"] = sign_conflict_rate(weighted)
+        if self.sparsifying:
+            x.report["kept_density"] = nonzero_fraction(taus)
+        return x.base + params.lam * mixed
+
+
+@method
+class TaskArithmetic(TaskVectorMerge[LinearCombineParams]):
+    """Task Arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic", arXiv 2212.04089).
+
+    ``θ = θ0 + λ Σ_t w_t τ_t`` (``normalize``: ``θ0 + λ Σ_t w_t τ_t / Σ_t w_t``). λ defaults to 0.3 as in the
+    official evaluation code and METHODS.md; mergekit's ``task_arithmetic`` defaults to λ = 1.
+    """
+
+    name = "task_arithmetic"
+    Params = LinearCombineParams
+    summary = "θ0 + λ Σ w_t τ_t"
+    source = "Ilharco et al. 2023, arXiv 2212.04089; mergekit task_arithmetic"
+    chunkable = True

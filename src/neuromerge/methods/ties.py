@@ -1,0 +1,69 @@
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", arXiv
+2306.01708).
+
+Official code: ``prateeksr/ties-merging``; peers: mergekit ``ties`` (per-tensor trim), PEFT
+``merge_utils.ties``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ._common import TrimScope, trimmed_deltas
+from .base import MergeInput
+from .registry import method
+from .task_arithmetic import ConsensusCombineParams, TaskVectorMerge
+
+
+def density_field(default: float, note: str) -> Any:
+    """The per-model ``density`` field (kept fraction, ``0 < density <= 1``)."""
+    return Field(default, gt=0, le=1, description=f"kept fraction of each task vector, per model ({note})")
+
+
+class TiesParams(ConsensusCombineParams):
+    density: float = density_field(0.2, "TIES paper k = 20 %; mergekit's default is 1.0 = no trim")
+    scope: TrimScope = Field(
+        "global",
+        description="trim threshold over the whole model per task (global, TIES paper) or per tensor "
+        "(tensor, mergekit / PEFT)",
+    )
+
+
+@method
+class Ties(TaskVectorMerge[TiesParams]):
+    """TIES: trim, elect sign, disjoint merge.
+
+    1. Trim: ``τ̂_t = τ_t ⊙ [|τ_t| >= thr_t]``, ``thr_t`` the ``⌊density_t · n⌋``-th largest ``|τ_t|`` over
+       the whole model (``scope: global``, from the engine's statistics pass) or over this tensor (``scope:
+       tensor``); ties at the threshold are kept.
+    2. Weight: ``τ'_t = w_t τ̂_t`` (mergekit's order: weights after the trim, before the election).
+    3. Elect: ``γ = sign(Σ_t τ'_t)`` (``sign_method: count``: the majority of ``sign(τ'_t)``); a coordinate
+       whose elected sign is 0 takes the majority sign of the tensor (``zero_sign: majority``, the official
+       TIES rule applied per tensor) or ``+1`` (``zero_sign: positive``, mergekit / PEFT).
+    4. Disjoint merge, ``m_t = [sign(τ'_t) = γ]``: ``dis-mean`` ``τ_m = Σ_t m_t τ'_t / Σ_t m_t w_t`` (the
+       plain disjoint mean when all ``w_t = 1``), ``dis-sum`` ``τ_m = Σ_t m_t τ'_t``.
+    5. ``θ = θ0 + λ τ_m`` (λ default 1).
+    """
+
+    name = "ties"
+    Params = TiesParams
+    summary = "trim top-k of |τ_t| (global), elect signs, disjoint mean; θ0 + λ τ_m"
+    source = "Yadav et al. 2023, arXiv 2306.01708 (prateeksr/ties-merging); mergekit ties; PEFT ties"
+    chunkable = True
+    sparsifying = True
+
+    def global_densities(self, params: TiesParams, per_model: Sequence[TiesParams]) -> list[float] | None:
+        if params.scope != "global":
+            return None
+        return [p.density for p in per_model]
+
+    def whole_tensor_reasons(self, params: TiesParams) -> list[str]:
+        extra = ["scope='tensor' (per-tensor top-k)"] if params.scope == "tensor" else []
+        return [*super().whole_tensor_reasons(params), *extra]
+
+    def sparsify(self, x: MergeInput[TiesParams]) -> list[torch.Tensor]:
+        return trimmed_deltas(x, [p.density for p in x.per_model], x.params.scope)

@@ -1,0 +1,138 @@
+"""Sparsification and combination helpers of the task-arithmetic family (DARE, Model Breadcrumbs, TIES).
+
+- DARE (Yu et al. 2023, "Language Models are Super Mario", arXiv 2311.03099): drop each entry of ``τ`` with
+  probability ``p = 1 − density`` and rescale what is kept.
+- Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795): per tensor, drop the largest-magnitude
+  outliers and the smallest entries.
+- Weighted disjoint merge (mergekit ``GeneralizedTaskArithmeticMerge``): the TIES disjoint mean of weighted
+  task vectors, normalised by the weights of the agreeing entries.
+- Diagnostics reported by the methods: kept density and sign-conflict rate.
+
+All functions are pure: they never draw random numbers themselves (DARE takes the uniform draws as input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .consensus import SignMethod, agreement_mask
+from .selection import kept_count
+
+Rescale = Literal["inverse", "l1", "none"]
+TiesVariant = Literal["dis-mean", "dis-sum"]
+ZeroSign = Literal["majority", "positive"]
+
+#: mergekit's ``rescaled_masked_tensor`` tolerance: below it a norm counts as zero and nothing is rescaled
+L1_EPS = 1e-7
+
+
+def bernoulli_keep_mask(u: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE keep mask ``m = [u < density]`` from uniform draws ``u ∈ [0, 1)``: ``P(keep) = density = 1 −
+    p``."""
+    return u < density
+
+
+def l1_rescale(x: torch.Tensor, kept: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
+    """``kept · ‖x‖₁ / ‖kept‖₁`` (sums in float64), so the kept part has the L1 norm of the whole tensor
+    ``x``.
+
+    This is what mergekit 0.1.5 calls ``rescale: true`` (``sparsify.rescaled_masked_tensor`` with
+    ``RescaleNorm.l1``); as there, ``kept`` is returned unscaled when either norm is below ``eps``.
+    """
+    before = float(x.abs().sum(dtype=torch.float64))
+    after = float(kept.abs().sum(dtype=torch.float64))
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def dare_drop(x: torch.Tensor, u: torch.Tensor, density: float, rescale: Rescale = "inverse") -> torch.Tensor:
+    """DARE drop-and-rescale of a task vector ``x`` with keep mask ``m = [u < density]``.
+
+    ``rescale="inverse"``: ``m ⊙ x / density`` = ``m ⊙ x / (1 − p)`` (DARE paper, PEFT ``random_pruning``);
+    ``"l1"``: :func:`l1_rescale` of ``m ⊙ x`` (mergekit); ``"none"``: ``m ⊙ x``. ``"l1"`` needs the whole
+    tensor.
+    """
+    kept = torch.where(bernoulli_keep_mask(u, density), x, torch.zeros((), dtype=x.dtype))
+    if rescale == "inverse":
+        return kept / density
+    if rescale == "l1":
+        return l1_rescale(x, kept)
+    if rescale == "none":
+        return kept
+    raise ValueError(f"unknown rescale {rescale!r}")  # pragma: no cover - validated by the parameter models
+
+
+def outlier_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs mask (mergekit ``sparsify.magnitude_outliers``), per tensor.
+
+    With ``n = x.numel()``, ``k = ⌊density·n⌋`` kept entries, ``n_top = ⌊γ·n⌋`` outliers and ``n_bot =
+    max(0, n − k − n_top)``: rank ``|x|`` ascending and keep ranks ``n_bot .. n_bot + k − 1``, i.e. drop the
+    ``n_bot`` smallest and the largest ones. When ``density + γ > 1`` fewer outliers are dropped so that
+    ``k`` entries remain. Equal magnitudes are ranked by flat position (stable sort), so the mask keeps
+    exactly ``k`` entries and is deterministic.
+    """
+    n = x.numel()
+    k = kept_count(n, density)
+    n_top = kept_count(n, gamma)
+    n_bot = max(0, n - k - n_top)
+    order = torch.sort(x.detach().reshape(-1).abs(), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[n_bot : n_bot + k]] = True
+    return mask.reshape(x.shape)
+
+
+def breadcrumbs_sparsify(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """``x ⊙ outlier_mask(x, density, γ)`` (no rescaling, as mergekit's default ``rescale: false``)."""
+    return torch.where(outlier_mask(x, density, gamma), x, torch.zeros((), dtype=x.dtype))
+
+
+def weighted_disjoint_merge(
+    weighted: torch.Tensor, weights: Sequence[float], sign: torch.Tensor, variant: TiesVariant = "dis-mean"
+) -> torch.Tensor:
+    """Disjoint merge of *weighted* task vectors ``τ'_t = w_t τ̂_t`` stacked as ``(T, ...)``.
+
+    With ``m_t = [sign(τ'_t) = γ]`` (non-zero entries agreeing with the elected sign ``γ``): ``"dis-sum"``:
+    ``Σ_t m_t τ'_t``; ``"dis-mean"``: ``Σ_t m_t τ'_t / Σ_t m_t w_t``, a coordinate whose divisor is 0
+    getting divisor 1 (mergekit ``GeneralizedTaskArithmeticMerge`` with ``normalize: true``). With unit
+    weights this is the TIES disjoint mean of the official code and PEFT.
+    """
+    mask = agreement_mask(weighted, sign)
+    total = torch.where(mask, weighted, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
+    if variant == "dis-sum":
+        return total
+    if variant != "dis-mean":  # pragma: no cover - validated by the parameter models
+        raise ValueError(f"unknown TIES variant {variant!r}")
+    w = torch.tensor(list(weights), dtype=weighted.dtype, device=weighted.device)
+    w = w.reshape(-1, *([1] * (weighted.dim() - 1)))
+    divisor = torch.where(mask, w, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
+    divisor = torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
+    return total / divisor
+
+
+def elect_sign_positive(x: torch.Tensor, method: SignMethod = "sum") -> torch.Tensor:
+    """Elected sign ``γ = sign(Σ_t x_t)`` (``count``: sign of ``Σ_t sign(x_t)``) with a 0 election giving ``+1``,
+    as mergekit's ``get_mask`` and PEFT's ``calculate_majority_sign_mask``. Unlike
+    :func:`~neuromerge.tensors.consensus.elect_sign` (majority fallback) it is elementwise, hence chunk-invariant.
+    """
+    score = x.sum(dim=0) if method == "sum" else torch.sign(x).sum(dim=0)
+    one = torch.ones((), dtype=x.dtype)
+    return torch.where(score >= 0, one, -one)
+
+
+def sign_conflict_rate(x: torch.Tensor) -> float:
+    """Share of coordinates of ``x`` (stacked ``(T, ...)``) whose non-zero entries disagree in sign, i.e. at
+    least one entry is ``> 0`` and another ``< 0``."""
+    if x[0].numel() == 0:
+        return 0.0
+    conflict = (x > 0).any(dim=0) & (x < 0).any(dim=0)
+    return float(conflict.sum()) / conflict.numel()
+
+
+def nonzero_fraction(xs: Sequence[torch.Tensor]) -> float:
+    """Mean over tensors of the share of non-zero entries (the kept density after sparsification)."""
+    fractions = [int(torch.count_nonzero(x)) / x.numel() for x in xs if x.numel() > 0]
+    return sum(fractions) / len(fractions) if fractions else 0.0

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny BERT / Llama / GPT-2 families (a base and perturbed experts)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import perturb, save, tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture
+def make_family(tmp_path: Path) -> Callable[..., tuple[Path, list[Path]]]:
+    """``make_family(arch, n_experts=3, dtype=None)`` → (base folder, expert folders)."""
+
+    def make(arch: str = "llama", n_experts: int = 3, dtype: torch.dtype | None = None,
+             root: Path | None = None) -> tuple[Path, list[Path]]:
+        root = root or tmp_path / arch
+        base = tiny_model(arch)
+        base_dir = save(base, root / "base", dtype)
+        experts = []
+        for i in range(n_experts):
+            m = tiny_model(arch)
+            perturb(m, seed=100 + i)
+            experts.append(save(m, root / f"expert{i}", dtype))
+        return base_dir, experts
+
+    return make
