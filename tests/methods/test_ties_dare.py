@@ -119,6 +119,13 @@ def test_ties_keeps_every_entry_tied_at_the_threshold(run_method):
     torch.testing.assert_close(out_global, expected)
 
 
+def test_ties_tensor_scope_keeps_at_least_one_entry_like_mergekit(run_method):
+    base = torch.zeros(3)
+    delta = torch.tensor([0.5, -2.0, 1.0])  # ⌊0.2 · 3⌋ = 0, but a positive density keeps the largest entry
+    out, _ = run_method("ties", base, [delta], {"scope": "tensor", "density": 0.2})
+    torch.testing.assert_close(out, torch.tensor([0.0, -2.0, 0.0]))
+
+
 def test_ties_normalize_is_an_alias_of_the_variant():
     params = get("ties").Params
     assert params.model_validate({"normalize": False}).variant == "dis-sum"

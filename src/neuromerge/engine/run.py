@@ -28,9 +28,11 @@ from ..errors import ConfigError, NeuromergeError
 from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files, remove_stale_temp_dirs
 from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
+from .layout import from_canonical
 from .plan import MergePlan, TensorPlan, build_plan, open_pool
-from .reading import chunk_rows, read_all, read_fp32
+from .reading import chunk_rows, read_all
 from .report import write_reports
+from .stats import global_thresholds
 
 
 @dataclass
@@ -168,7 +170,6 @@ def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[Tenso
             )
     if densities is None:
         return None
-    from .stats import global_thresholds
 
     def read(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         tp, chunk = jobs[i]
@@ -204,8 +205,6 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
                               f"expected {list(base.shape)}")
     if not plan.config.allow_nonfinite and not bool(torch.isfinite(merged).all()):
         raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
-    from .layout import from_canonical
-
     storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
     out = from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu")
     writer.write(tp.name, out, rows)
@@ -257,4 +256,4 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-__all__ = ["MergeResult", "merge", "prepare", "read_fp32"]
+__all__ = ["MergeResult", "merge", "prepare"]

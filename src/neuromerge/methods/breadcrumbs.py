@@ -12,13 +12,13 @@ import torch
 from pydantic import Field
 
 from ..tensors.sparsify import breadcrumbs_sparsify
-from .base import MergeInput
+from .base import MergeInput, MethodParams
 from .registry import method
-from .task_arithmetic import CombineParams, ConsensusCombineParams, LinearCombineParams, TaskVectorMerge
+from .task_arithmetic import ConsensusCombineParams, LinearCombineParams, TaskVectorMerge
 from .ties import density_field
 
 
-class BreadcrumbsMaskParams(CombineParams):
+class BreadcrumbsMaskParams(MethodParams):
     """Mask parameters shared by both Breadcrumbs variants (per model, like mergekit)."""
 
     density: float = density_field(0.15, "official code's starting point β = 0.15; mergekit's default 1.0")

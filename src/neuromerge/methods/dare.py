@@ -12,10 +12,9 @@ import torch
 from pydantic import Field, field_validator
 
 from ..tensors.sparsify import Rescale, dare_drop
-from .base import MergeInput
+from .base import MergeInput, MethodParams
 from .registry import method
 from .task_arithmetic import (
-    CombineParams,
     ConsensusCombineParams,
     LinearCombineParams,
     TaskVectorMerge,
@@ -24,7 +23,7 @@ from .task_arithmetic import (
 from .ties import density_field
 
 
-class DareParams(CombineParams):
+class DareParams(MethodParams):
     """Drop parameters shared by both DARE variants."""
 
     density: float = density_field(0.5, "keep probability 1 − p; FusionBench's default p = 0.5")

@@ -67,10 +67,14 @@ def pcb_scores(tau: torch.Tensor, density: float, clip_ratio: float) -> tuple[to
     return torch.sign(tau) * clipped_abs, weights
 
 
-def pcb_merge(tau: torch.Tensor, density: float = 0.1, clip_ratio: float = 1e-4) -> torch.Tensor:
-    """PCB merged task vector of ``tau`` (``T × d``): ``Σ_i m_i τ̃_i / max(Σ_i m_i, 1e-12)`` → ``(d,)``."""
-    clipped, weights = pcb_scores(tau, density, clip_ratio)
+def weighted_average(clipped: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_i m_i τ̃_i / max(Σ_i m_i, 1e-12)`` over the task dimension."""
     return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+
+
+def pcb_merge(tau: torch.Tensor, density: float = 0.1, clip_ratio: float = 1e-4) -> torch.Tensor:
+    """PCB merged task vector of ``tau`` (``T × d``) → ``(d,)``."""
+    return weighted_average(*pcb_scores(tau, density, clip_ratio))
 
 
 @method
@@ -88,6 +92,6 @@ class PcbMerging(MergeMethod[PcbParams]):
         p = x.params
         tau = torch.stack([d.reshape(-1) * w for d, w in zip(x.deltas, x.weights, strict=True)])
         clipped, weights = pcb_scores(tau, p.density, p.clip_ratio)
-        merged = (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+        merged = weighted_average(clipped, weights)
         x.report["pcb_weight_density"] = float((weights > 0).float().mean())
         return x.base + p.lam * merged.reshape(x.base.shape)

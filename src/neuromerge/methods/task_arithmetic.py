@@ -69,20 +69,19 @@ class ConsensusCombineParams(CombineParams):
         "(TIES code, per tensor), positive = +1 (mergekit, PEFT; independent of chunking)",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _normalize_alias(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "normalize" not in data:
-            return data
-        data = dict(data)
-        normalize = data.pop("normalize")
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {normalize!r}")
-        variant = "dis-mean" if normalize else "dis-sum"
-        if data.get("variant", variant) != variant:
-            raise ValueError(f"normalize={normalize} contradicts variant={data['variant']!r}")
-        data["variant"] = variant
-        return data
+    normalize: bool | None = Field(
+        None, description="mergekit's spelling of the variant: true = dis-mean, false = dis-sum (unset: use variant)"
+    )
+
+    @model_validator(mode="after")
+    def _normalize_alias(self) -> ConsensusCombineParams:
+        if self.normalize is None:
+            return self
+        variant = "dis-mean" if self.normalize else "dis-sum"
+        if "variant" in self.model_fields_set and self.variant != variant:
+            raise ValueError(f"normalize={self.normalize} contradicts variant={self.variant!r}")
+        self.variant = variant
+        return self
 
 
 P = TypeVar("P", bound=CombineParams)

@@ -39,7 +39,7 @@ class Ties(TaskVectorMerge[TiesParams]):
 
     1. Trim: ``τ̂_t = τ_t ⊙ [|τ_t| >= thr_t]``, ``thr_t`` the ``⌊density_t · n⌋``-th largest ``|τ_t|`` over
        the whole model (``scope: global``, from the engine's statistics pass) or over this tensor (``scope:
-       tensor``); ties at the threshold are kept.
+       tensor``, keeping ``max(1, ⌊density_t · n⌋)`` entries as mergekit); ties at the threshold are kept.
     2. Weight: ``τ'_t = w_t τ̂_t`` (mergekit's order: weights after the trim, before the election).
     3. Elect: ``γ = sign(Σ_t τ'_t)`` (``sign_method: count``: the majority of ``sign(τ'_t)``); a coordinate
        whose elected sign is 0 takes the majority sign of the tensor (``zero_sign: majority``, the official
@@ -66,4 +66,8 @@ class Ties(TaskVectorMerge[TiesParams]):
         return [*super().whole_tensor_reasons(params), *extra]
 
     def sparsify(self, x: MergeInput[TiesParams]) -> list[torch.Tensor]:
-        return trimmed_deltas(x, [p.density for p in x.per_model], x.params.scope)
+        densities = [p.density for p in x.per_model]
+        if x.params.scope == "tensor" and x.base.numel() > 0:
+            # mergekit: a positive density keeps at least one entry of each tensor, k = max(1, ⌊d·n⌋)
+            densities = [max(d, 1.0 / x.base.numel()) for d in densities]
+        return trimmed_deltas(x, densities, x.params.scope)
