@@ -275,35 +275,40 @@ def commands(name: str, config_path: Path | None, out: Path, threads: int, input
     return [sys.executable, "-c", FLOOR_CODE, str(BLOCK), str(out_bytes), str(out / "floor.bin"), *files]
 
 
-def measure(cmd: list[str], out: Path, repeat: int) -> dict[str, Any]:
+def measure(cmd: list[str], out: Path, repeat: int, make_out: bool = False) -> dict[str, Any]:
     """Best wall time over ``repeat`` runs of ``cmd`` as a child process and its peak RSS (``ru_maxrss``,
-    KiB on Linux; the largest over the repeats). ``out`` is removed before every run and at the end."""
+    KiB on Linux; the largest over the repeats). ``out`` is removed before every run (and created empty when
+    ``make_out``) and at the end. A failing run gives ``{"error": <stderr tail>}``."""
     walls: list[float] = []
     rss_kib = 0
-    for _ in range(repeat):
+    try:
+        for _ in range(repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            if make_out:
+                out.mkdir(parents=True)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            assert proc.stderr is not None
+            with proc.stderr:
+                err = proc.stderr.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            walls.append(time.perf_counter() - t0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                return {"error": f"exit {proc.returncode}: " + err.decode(errors="replace")[-2000:]}
+            rss_kib = max(rss_kib, usage.ru_maxrss)
+    finally:
         shutil.rmtree(out, ignore_errors=True)
-        if cmd[0] == sys.executable:  # the floor writes into out/
-            out.mkdir(parents=True)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        walls.append(time.perf_counter() - t0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            tail = err.decode(errors="replace")[-3000:]
-            raise RuntimeError(f"{' '.join(cmd[:3])}… exited {proc.returncode}:\n{tail}")
-        rss_kib = max(rss_kib, usage.ru_maxrss)
-    shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": round(min(walls), 3), "wall_s_all": [round(w, 3) for w in walls],
             "peak_rss_mb": round(rss_kib / 1024, 1)}
 
 
 def ratio(runs: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
-    if a in runs and b in runs and runs[b]["wall_s"] > 0:
-        return round(runs[a]["wall_s"] / runs[b]["wall_s"], 3)
-    return None
+    """``wall(a) / wall(b)``, or None when either run is missing or failed."""
+    wall_a, wall_b = runs.get(a, {}).get("wall_s"), runs.get(b, {}).get("wall_s")
+    if wall_a is None or not wall_b:
+        return None
+    return round(wall_a / wall_b, 3)
 
 
 def summarize(runs: dict[str, dict[str, Any]], rss_baseline: dict[str, Any] | None) -> dict[str, Any]:
@@ -322,11 +327,11 @@ def summarize(runs: dict[str, dict[str, Any]], rss_baseline: dict[str, Any] | No
     }
     for m in OUR_METHODS:
         run = runs.get(f"ours_{m}")
-        if run is None:
+        if run is None or "peak_rss_mb" not in run:
             continue
         targets[f"ours_{m}_peak_rss_mb"] = {"value": run["peak_rss_mb"], "max": 1536, "met": run["peak_rss_mb"] <= 1536}
-        base_run = (rss_baseline or {}).get("runs", {}).get(f"ours_{m}")
-        if base_run:
+        base_run = (rss_baseline or {}).get("runs", {}).get(f"ours_{m}", {})
+        if base_run.get("peak_rss_mb"):
             growth = round(run["peak_rss_mb"] / base_run["peak_rss_mb"], 3)
             targets[f"ours_{m}_rss_growth_vs_baseline"] = {"value": growth, "max": 1.3, "met": growth <= 1.3}
     return {"ratios": ratios, "targets": targets}
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run_dir / f"out_{name}"
         cmd = commands(name, config_path, out, args.threads, [base, *experts], out_bytes)
         print(f"[bench] {name} ×{args.repeat}", file=sys.stderr)
-        runs[name] = measure(cmd, out, args.repeat)
+        runs[name] = measure(cmd, out, args.repeat, make_out=cfg is None)
         print(f"[bench] {name}: {runs[name]}", file=sys.stderr)
 
     baseline = json.loads(args.rss_baseline.read_text()) if args.rss_baseline else None
@@ -391,6 +396,10 @@ def main(argv: list[str] | None = None) -> None:
         **summarize(runs, baseline),
     }
     print(json.dumps(result, indent=2))
+    failed = [name for name, run in runs.items() if "error" in run]
+    if failed:
+        print(f"[bench] failed runs: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _versions() -> dict[str, str]:

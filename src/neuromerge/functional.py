@@ -60,7 +60,7 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
         if densities is not None:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 stats = global_thresholds(range(len(names)), lambda i: canonical(names[i]), densities,
-                                          executor=pool)
+                                          executor=pool, l1=impl.needs_l1_mass(params0))
     out = dict(base)
     for n in names:
         b, ms = canonical(n)

@@ -170,7 +170,7 @@ def test_global_threshold_is_exact(make_family, tmp_path: Path) -> None:
     from neuromerge.tensors.selection import kept_count
 
     base, experts = make_family("bert", n_experts=2)
-    cfg = write_config(tmp_path / "c.yaml", "ties", base, experts, parameters={"density": 0.13})
+    cfg = write_config(tmp_path / "c.yaml", "neuromerging", base, experts, parameters={"density": 0.13})
     out = tmp_path / "o"
     assert runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--no-progress"]).exit_code == 0
     stats = json.loads((out / "merge_report.json").read_text())["global_statistics"]

@@ -54,7 +54,7 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
         "kept": list(stats.kept),
         "total": list(stats.total),
         "kept_density": [k / n if n else 0.0 for k, n in zip(stats.kept, stats.total, strict=True)],
-        "removed_l1_fraction": list(stats.removed_fraction),
+        "removed_l1_fraction": list(stats.removed_fraction) if stats.total_l1 else None,
     }
 
 

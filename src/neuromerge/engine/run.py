@@ -30,7 +30,7 @@ from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
 from .layout import from_canonical
 from .plan import MergePlan, TensorPlan, build_plan, open_pool
-from .reading import chunk_rows, read_all
+from .reading import all_finite, chunk_rows, read_all
 from .report import write_reports
 from .stats import global_thresholds
 
@@ -176,9 +176,10 @@ def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[Tenso
         return read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=plan.config.allow_nonfinite,
                         device=device)
 
+    params, _ = resolver.resolve(plan.merged[0].name)
     return global_thresholds(
         range(len(jobs)), read, densities, executor=pool,
-        progress=lambda it: bar(it, len(jobs), "statistics"),
+        progress=lambda it: bar(it, len(jobs), "statistics"), l1=plan.method.needs_l1_mass(params),
     )
 
 
@@ -203,7 +204,7 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     if tuple(merged.shape) != tuple(base.shape):
         raise NeuromergeError(f"{method_name} returned shape {list(merged.shape)} for {tp.name!r}, "
                               f"expected {list(base.shape)}")
-    if not plan.config.allow_nonfinite and not bool(torch.isfinite(merged).all()):
+    if not plan.config.allow_nonfinite and not all_finite(merged):
         raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
     storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
     out = from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu")

@@ -32,24 +32,25 @@ ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 def _abs_bits(base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mag = (model - base).abs().reshape(-1)
+    mag = torch.sub(model, base).abs_().reshape(-1)
     return mag, mag.view(torch.int32)
 
 
-def _high_histograms(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
+def _high_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], l1: bool
+                     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    out: list[tuple[np.ndarray, np.ndarray | None]] = []
     for m in models:
         mag, bits = _abs_bits(base, m)
         high = bits >> 16
-        counts = torch.bincount(high, minlength=HIGH_BINS)
-        sums = torch.bincount(high, weights=mag.double(), minlength=HIGH_BINS)
-        out.append((counts.cpu().numpy(), sums.cpu().numpy()))
+        counts = torch.bincount(high, minlength=HIGH_BINS).cpu().numpy()
+        sums = torch.bincount(high, weights=mag.double(), minlength=HIGH_BINS).cpu().numpy() if l1 else None
+        out.append((counts, sums))
     return out
 
 
-def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Sequence[int | None]
-                    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Sequence[int | None], l1: bool
+                    ) -> list[tuple[np.ndarray, np.ndarray | None] | None]:
+    out: list[tuple[np.ndarray, np.ndarray | None] | None] = []
     for m, b in zip(models, bins, strict=True):
         if b is None:
             out.append(None)
@@ -57,9 +58,9 @@ def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Se
         mag, bits = _abs_bits(base, m)
         sel = (bits >> 16) == b
         low = bits[sel] & 0xFFFF
-        counts = torch.bincount(low, minlength=LOW_BINS)
-        sums = torch.bincount(low, weights=mag[sel].double(), minlength=LOW_BINS)
-        out.append((counts.cpu().numpy(), sums.cpu().numpy()))
+        counts = torch.bincount(low, minlength=LOW_BINS).cpu().numpy()
+        sums = torch.bincount(low, weights=mag[sel].double(), minlength=LOW_BINS).cpu().numpy() if l1 else None
+        out.append((counts, sums))
     return out
 
 
@@ -75,21 +76,23 @@ def _bits_to_float(bits: int) -> float:
 
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
-                      executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable] = iter
-                      ) -> GlobalStats:
-    """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models)."""
+                      executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable] = iter,
+                      l1: bool = True) -> GlobalStats:
+    """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models); with ``l1``
+    also the float64 L1 mass below the threshold and in total."""
     n_models = len(densities)
     high_c = [np.zeros(HIGH_BINS, np.int64) for _ in range(n_models)]
     high_s = [np.zeros(HIGH_BINS, np.float64) for _ in range(n_models)]
 
     def pass1(job: int) -> list[tuple[np.ndarray, np.ndarray]]:
         base, models = read(job)
-        return _high_histograms(base, models)
+        return _high_histograms(base, models, l1)
 
     for hists in progress(executor.map(pass1, jobs)):
         for t, (c, s) in enumerate(hists):
             high_c[t] += c
-            high_s[t] += s
+            if s is not None:
+                high_s[t] += s
 
     totals = [int(c.sum()) for c in high_c]
     total_l1 = [float(s.sum()) for s in high_s]
@@ -111,13 +114,14 @@ def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequenc
 
         def pass2(job: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
             base, models = read(job)
-            return _low_histograms(base, models, bins)
+            return _low_histograms(base, models, bins, l1)
 
         for hists in progress(executor.map(pass2, jobs)):
             for t, h in enumerate(hists):
                 if h is not None:
                     low_c[t] += h[0]
-                    low_s[t] += h[1]
+                    if h[1] is not None:
+                        low_s[t] += h[1]
 
     thresholds, removed, kept = [], [], []
     for t in range(n_models):
@@ -132,4 +136,6 @@ def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequenc
         thresholds.append(_bits_to_float((b << 16) | low))
         removed.append(float(high_s[t][:b].sum()) + float(low_s[t][:low].sum()))
         kept.append(int(high_c[t][b + 1:].sum()) + int(low_c[t][low:].sum()))
+    if not l1:
+        return GlobalStats(tuple(thresholds), (), (), tuple(kept), tuple(totals))
     return GlobalStats(tuple(thresholds), tuple(removed), tuple(total_l1), tuple(kept), tuple(totals))

@@ -146,8 +146,8 @@ class _SafetensorsSource:
         start, length, shape = _row_span(info, rows)
         if length == 0:
             return torch.empty(shape, dtype=info.dtype)
-        buf = bytearray(length)
-        view, done, fd = memoryview(buf), 0, self._fd(info.file)
+        buf = torch.empty(length, dtype=torch.uint8)  # uninitialised: no zero-fill pass before the read
+        view, done, fd = memoryview(buf.numpy()), 0, self._fd(info.file)
         while done < length:
             n = os.preadv(fd, [view[done:]], info.offset + start + done)
             if n == 0:
@@ -156,7 +156,7 @@ class _SafetensorsSource:
                     f"{info.name!r}; re-download or re-export it"
                 )
             done += n
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(shape)
+        return buf.view(info.dtype).reshape(shape)
 
     def header_bytes(self, file: Path) -> bytes:
         return self.headers[file].raw

@@ -33,7 +33,8 @@ class GlobalStats:
     """Whole-model statistics computed by the engine's statistics pass, one entry per model.
 
     ``thresholds[t]``: the exact global magnitude threshold of model ``t`` (entries ``|τ_t| >= thr`` are kept).
-    ``removed_l1[t]`` / ``total_l1[t]``: L1 mass of ``τ_t`` below the threshold / in total (float64 sums).
+    ``removed_l1[t]`` / ``total_l1[t]``: L1 mass of ``τ_t`` below the threshold / in total (float64 sums; empty
+    tuples unless the method asked for them with ``needs_l1_mass``).
     ``kept[t]`` / ``total[t]``: entry counts.
     """
 
@@ -127,6 +128,12 @@ class MergeMethod(Generic[P]):
         """Per-model densities whose exact *global* top-k thresholds the statistics pass must compute, or None
         when the method needs no whole-model statistics."""
         return None
+
+    def needs_l1_mass(self, params: P) -> bool:
+        """Whether the statistics pass must also sum the L1 mass of ``τ_t`` below/above each global threshold
+        (``GlobalStats.removed_l1`` / ``total_l1``; NeuroMerging's λ2 rule). Off by default: it costs a float64
+        weighted histogram per chunk."""
+        return False
 
     def chunkable_for(self, params: P) -> bool:
         """Whether this tensor may be processed in row chunks with these (resolved) parameters; defaults to the

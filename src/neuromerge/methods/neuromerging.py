@@ -93,6 +93,9 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
             return [p.density for p in per_model]
         return None
 
+    def needs_l1_mass(self, params: NeuroMergingParams) -> bool:
+        return params.lambda2 == "auto"
+
     def merge(self, x: MergeInput[NeuroMergingParams]) -> torch.Tensor:
         p = x.params
         densities = [q.density for q in x.per_model]

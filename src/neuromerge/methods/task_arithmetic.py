@@ -21,10 +21,10 @@ from ..tensors.consensus import SignMethod, elect_sign
 from ..tensors.sparsify import (
     TiesVariant,
     ZeroSign,
+    disjoint_merge_with_conflicts,
     elect_sign_positive,
     nonzero_fraction,
     sign_conflict_rate,
-    weighted_disjoint_merge,
 )
 from .base import MergeInput, MergeMethod, MethodParams
 from .registry import method
@@ -142,23 +142,26 @@ class TaskVectorMerge(MergeMethod[P]):
             require_whole_tensor(x, f"{self.name} with {reason}")
         taus = self.sparsify(x)
         weights = x.weights
-        weighted = torch.stack([w * tau for w, tau in zip(weights, taus, strict=True)])
         if isinstance(params, ConsensusCombineParams):
+            weighted = torch.stack([w * tau if w != 1.0 else tau for w, tau in zip(weights, taus, strict=True)])
             if params.zero_sign == "majority":
                 sign = elect_sign(weighted, params.sign_method)
             else:
                 sign = elect_sign_positive(weighted, params.sign_method)
-            mixed = weighted_disjoint_merge(weighted, weights, sign, params.variant)
+            mixed, x.report["sign_conflict"] = disjoint_merge_with_conflicts(weighted, weights, sign, params.variant)
         elif isinstance(params, LinearCombineParams):
-            mixed = weighted.sum(dim=0)
+            # Σ_t w_t τ_t accumulated in place, in model order (no (T, ...) stack)
+            mixed = taus[0] * weights[0]
+            for w, tau in zip(weights[1:], taus[1:], strict=True):
+                mixed.add_(tau, alpha=w)
             if params.normalize:
-                mixed = mixed / weight_sum(weights)
+                mixed.div_(weight_sum(weights))
+            x.report["sign_conflict"] = sign_conflict_rate(taus)
         else:  # pragma: no cover - programming error in a subclass
             raise TypeError(f"{type(self).__name__}.Params must derive from a combine parameter model")
-        x.report["sign_conflict"] = sign_conflict_rate(weighted)
         if self.sparsifying:
             x.report["kept_density"] = nonzero_fraction(taus)
-        return x.base + params.lam * mixed
+        return torch.add(x.base, mixed, alpha=params.lam)
 
 
 @method

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from .consensus import SignMethod, agreement_mask
+from .consensus import SignMethod
 from .selection import kept_count
 
 Rescale = Literal["inverse", "l1", "none"]
@@ -91,26 +91,49 @@ def breadcrumbs_sparsify(x: torch.Tensor, density: float, gamma: float) -> torch
 
 
 def weighted_disjoint_merge(
-    weighted: torch.Tensor, weights: Sequence[float], sign: torch.Tensor, variant: TiesVariant = "dis-mean"
+    weighted: torch.Tensor | Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor,
+    variant: TiesVariant = "dis-mean",
 ) -> torch.Tensor:
-    """Disjoint merge of *weighted* task vectors ``τ'_t = w_t τ̂_t`` stacked as ``(T, ...)``.
+    """Disjoint merge of *weighted* task vectors ``τ'_t = w_t τ̂_t`` (stacked ``(T, ...)`` or a sequence).
 
     With ``m_t = [sign(τ'_t) = γ]`` (non-zero entries agreeing with the elected sign ``γ``): ``"dis-sum"``:
     ``Σ_t m_t τ'_t``; ``"dis-mean"``: ``Σ_t m_t τ'_t / Σ_t m_t w_t``, a coordinate whose divisor is 0
     getting divisor 1 (mergekit ``GeneralizedTaskArithmeticMerge`` with ``normalize: true``). With unit
     weights this is the TIES disjoint mean of the official code and PEFT.
     """
-    mask = agreement_mask(weighted, sign)
-    total = torch.where(mask, weighted, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
-    if variant == "dis-sum":
-        return total
-    if variant != "dis-mean":  # pragma: no cover - validated by the parameter models
+    return disjoint_merge_with_conflicts(weighted, weights, sign, variant)[0]
+
+
+def disjoint_merge_with_conflicts(
+    weighted: torch.Tensor | Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor,
+    variant: TiesVariant = "dis-mean",
+) -> tuple[torch.Tensor, float]:
+    """:func:`weighted_disjoint_merge` plus the sign-conflict rate of the inputs, in one streamed loop over the
+    models (no ``(T, ...)`` temporaries). ``γ`` must be ``±1`` everywhere; then ``τ'_t γ > 0`` is exactly
+    "non-zero and agreeing", and a coordinate has a conflict iff some ``τ'_t γ < 0`` (if the non-zero entries
+    all share a sign, the elected sign is that sign)."""
+    if variant not in ("dis-mean", "dis-sum"):  # pragma: no cover - validated by the parameter models
         raise ValueError(f"unknown TIES variant {variant!r}")
-    w = torch.tensor(list(weights), dtype=weighted.dtype, device=weighted.device)
-    w = w.reshape(-1, *([1] * (weighted.dim() - 1)))
-    divisor = torch.where(mask, w, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
+    xs = list(weighted.unbind(0)) if isinstance(weighted, torch.Tensor) else list(weighted)
+    total = torch.zeros_like(xs[0])
+    divisor = torch.zeros_like(xs[0]) if variant == "dis-mean" else None
+    conflict = torch.zeros(xs[0].shape, dtype=torch.bool, device=xs[0].device)
+    for x, w in zip(xs, weights, strict=True):
+        product = x * sign
+        agree = product > 0
+        total.add_(torch.where(agree, x, torch.zeros((), dtype=x.dtype)))
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+        conflict |= product < 0
+    rate = int(torch.count_nonzero(conflict)) / conflict.numel() if conflict.numel() else 0.0
+    if divisor is None:
+        return total, rate
     divisor = torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
-    return total / divisor
+    return total.div_(divisor), rate
 
 
 def elect_sign_positive(x: torch.Tensor, method: SignMethod = "sum") -> torch.Tensor:
@@ -123,13 +146,17 @@ def elect_sign_positive(x: torch.Tensor, method: SignMethod = "sum") -> torch.Te
     return torch.where(score >= 0, one, -one)
 
 
-def sign_conflict_rate(x: torch.Tensor) -> float:
-    """Share of coordinates of ``x`` (stacked ``(T, ...)``) whose non-zero entries disagree in sign, i.e. at
-    least one entry is ``> 0`` and another ``< 0``."""
-    if x[0].numel() == 0:
+def sign_conflict_rate(x: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """Share of coordinates of ``x`` (stacked ``(T, ...)`` or a sequence of ``T`` tensors) whose non-zero
+    entries disagree in sign, i.e. ``max_t x_t > 0`` and ``min_t x_t < 0``."""
+    xs = list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
+    if not xs or xs[0].numel() == 0:
         return 0.0
-    conflict = (x > 0).any(dim=0) & (x < 0).any(dim=0)
-    return float(conflict.sum()) / conflict.numel()
+    hi, lo = xs[0].clone(), xs[0].clone()
+    for t in xs[1:]:
+        torch.maximum(hi, t, out=hi)
+        torch.minimum(lo, t, out=lo)
+    return int(torch.count_nonzero((hi > 0) & (lo < 0))) / hi.numel()
 
 
 def nonzero_fraction(xs: Sequence[torch.Tensor]) -> float:
