@@ -29,6 +29,7 @@ from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_f
 from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
 from .layout import from_canonical
+from .memory import retain_freed_memory
 from .plan import MergePlan, TensorPlan, build_plan, open_pool
 from .reading import all_finite, chunk_rows, read_all
 from .report import write_reports
@@ -76,6 +77,7 @@ def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *,
     """
     t_start = time.perf_counter()
     out = Path(out)
+    retain_freed_memory()
     plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
     try:
         remove_stale_temp_dirs(out.parent, out.name)

@@ -125,7 +125,7 @@ def disjoint_merge_with_conflicts(
     for x, w in zip(xs, weights, strict=True):
         product = x * sign
         agree = product > 0
-        total.add_(torch.where(agree, x, torch.zeros((), dtype=x.dtype)))
+        total.add_(x * agree)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
         conflict |= product < 0
