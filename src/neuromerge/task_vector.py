@@ -22,11 +22,26 @@ def _floating(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if v.is_floating_point()}
 
 
-class Weights(Mapping[str, torch.Tensor]):
+class _TensorMap(Mapping[str, torch.Tensor]):
+    """Read-only mapping of tensor names to tensors."""
+
+    _d: dict[str, torch.Tensor]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class Weights(_TensorMap):
     """A model's state dict (read-only mapping). ``Weights - Weights`` is a :class:`TaskVector`."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self._t = dict(tensors)
+        self._d = dict(tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Weights:
@@ -43,20 +58,11 @@ class Weights(Mapping[str, torch.Tensor]):
     def from_module(cls, module: torch.nn.Module) -> Weights:
         return cls({k: v.detach().clone() for k, v in module.state_dict().items()})
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._t[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._t)
-
-    def __len__(self) -> int:
-        return len(self._t)
-
     def __sub__(self, other: Mapping[str, torch.Tensor]) -> TaskVector:
         return TaskVector.between(other, self)
 
 
-class TaskVector(Mapping[str, torch.Tensor]):
+class TaskVector(_TensorMap):
     """``τ = θ_ft − θ0`` over the floating tensors (fp32). Supports ``+``, ``-``, scalar ``*``, negation."""
 
     def __init__(self, deltas: Mapping[str, torch.Tensor]):
@@ -74,15 +80,6 @@ class TaskVector(Mapping[str, torch.Tensor]):
                 raise CompatibilityError(f"shape mismatch for {k!r}: {list(b.shape)} vs {list(ft_f[k].shape)}")
             out[k] = ft_f[k].float() - b.float()
         return cls(out)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._d[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._d)
-
-    def __len__(self) -> int:
-        return len(self._d)
 
     def _zip(self, other: TaskVector) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         if set(self._d) != set(other._d):

@@ -91,6 +91,11 @@ class MergeInput(Generic[P]):
         return torch.stack(self.deltas)
 
     @property
+    def weighted_deltas(self) -> torch.Tensor:
+        """``w_t τ_t`` stacked as ``(T, ...)`` (per-model ``weight`` applied; unit weights are not multiplied)."""
+        return torch.stack([d * w if w != 1.0 else d for d, w in zip(self.deltas, self.weights, strict=True)])
+
+    @property
     def weights(self) -> list[float]:
         return [p.weight for p in self.per_model]
 

@@ -57,7 +57,7 @@ class ConsensusMerging(MergeMethod[ConsensusParams]):
 
     def merge(self, x: MergeInput[ConsensusParams]) -> torch.Tensor:
         p = x.params
-        tau = torch.stack([d * w if w != 1.0 else d for d, w in zip(x.deltas, x.weights, strict=True)])
+        tau = x.weighted_deltas
         multi = tau.sum(dim=0)
         masks = tall_masks(tau, multi, p.tall_lambda)
         keep = consensus_mask(masks, p.k)

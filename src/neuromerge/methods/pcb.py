@@ -90,7 +90,7 @@ class PcbMerging(MergeMethod[PcbParams]):
 
     def merge(self, x: MergeInput[PcbParams]) -> torch.Tensor:
         p = x.params
-        tau = torch.stack([d.reshape(-1) * w for d, w in zip(x.deltas, x.weights, strict=True)])
+        tau = x.weighted_deltas.reshape(len(x.deltas), -1)
         clipped, weights = pcb_scores(tau, p.density, p.clip_ratio)
         merged = weighted_average(clipped, weights)
         x.report["pcb_weight_density"] = float((weights > 0).float().mean())

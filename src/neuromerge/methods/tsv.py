@@ -60,7 +60,7 @@ class TsvMerge(MergeMethod[TsvParams]):
     chunkable = False
 
     def merge(self, x: MergeInput[TsvParams]) -> torch.Tensor:
-        tau = torch.stack([d * w if w != 1.0 else d for d, w in zip(x.deltas, x.weights, strict=True)])
+        tau = x.weighted_deltas
         if x.kind == "neuronal" and tau.dim() == 3:
             merged = tsv_merge_matrix(tau)
             rank = min(tau.shape[1], tau.shape[2])
