@@ -186,3 +186,33 @@ def test_global_threshold_is_exact(make_family, tmp_path: Path) -> None:
         assert stats["kept"][t] == int((mags >= thr).sum())
         removed = float(mags[mags < thr].double().sum() / mags.double().sum())
         assert stats["removed_l1_fraction"][t] == pytest.approx(removed, rel=1e-9)
+
+
+def test_lora_adapters_as_pool_members(tmp_path: Path) -> None:
+    """PEFT adapter folders merge like full checkpoints: TA of two adapters equals TA of their merged models."""
+    import peft
+
+    from tests.helpers import tiny_model
+
+    base_model = tiny_model("llama")
+    base_model.save_pretrained(tmp_path / "base")
+    adapters, full = [], []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        pm = peft.get_peft_model(tiny_model("llama"), cfg)
+        pm.save_pretrained(tmp_path / f"adapter{i}")
+        full.append({k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()})
+        adapters.append(tmp_path / f"adapter{i}")
+    cfg_path = write_config(tmp_path / "c.yaml", "task_arithmetic", tmp_path / "base", adapters,
+                            parameters={"lambda": 0.5})
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["merge", str(cfg_path), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    got = _load_dir(out)
+    base_sd = Weights.load(tmp_path / "base")
+    expected = merge_state_dicts("task_arithmetic", base_sd, full, parameters={"lambda": 0.5})
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(got[k], base_sd[k])
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)

@@ -16,7 +16,8 @@ import torch
 
 from ..config import MergeConfig, ParamResolver
 from ..errors import CompatibilityError, ConfigError
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint
+from ..io.lora import open_model
 from ..methods import MergeMethod
 from .layout import Layout, LayoutRules
 
@@ -114,17 +115,17 @@ def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Poo
     """
     cache: dict[str, Checkpoint] = {}
 
-    def get(ref: str) -> Checkpoint:
+    def get(ref: str, base: Checkpoint | None = None) -> Checkpoint:
         key = str(Path(ref).resolve()) if Path(ref).exists() else ref
         if key not in cache:
-            cache[key] = open_checkpoint(ref, allow_download=allow_download)
+            cache[key] = open_model(ref, base, allow_download=allow_download)
         return cache[key]
 
     cls = config.method_class()
-    pairs = [(entry, get(entry.model)) for entry in config.models]
-    if config.base_model is None:
+    base = get(config.base_model) if config.base_model is not None else None
+    pairs = [(entry, get(entry.model, base)) for entry in config.models]
+    if base is None:
         return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False), config
-    base = get(config.base_model)
     notes: list[str] = []
     if any(c is base for _, c in pairs):
         if cls.max_models == 2 and cls.min_models == 2:
