@@ -1,12 +1,13 @@
 # make test: fresh .venv, torch 2.13.0 (CPU) first, then the project with dev + peers extras, then lint + tests.
-# make demo: same setup, then a real merge of small models this Makefile creates.
+# make demo: same setup, then the text benchmark suite (experts trained and cached on first use, tuned merges,
+#            in- and out-of-domain table, plots) with a representative method set.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup test lint demo bench-speed clean
+.PHONY: setup test lint demo demo-merge bench-speed clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,14 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest
 
+DEMO_METHODS := linear,task_arithmetic,ties,dare_ties,neuromerging
+
 demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/neuromerge bench text --methods $(DEMO_METHODS) -o demo/bench-text
+	@echo "report: demo/bench-text/results.md (results.json, plots *.png)"
+
+# A merge of small models created on the spot (no training): the engine end to end in seconds.
+demo-merge: setup
 	$(BIN)/python scripts/make_demo_models.py demo/models
 	$(BIN)/neuromerge merge demo/models/neuromerging.yaml -o demo/merged --force
 	$(BIN)/python scripts/check_demo.py demo/models demo/merged

@@ -11,6 +11,7 @@ import transformers as tf
 
 
 def main(models: Path, merged: Path) -> None:
+    torch.set_grad_enabled(False)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     logits = {}
     for name in ("base", "expert0", "expert1", "expert2"):
