@@ -3,6 +3,8 @@
 Python API:
 
 - :func:`merge` — merge the pool a config describes into a Hugging Face folder (streaming, atomic);
+- :func:`inspect` — task-vector interference of the pool a config describes (cosines, sign conflicts,
+  parallel / orthogonal energy, norms, figures, a suggested method);
 - :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
 - :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
 - :func:`methods` — the registered merge methods.
@@ -14,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "merge", "methods"]
+__all__ = ["TaskVector", "Weights", "__version__", "inspect", "merge", "methods"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -23,6 +25,15 @@ def merge(config: Any, out: Any, **kwargs: Any) -> Any:
     from .engine.run import merge as _merge
 
     return _merge(config, out, **kwargs)
+
+
+def inspect(config: Any, out: Any = None, **kwargs: Any) -> Any:
+    """Inspect the pool of ``config`` (YAML path, dict or MergeConfig; ``None`` with ``suite=`` for a bench
+    suite's experts) and return an :class:`~neuromerge.inspection.InspectReport`; with ``out``, also write
+    ``inspect.json`` and the PNG figures there. See :func:`neuromerge.inspection.inspect` for the options."""
+    from .inspection import inspect as _inspect
+
+    return _inspect(config, out, **kwargs)
 
 
 def methods() -> dict[str, Any]:

