@@ -255,16 +255,13 @@ def _validate_one(cls: type[MergeMethod], where: str, key: str, value: Scalar) -
 
 
 @cache
-def _field_names_cached(params_cls: type[MethodParams]) -> frozenset[str]:
+def _field_names(params_cls: type[MethodParams]) -> frozenset[str]:
+    """Every name a parameter may be given by: field names and their aliases (``lambda`` for ``lam``)."""
     names = set()
     for name, info in params_cls.model_fields.items():
         names.add(info.alias or name)
         names.add(name)
     return frozenset(names)
-
-
-def _field_names(params_cls: type[MethodParams]) -> frozenset[str]:
-    return _field_names_cached(params_cls)
 
 
 # --------------------------------------------------------------------------------------------- resolution

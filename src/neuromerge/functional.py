@@ -8,6 +8,7 @@ select as the engine, so an in-memory merge equals the streamed one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,8 +41,6 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
     config = MergeConfig(**kwargs)
     validate_method_parameters(config)
     impl = config.method_class()()
-    import re
-
     patterns = [re.compile(p) for p in config.exclude]
     layers = [i for i in (_layer_index(n) for n in base) if i is not None]
     resolver = ParamResolver(config, max(layers) + 1 if layers else None)

@@ -252,5 +252,10 @@ def _row_chunks(plan: TensorPlan, chunkable: bool, chunk_elements: int) -> list[
     chunkable = chunkable and plan.layout in ("out_in", "conv")
     if not chunkable or shared_rows * row <= chunk_elements:
         return [(0, shared_rows)]
-    step = max(1, chunk_elements // row)
-    return [(a, min(a + step, shared_rows)) for a in range(0, shared_rows, step)]
+    return split_rows(shared_rows, row, chunk_elements)
+
+
+def split_rows(rows: int, row_numel: int, chunk_elements: int) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` covering ``rows`` rows with at most ``chunk_elements`` entries each (≥ 1 row)."""
+    step = max(1, chunk_elements // max(1, row_numel))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]

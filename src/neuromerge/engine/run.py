@@ -30,7 +30,7 @@ from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
 from .layout import from_canonical
 from .memory import retain_freed_memory
-from .plan import MergePlan, TensorPlan, build_plan, open_pool
+from .plan import MergePlan, TensorPlan, build_plan, open_pool, split_rows
 from .reading import all_finite, chunk_rows, read_all
 from .report import write_reports
 from .stats import global_thresholds
@@ -46,7 +46,7 @@ class MergeResult:
 
 
 @contextmanager
-def _single_threaded_torch() -> Iterator[None]:
+def single_threaded_torch() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -97,7 +97,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Progress:
+class Progress:
+    """tqdm progress over an iterable, on when stderr is a terminal unless told (shared with `inspect`)."""
+
     def __init__(self, enabled: bool | None):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
 
@@ -111,11 +113,11 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
              progress: bool | None, t_start: float) -> dict[str, Any]:
     cfg = plan.config
     resolver = ParamResolver(cfg, plan.num_layers)
-    bar = _Progress(progress)
+    bar = Progress(progress)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
     jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
 
-    with _single_threaded_torch(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads) as pool:
         t0 = time.perf_counter()
         stats = _statistics(plan, resolver, jobs, pool, device, bar)
         timings["statistics"] = time.perf_counter() - t0
@@ -156,7 +158,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
 
 
 def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
-                pool: ThreadPoolExecutor, device: torch.device, bar: _Progress) -> GlobalStats | None:
+                pool: ThreadPoolExecutor, device: torch.device, bar: Progress) -> GlobalStats | None:
     densities: list[float] | None = None
     for tp in plan.merged:
         params, per_model = resolver.resolve(tp.name)
@@ -220,8 +222,7 @@ def _copy_jobs(plan: MergePlan) -> list[tuple[str, TensorPlan, tuple[int, int]]]
         if tp.action == "copy":
             rows = tp.shape[0] if tp.shape else 1
             row = max(1, tp.numel // max(1, rows))
-            step = max(1, plan.chunk_elements // row)
-            jobs += [("copy", tp, (a, min(a + step, rows))) for a in range(0, rows, step)]
+            jobs += [("copy", tp, chunk) for chunk in split_rows(rows, row, plan.chunk_elements)]
         if tp.extra_rows is not None:
             jobs.append(("extra", tp, (tp.extra_rows[0], tp.extra_rows[1])))
     return jobs

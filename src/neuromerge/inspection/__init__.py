@@ -25,7 +25,7 @@ from typing import Any
 from ..config import MergeConfig, load_config
 from ..engine.memory import retain_freed_memory
 from ..engine.plan import MergePlan
-from ..engine.run import _Progress, _single_threaded_torch, prepare
+from ..engine.run import Progress, prepare, single_threaded_torch
 from ..errors import ConfigError
 from .components import block_order, component_of, component_order
 from .report import GroupStats, InspectReport, Mergeability, MergeabilityRow, Suggestion, Summary, grouped
@@ -57,7 +57,7 @@ def inspect(config: ConfigSource | None, out: str | Path | None = None, *, densi
     if config is None and suite is None:
         raise ConfigError("give a merge config, or a bench suite whose experts to inspect")
     retain_freed_memory()
-    bar = _Progress(progress)
+    bar = Progress(progress)
     experts: SuiteExperts | None = None
     kwargs = {"density": density, "threads": threads or os.cpu_count() or 1, "progress": bar,
               "chunk_elements": chunk_elements, "allow_download": allow_download}
@@ -94,7 +94,7 @@ def inspect(config: ConfigSource | None, out: str | Path | None = None, *, densi
     return report
 
 
-def _inspect_config(config: ConfigSource, *, density: float, threads: int, progress: _Progress,
+def _inspect_config(config: ConfigSource, *, density: float, threads: int, progress: Progress,
                     chunk_elements: int, allow_download: bool) -> InspectReport:
     cfg = load_config(config)
     if cfg.base_model is None:
@@ -114,9 +114,9 @@ def inspect_plan(plan: MergePlan, density: float = 0.2, *, threads: int = 1, pro
                  ) -> InspectReport:
     """Statistics, summary and report of an already built :class:`~neuromerge.engine.plan.MergePlan` (its pool
     stays open; the caller closes it)."""
-    bar = progress if callable(progress) else _Progress(progress)
+    bar = progress if callable(progress) else Progress(progress)
     t0 = time.perf_counter()
-    with _single_threaded_torch(), ThreadPoolExecutor(max_workers=max(1, threads)) as executor:
+    with single_threaded_torch(), ThreadPoolExecutor(max_workers=max(1, threads)) as executor:
         collected = collect(plan, density, executor=executor, progress=bar)
     report = build_report(plan, collected, density)
     report.timings_s["statistics"] = time.perf_counter() - t0
