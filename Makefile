@@ -7,13 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup test lint demo demo-merge bench-speed clean
+.PHONY: setup test lint postgres-server demo demo-merge bench-speed clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,peers,bench]'
+	$(PIP) -e '.[dev,peers,bench,search]'
 	$(PIP) --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
@@ -22,7 +22,12 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 
-test: setup lint
+# The distributed-search tests start a throwaway PostgreSQL server on loopback: make sure the server is installed.
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql)
+
+test: setup lint postgres-server
 	$(BIN)/python -m pytest
 
 DEMO_METHODS := linear,task_arithmetic,ties,dare_ties,neuromerging

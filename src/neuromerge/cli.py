@@ -166,12 +166,14 @@ def bench(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
+    mode: Annotated[str | None, typer.Option(help="expert fine-tuning: full or lora (default: the suite's first; "
+                                             "routed LoRA methods need lora)")] = None,
 ) -> None:
     """Benchmark merge methods on an offline SUITE: experts, tuned merges, in- and out-of-domain tables."""
     from .bench.cli import bench_command
 
     code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild, model=model,
-                         task_file=task_file, seed=seed, progress=progress, threads=threads)
+                         task_file=task_file, seed=seed, progress=progress, threads=threads, mode=mode)
     if code:
         raise typer.Exit(code)
 

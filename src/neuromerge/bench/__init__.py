@@ -22,7 +22,8 @@ __all__ = ["BenchError", "available_suites", "get_suite", "run"]
 
 def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
         quick: bool = False, out: str | Path | None = None, rebuild: bool = False, model: str | Path | None = None,
-        task_file: str | Path | None = None, seed: int = 0, progress: bool | None = None) -> BenchResults:
+        task_file: str | Path | None = None, seed: int = 0, progress: bool | None = None, mode: str | None = None
+        ) -> BenchResults:
     """Benchmark merge methods on a suite (protocol: :mod:`neuromerge.bench.protocol`).
 
     ``methods``: registry names or aliases (default: every registered method; none when ``model`` is given);
@@ -31,9 +32,10 @@ def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequenc
     when None); ``rebuild``: retrain cached experts and probes; ``model``: also score an existing merged model
     folder (its backbone tensors, the experts' heads); ``task_file``: a YAML file of extra tasks
     (:mod:`neuromerge.bench.taskfile`); ``seed``: expert training and random merges (splits are fixed);
-    ``progress``: tqdm bars on stderr (default: when stderr is a terminal).
+    ``progress``: tqdm bars on stderr (default: when stderr is a terminal); ``mode``: expert fine-tuning (``full``
+    or ``lora``; default the suite's first mode — routed LoRA methods such as MIN-Merging need ``lora``).
     """
     from .protocol import run_suite
 
     return run_suite(suite, methods, tasks, quick=quick, out=out, rebuild=rebuild, model=model,
-                     task_file=task_file, seed=seed, progress=progress)
+                     task_file=task_file, seed=seed, progress=progress, mode=mode)

@@ -65,6 +65,12 @@ class Row:
     time_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     skipped: str | None = None
+    #: bytes a user stores to run this row (backbones, expert library, router); heads are not counted
+    storage_bytes: int | None = None
+    #: inference latency in ms per batch, e.g. {"batch_1": …, "batch_32": …} (routed rows)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    #: what a non-static method read and built: data split and examples, steps, router accuracy, pruning …
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> float | None:
@@ -246,30 +252,72 @@ def scaled(base: StateDict, merged_at_one: StateDict, s: float) -> StateDict:
 
 
 @dataclass
+class Produced:
+    """What a non-static method (data-aware or routed, :data:`Runner`) hands back: a merged ``backbone`` state
+    (scored like a static merge) or a ``module`` wrapping the backbone (a routed model, scored through the suite's
+    forward hooks), the parameters it used, what it read and built (``info``), and optionally its validation
+    mean, storage and latency."""
+
+    backbone: StateDict | None = None
+    module: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    val_mean: float | None = None
+    storage_bytes: int | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    #: oracle rows: each in-domain task is scored with these forced router probabilities (task index one-hot)
+    oracle: bool = False
+
+
+#: a non-static method's entry point: ``runner(ctx, name) -> Produced``
+Runner = Callable[["Context", str], Produced]
+
+
+@dataclass
 class MethodSpec:
-    """A method requested for a run: canonical name, class, transductive flag."""
+    """A method requested for a run: canonical name, class (static methods) or runner, transductive flag."""
 
     name: str
     cls: Any
     transductive: bool
+    runner: Runner | None = None
+
+
+def extra_runners() -> dict[str, tuple[Runner, bool]]:
+    """Non-static methods the bench runs: name → (runner, transductive), from :mod:`.data_methods` (Fisher,
+    RegMean, AdaMerging, WEMoE) and :mod:`.routed_methods` (MIN-Merging and its ablations, Twin-Merging, EMR)."""
+    from . import extra_methods
+
+    return extra_methods.runners()
 
 
 def resolve_methods(names: Sequence[str] | None) -> list[MethodSpec]:
     """Requested method names (aliases allowed) → canonical specs, in order, without duplicates; ``None`` →
-    every registered method. Unknown names raise :class:`BenchError`."""
+    every registered static method. Names of non-static methods (:func:`extra_runners`) resolve to runners.
+    Unknown names raise :class:`BenchError`."""
     from ..errors import ConfigError
     from ..methods import available, get
 
-    if names is None:
-        names = list(available())
+    if names is None:  # data-aware methods read task data and take minutes: only when asked for
+        names = [n for n in available() if not getattr(get(n), "data_aware", False)]
     out: list[MethodSpec] = []
+    extra: dict[str, tuple[Runner, bool]] = {}
     for n in names:
         try:
             cls = get(n)
         except ConfigError:
-            raise BenchError(f"unknown method {n!r}; available: {', '.join(available())}") from None
-        if all(m.name != cls.name for m in out):
-            out.append(MethodSpec(cls.name, cls, bool(getattr(cls, "transductive", False))))
+            cls = None
+        if cls is not None and not getattr(cls, "data_aware", False):
+            spec = MethodSpec(cls.name, cls, bool(getattr(cls, "transductive", False)))
+        else:
+            extra = extra or extra_runners()
+            key = cls.name if cls is not None else n
+            if key not in extra:
+                raise BenchError(f"unknown method {n!r}; available: {', '.join([*available(), *extra])}")
+            runner, transductive = extra[key]
+            spec = MethodSpec(key, None, transductive, runner)
+        if all(m.name != spec.name for m in out):
+            out.append(spec)
     return out
 
 
@@ -318,6 +366,25 @@ class Context:
                       for t in self.in_domain]
         return sum(scores) / len(scores)
 
+    def score_module(self, row: Row, module: Any, *, oracle: bool = False) -> None:
+        """Test scores of a routed ``module`` (the experts' heads; ``oracle``: each in-domain task routed to its
+        own expert by forced one-hot router probabilities), normalized accuracy, OOD probes on its features."""
+        with self.clock("evaluation"):
+            for i, t in enumerate(self.in_domain):
+                e = self.experts[t.name]
+                if oracle:
+                    probs = torch.zeros(1, len(self.in_domain))
+                    probs[0, i] = 1.0
+                    with module.force(probs):
+                        row.test[t.name] = self.suite.evaluate_module(module, e.head, t, "test", self.budget)
+                else:
+                    row.test[t.name] = self.suite.evaluate_module(module, e.head, t, "test", self.budget)
+                row.normalized[t.name] = normalized_accuracy(row.test[t.name], e.test_score, t.metric)
+            for t in self.ood:
+                probe = self.suite.fit_probe_module(module, t, self.budget, self.seed)
+                row.ood[t.name] = self.suite.evaluate_module(module, probe, t, "test", self.budget)
+                row.ood_metrics[t.name] = t.metric
+
     def score(self, row: Row, backbone: StateDict) -> None:
         """Test scores with the experts' heads, normalized accuracy, OOD probes."""
         with self.clock("evaluation"):
@@ -331,8 +398,47 @@ class Context:
                 row.ood_metrics[t.name] = t.metric
 
 
+def state_bytes(state: StateDict) -> int:
+    """Bytes of a state dict's tensors as stored (their dtypes)."""
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def run_produced(ctx: Context, spec: MethodSpec) -> Row:
+    """A non-static method: its runner builds a backbone or a routed module, which is scored like the others."""
+    assert spec.runner is not None
+    row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
+    t0 = time.perf_counter()
+    phases0 = dict(ctx.clock.phases)
+    with ctx.bar(total=2, desc=f"{spec.name:<16}", leave=False) as bar:
+        try:
+            produced = spec.runner(ctx, spec.name)
+        except BenchError:
+            raise
+        except Exception as err:
+            err.add_note(f"while running {spec.name}")
+            raise
+        bar.update(1)
+        row.params, row.info, row.val_mean = dict(produced.params), dict(produced.info), produced.val_mean
+        row.latency_ms = dict(produced.latency_ms)
+        if produced.backbone is not None:
+            ctx.score(row, produced.backbone)
+            row.storage_bytes = produced.storage_bytes or state_bytes(produced.backbone)
+        elif produced.module is not None:
+            ctx.score_module(row, produced.module, oracle=produced.oracle)
+            row.storage_bytes = produced.storage_bytes
+        else:
+            raise BenchError(f"method {spec.name!r} produced neither a backbone nor a module")
+        bar.update(1)
+    row.time_s = time.perf_counter() - t0
+    row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
+                   if v - phases0.get(k, 0.0) > 0}
+    return row
+
+
 def run_method(ctx: Context, spec: MethodSpec) -> Row:
     """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
+    if spec.runner is not None:
+        return run_produced(ctx, spec)
     row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
     problem = model_count_problem(spec.cls, len(ctx.in_domain))
     if problem:
@@ -364,6 +470,7 @@ def run_method(ctx: Context, spec: MethodSpec) -> Row:
         row.val_mean, row.params = best[0], dict(points[best[1]])
         row.grid.sort(key=lambda g: points.index(g["params"]))
         ctx.score(row, best[2])
+        row.storage_bytes = state_bytes(best[2])
         bar.update(1)
     row.time_s = time.perf_counter() - t0
     row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
@@ -495,10 +602,12 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
                 base_row.ood_metrics[t.name] = t.metric
             b.update(1)
         base_row.time_s = time.perf_counter() - t0
+    base_row.storage_bytes = state_bytes(base)
     expert_row = Row(name=EXPERT_ROW, kind="experts", params={"mode": mode},
                      test={n: e.test_score for n, e in experts.items()},
                      normalized={n: 100.0 for n in experts},
-                     time_s=sum(float(e.meta.get("train_seconds", 0.0)) for e in experts.values()))
+                     time_s=sum(float(e.meta.get("train_seconds", 0.0)) for e in experts.values()),
+                     storage_bytes=sum(state_bytes(e.backbone) for e in experts.values()))
     rows = [base_row, expert_row]
 
     ctx = Context(suite=s, budget=budget, base=base, in_domain=in_domain, ood=ood, experts=experts, seed=seed,

@@ -42,19 +42,32 @@ def markdown_table(results: BenchResults) -> str:
     """The results table: test accuracy (%) per in-domain task, mean, mean normalized accuracy, OOD score,
     chosen parameters, the transductive flag and wall time."""
     ind, ood = results.in_domain, results.out_of_domain
-    head = ["method", "params", "transductive", *ind, "mean", "norm. mean", *(f"OOD {t}" for t in ood), "time (s)"]
+    latency = any(r.latency_ms for r in results.rows)
+    head = ["method", "params", "transductive", *ind, "mean", "norm. mean", *(f"OOD {t}" for t in ood),
+            "storage (MB)", *(["latency b1 / b32 (ms)"] if latency else []), "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in results.rows:
         if r.skipped:
             cells = [r.name, f"skipped: {r.skipped}", "yes" if r.transductive else "no",
                      *(["–"] * (len(head) - 3))]
         else:
-            cells = [r.name, _params(r.params) if r.kind != "baseline" else "linear probes",
+            lat = [f"{_num(r.latency_ms.get('batch_1'))} / {_num(r.latency_ms.get('batch_32'))}"
+                   if r.latency_ms else "–"] if latency else []
+            cells = [r.name, _params(r.params) if r.kind != "baseline" else _baseline_params(results),
                      "yes" if r.transductive else "no", *(_score(results, t, r.test.get(t)) for t in ind),
                      _pct(r.mean), _num(r.mean_normalized), *(_score(results, t, r.ood.get(t)) for t in ood),
-                     _num(r.time_s)]
+                     _mb(r.storage_bytes), *lat, _num(r.time_s)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def _baseline_params(results: BenchResults) -> str:
+    """The "pretrained + heads" row: linear probes, or zero-shot label words for suites without heads."""
+    return "zero-shot label words" if results.suite == "llm" else "linear probes"
 
 
 def _timings(results: BenchResults) -> str:
