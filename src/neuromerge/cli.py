@@ -42,8 +42,15 @@ def merge(
     = False,
     chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 16,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+    output_format: Annotated[str | None, typer.Option(
+        "--output-format", help="full (a model folder) or lora (a PEFT adapter; every model must be a LoRA "
+        "adapter); overrides the config's output.format")] = None,
+    rank: Annotated[str | None, typer.Option(
+        help="rank of a LoRA output: an integer (truncated SVD) or concat (exact, task_arithmetic / linear); "
+        "implies --output-format lora")] = None,
 ) -> None:
-    """Merge the models of CONFIG into the folder OUT."""
+    """Merge the models of CONFIG into the folder OUT (a model folder, or a LoRA adapter with --output-format lora)."""
+    from .config import load_config, with_output
     from .engine.report import summarize_plan
     from .engine.run import merge as run_merge
     from .engine.run import prepare
@@ -51,8 +58,11 @@ def merge(
 
     chunk_elements = chunk_mb * 2**20 // 4
     try:
+        if output_format not in (None, "full", "lora"):
+            raise NeuromergeError(f"--output-format must be full or lora, got {output_format!r}")
+        cfg = with_output(load_config(config), output_format, _parse_rank(rank))
         if dry_run:
-            plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
+            plan = prepare(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
             try:
                 if out.exists() and not force:
                     raise NeuromergeError(f"output folder {out} exists; pass --force to replace it")
@@ -61,7 +71,7 @@ def merge(
                 plan.pool.close()
             return
         install_signal_cleanup()
-        result = run_merge(config, out, threads=threads, force=force, durable=durable, device=device,
+        result = run_merge(cfg, out, threads=threads, force=force, durable=durable, device=device,
                            allow_download=allow_download, chunk_elements=chunk_elements, progress=progress)
     except NeuromergeError as err:
         _fail(str(err))
@@ -73,6 +83,22 @@ def merge(
         f"merged {rep['summary']['merged_tensors']} tensors with {rep['summary']['method']} into {out} "
         f"in {rep['timings_s']['total']:.1f} s (peak RSS {_human(rep['peak_rss_bytes'])})"
     )
+    if "lora" in rep:
+        lora = rep["lora"]
+        worst = lora["max_discarded_energy"]
+        typer.echo(f"LoRA adapter: {lora['modules']} modules, rank {lora['rank']}, discarded energy "
+                   f"{100 * lora['discarded_energy']:.3g}% in total, at most {100 * worst['value']:.3g}% "
+                   f"({worst['module']})")
+
+
+def _parse_rank(rank: str | None) -> int | str | None:
+    """``--rank``: None, ``concat`` or an integer (validated as >= 1 by the config)."""
+    if rank is None or rank == "concat":
+        return rank
+    try:
+        return int(rank)
+    except ValueError:
+        raise NeuromergeError(f"--rank must be an integer or concat, got {rank!r}") from None
 
 
 def _cores() -> int:
@@ -91,6 +117,9 @@ def _print_plan(summary: dict[str, Any]) -> None:
     typer.echo(f"parameters       {summary['merged_parameters']:,} merged")
     typer.echo(f"input size       {_human(summary['input_bytes'])}")
     typer.echo(f"output size      {_human(summary['output_bytes'])}")
+    if summary["output"]["format"] == "lora":
+        typer.echo(f"output           LoRA adapter, rank {summary['output']['rank']}, "
+                   f"{summary['output']['modules']} modules")
     typer.echo(f"peak memory      ~{_human(summary['estimated_peak_working_set_bytes'])} tensor working set "
                f"({summary['threads']} threads)")
     for w in summary["warnings"]:

@@ -11,6 +11,7 @@ parameters: {density: 0.2, lambda: 1.0}
 exclude: ["classifier\\\\..*"]
 dtype: bfloat16
 seed: 0
+output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
 ```
 
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated over layer depth, as mergekit:
@@ -81,6 +82,36 @@ class LayoutRule(BaseModel):
     layout: Literal["out_in", "in_out"]
 
 
+#: methods whose merged task vector is a linear combination ``Σ_t c_t τ_t`` (exact as concatenated LoRA factors)
+LINEAR_DELTA_METHODS = ("task_arithmetic", "linear")
+
+
+class OutputConfig(BaseModel):
+    """What the merge writes: ``full`` (a Hugging Face model folder) or ``lora`` (a PEFT LoRA adapter over the
+    base; every model must then be a LoRA adapter). ``rank``: the adapter's rank, an integer ≥ 1 (truncated SVD of
+    each module's merged ``ΔW``) or ``concat`` (exact concatenation of the inputs' factors; Task Arithmetic and
+    linear only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["full", "lora"] = "full"
+    rank: int | Literal["concat"] | None = None
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and (isinstance(v, bool) or v < 1):
+            raise ValueError(f"rank must be an integer >= 1 or 'concat', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _rank_needs_lora(self) -> OutputConfig:
+        if self.format == "lora" and self.rank is None:
+            raise ValueError("format lora needs a rank: an integer >= 1, or concat (task_arithmetic / linear)")
+        if self.format == "full" and self.rank is not None:
+            raise ValueError("rank applies to format lora only")
+        return self
+
+
 class MergeConfig(BaseModel):
     """A whole merge: the pool (base + models), the method and its parameters, and output options."""
 
@@ -100,6 +131,7 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     tokenizer: dict[str, Any] | None = None
+    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -178,6 +210,7 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
         if base_dir is not None:
             config = _relative_to(config, base_dir)
     validate_method_parameters(config)
+    validate_output(config)
     return config
 
 
@@ -221,10 +254,46 @@ def _clean(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
     return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS}
 
 
+def with_output(config: MergeConfig, output_format: str | None = None, rank: int | str | None = None
+                ) -> MergeConfig:
+    """``config`` with its ``output`` overridden (the CLI's ``--output-format`` / ``--rank``), validated again.
+
+    ``rank`` alone implies ``format: lora``; ``format: full`` drops a rank set in the config."""
+    if output_format is None and rank is None:
+        return config
+    current = config.output.model_dump()
+    fmt = output_format or ("lora" if rank is not None else current["format"])
+    data = {"format": fmt, "rank": rank if rank is not None else (current["rank"] if fmt == "lora" else None)}
+    try:
+        output = OutputConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err).replace("invalid config: ", "invalid config: output.")) from None
+    updated = config.model_copy(update={"output": output})
+    validate_output(updated)
+    return updated
+
+
+def validate_output(config: MergeConfig) -> None:
+    """What a LoRA output needs from the config alone (the pool is checked from its headers by the engine)."""
+    out = config.output
+    if out.format != "lora":
+        return
+    if config.base_model is None:
+        raise ConfigError("output format lora needs `base_model`: the model the LoRA adapters were trained on")
+    name = config.method_class().name
+    if out.rank == "concat" and name not in LINEAR_DELTA_METHODS:
+        raise ConfigError(
+            f"rank concat is exact only for methods that add up task vectors ({', '.join(LINEAR_DELTA_METHODS)}); "
+            f"{name!r} is not linear in them: give an integer rank (truncated SVD of the merged ΔW)"
+        )
+
+
 def validate_method_parameters(config: MergeConfig) -> None:
     """Check the method exists, the number of models fits, and every value a parameter can take (each
     gradient endpoint, each filter's value) validates against the method's parameter model."""
     cls = config.method_class()
+    if getattr(cls, "data_aware", False):
+        raise ConfigError(cls.refusal())
     n = len(config.models)
     if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
         want = str(cls.min_models) if cls.max_models == cls.min_models else f"at least {cls.min_models}"

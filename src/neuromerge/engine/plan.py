@@ -18,6 +18,7 @@ from ..config import MergeConfig, ParamResolver
 from ..errors import CompatibilityError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model
+from ..io.lora_output import LoraOutputPlan, plan_lora_output
 from ..methods import MergeMethod
 from .layout import Layout, LayoutRules
 
@@ -81,12 +82,15 @@ class MergePlan:
     chunk_elements: int
     config_overrides: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lora: LoraOutputPlan | None = None  # set when the output is a LoRA adapter (config `output.format: lora`)
 
     @property
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.action == "merge"]
 
     def output_bytes(self) -> int:
+        if self.lora is not None:
+            return self.lora.output_bytes()
         return sum(t.numel * t.out_dtype.itemsize for t in self.tensors)
 
     def input_bytes(self) -> int:
@@ -192,7 +196,13 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = 1 << 22
         )
     if config.dtype:
         overrides["torch_dtype"] = config.dtype
-    return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings)
+    lora = None
+    if config.output.format == "lora":
+        assert config.output.rank is not None  # OutputConfig's validator
+        lora = plan_lora_output(config.output.rank, config.dtype, base, pool.models, pool.base_given,
+                                {t.name for t in tensors if t.action == "merge"}, config.base_model)
+        warnings += [f"LoRA module {m!r} is excluded from merging: left out of the adapter" for m in lora.dropped]
+    return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings, lora)
 
 
 def _source_name(name: str, model: Checkpoint, base: Checkpoint) -> str:

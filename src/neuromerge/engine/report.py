@@ -42,6 +42,7 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
         "estimated_peak_working_set_bytes": plan.peak_memory_estimate(threads),
         "threads": threads,
         "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
+        "output": plan.lora.summary() if plan.lora is not None else {"format": "full"},
         "warnings": plan.warnings,
     }
 
@@ -60,7 +61,9 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
 
 def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
-                  peak_rss: int) -> dict[str, Any]:
+                  peak_rss: int, lora: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``merge_report.json`` (``lora``: the LoRA output's ranks and discarded energies, when there is one),
+    ``provenance.json`` and the model card ``README.md``; return the report."""
     bytes_read = sum(c.bytes_read for c in plan.pool.checkpoints)
     keys = sorted({k for rep in per_tensor.values() for k in rep})
     sizes = {t.name: t.numel for t in plan.merged}
@@ -81,6 +84,8 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
         "tensors": per_tensor,
         "warnings": warnings,
     }
+    if lora is not None:
+        report["lora"] = lora
     (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
     provenance = {
         "inputs": [
@@ -102,11 +107,13 @@ def _model_card(plan: MergePlan) -> str:
     cfg = plan.config
     models = "\n".join(f"- `{m.model}` {json.dumps(m.parameters) if m.parameters else ''}" for m in cfg.models)
     params = json.dumps(cfg.parameters, default=str) if cfg.parameters else "defaults"
+    lora = plan.lora is not None
+    kind = f"LoRA adapter (rank {plan.lora.rank})" if plan.lora is not None else "model"
     return f"""---
-library_name: transformers
-tags: [merge, neuromerge, {plan.method.name}]
+library_name: {"peft" if lora else "transformers"}
+tags: [merge, neuromerge, {plan.method.name}{", lora" if lora else ""}]
 ---
-# Merged model
+# Merged {kind}
 
 Made with [neuromerge](https://github.com/neuromerge/neuromerge) {__version__} using **{plan.method.name}**
 ({plan.method.summary}).

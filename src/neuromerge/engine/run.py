@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import MergeConfig, ParamResolver, load_config
 from ..errors import ConfigError, NeuromergeError
+from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_report, write_adapter
 from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files, remove_stale_temp_dirs
 from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
@@ -70,7 +71,8 @@ def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download
 def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *, threads: int | None = None,
           force: bool = False, durable: bool = False, device: str = "cpu", allow_download: bool = False,
           chunk_elements: int = 1 << 22, progress: bool | None = None) -> MergeResult:
-    """Merge the pool described by ``config`` into the HF folder ``out`` (written atomically).
+    """Merge the pool described by ``config`` into the HF folder ``out`` (written atomically), or into a PEFT
+    LoRA adapter folder when the config says ``output: {format: lora, rank: …}`` (:mod:`neuromerge.io.lora_output`).
 
     ``threads`` defaults to the number of CPU cores; ``chunk_elements`` bounds the rows processed at once for
     large tensors (peak memory ≈ threads × chunk × (3T+3) × 4 bytes).
@@ -115,6 +117,8 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     resolver = ParamResolver(cfg, plan.num_layers)
     bar = Progress(progress)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
+    if plan.lora is not None and plan.lora.rank == "concat":
+        return _execute_concat(plan, tmp, resolver, timings, threads=threads, t_start=t_start)
     jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
 
     with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads) as pool:
@@ -123,16 +127,18 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         timings["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        writer = ShardedWriter(
+        # a LoRA output receives the merged rows of every merged tensor; copied tensors are the base's, not written
+        writer: ShardedWriter | LoraSink = LoraSink(plan.lora) if plan.lora is not None else ShardedWriter(
             tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
             max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"},
         )
-        work = [("merge", tp, chunk) for tp, chunk in jobs] + _copy_jobs(plan)
+        work = [("merge", tp, chunk) for tp, chunk in jobs] + ([] if plan.lora is not None else _copy_jobs(plan))
 
         def run(job: tuple[str, TensorPlan, tuple[int, int]]) -> tuple[str, int, dict[str, float]]:
             kind, tp, chunk = job
             if kind == "merge":
                 return _merge_chunk(plan, resolver, tp, chunk, stats, writer, device)
+            assert isinstance(writer, ShardedWriter)
             return _copy_chunk(plan, tp, chunk, kind, writer)
 
         per_tensor: dict[str, dict[str, float]] = {}
@@ -145,16 +151,41 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         for name, acc in per_tensor.items():
             for key in acc:
                 acc[key] /= max(1, counts[name])
-        shards = writer.close(durable=durable)
+        lora = None
+        if isinstance(writer, LoraSink):
+            shards, lora = writer.finish(tmp)
+        else:
+            shards = writer.close(durable=durable)
         timings["merge"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     warnings = list(plan.warnings)
-    warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
+    if plan.lora is None:
+        warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return write_reports(plan, tmp, stats=stats, per_tensor=per_tensor, shards=shards, timings=timings,
-                         warnings=warnings, threads=threads, peak_rss=_peak_rss())
+                         warnings=warnings, threads=threads, peak_rss=_peak_rss(), lora=lora)
+
+
+def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings: dict[str, float], *,
+                    threads: int, t_start: float) -> dict[str, Any]:
+    """LoRA output of rank ``concat``: the exact factors of a linear merge from the adapters' factors, no merge
+    pass (:func:`~neuromerge.io.lora_output.concat_adapter`)."""
+    assert plan.lora is not None
+    t0 = time.perf_counter()
+
+    def coefficients(name: str) -> list[float]:
+        params, per_model = resolver.resolve(name)
+        return delta_coefficients(plan.method.name, params, per_model)
+
+    factors, per_module = concat_adapter(plan.lora, plan.pool.base, coefficients)
+    shards = write_adapter(tmp, plan.lora, factors, per_module)
+    timings["merge"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return write_reports(plan, tmp, stats=None, per_tensor={}, shards=shards, timings=timings,
+                         warnings=list(plan.warnings), threads=threads, peak_rss=_peak_rss(),
+                         lora=lora_report(plan.lora, per_module))
 
 
 def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
@@ -188,10 +219,11 @@ def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[Tenso
 
 
 def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk: tuple[int, int],
-                 stats: GlobalStats | None, writer: ShardedWriter, device: torch.device
+                 stats: GlobalStats | None, writer: ShardedWriter | LoraSink, device: torch.device
                  ) -> tuple[str, int, dict[str, float]]:
     rows = chunk_rows(tp, chunk)
     base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
+    base_rows = base.clone() if isinstance(writer, LoraSink) else base  # a method may work in place on x.base
     params, per_model = resolver.resolve(tp.name)
     full_shape = _canonical_shape(tp)
     row_numel = int(base[0].numel()) if base.dim() == 2 else 1
@@ -211,8 +243,12 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     if not plan.config.allow_nonfinite and not all_finite(merged):
         raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
     storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
-    out = from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu")
-    writer.write(tp.name, out, rows)
+    if isinstance(writer, LoraSink):  # fp32 rows: ΔW = merged − base is formed before any rounding to the dtype
+        writer.add(tp.name, from_canonical(merged, tp.layout, storage_shape).to(device="cpu", dtype=torch.float32),
+                   from_canonical(base_rows, tp.layout, storage_shape).cpu(), rows)
+    else:
+        writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu"),
+                     rows)
     return tp.name, int(merged.numel()), dict(x.report)
 
 
