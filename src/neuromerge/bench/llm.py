@@ -12,25 +12,33 @@ one label word (model code in :mod:`neuromerge.bench.llm_model`, choices in ``do
   :meth:`LLMSuite.backbone_state` the same 120 weights of the base, so merges touch 26.5 M of the 134.5 M
   parameters (everything else is the base's by construction). The adapters are cached in the user cache
   (``llm_expert/<hash>``, PEFT format) keyed by the suite fingerprint, the task's split hash, the budget and seed.
+- **Forward hooks**: :meth:`LLMSuite.module` is a full ``LlamaForCausalLM`` (its state dict holds every weight;
+  :meth:`LLMSuite.backbone_state`'s 120 are the merged ones); a batch holds whole prompts (prefix + body,
+  right-padded); :meth:`LLMSuite.logits` = the label words' log-probabilities at each row's last real token (one
+  uncached pass; equal to the prefix-cached :func:`~neuromerge.bench.llm_model.label_log_probs` up to float
+  rounding). Router features: ``"final"`` = mean over real tokens of the last hidden state, ``"embeddings"`` =
+  mean over real tokens of ``model.embed_tokens``' output.
 - **Evaluation** keeps one model in memory and reloads only the tensors it is given (``load_state_dict(strict=False)``;
   tensors loaded by an earlier call and absent from this one are reset to the base's).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 from . import llm_model as lm
 from .cache import cached, read_meta
 from .data import SOURCES, make_splits, raw_text_dataset
-from .suite import Budget, Expert, SplitName, StateDict, Suite, TaskData
+from .suite import Batch, Budget, Expert, SplitName, StateDict, Suite, TaskData, mean_pool, module_output, token_batches
 from .suites import BenchError
 
 BACKBONE = "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32)"
@@ -191,6 +199,10 @@ class LLMSuite(Suite):
         """No heads: tasks are scored by label words (the "pre-trained + heads" row is the base zero-shot)."""
         return None
 
+    def fit_probe_module(self, module: nn.Module, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
+        """No heads (see :meth:`fit_probe`)."""
+        return None
+
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
         """Accuracy of the label-word prediction on ``split`` of ``task`` (perplexity for a perplexity task) with
@@ -205,12 +217,70 @@ class LLMSuite(Suite):
         pad = self._tok().pad_token_id
         batch = int(budget.extra.get("eval_batch", 16))
         if task.metric == "perplexity":
-            width = int(budget.extra.get("ppl_tokens", 64))
-            seqs = [ids[:width] for ids in self._tok()(list(data.inputs), add_special_tokens=False)["input_ids"]]
-            return lm.perplexity(model, seqs, pad_id=pad, batch_size=max(1, batch // 2))
+            return self._perplexity(model, task, split, budget)
         enc = self.encode(task, split, budget)
         scores = lm.label_log_probs(model, enc, pad_id=pad, batch_size=batch)
         return float((scores.argmax(1) == data.labels).float().mean())
+
+    def expert_rank(self) -> int | None:
+        return self.settings.r
+
+    # -- forward hooks -------------------------------------------------------------------------------------
+
+    def module(self, backbone: StateDict) -> nn.Module:
+        """A new fp32 ``LlamaForCausalLM`` (eval mode, parameters requiring gradients): the base with the tensors
+        of ``backbone`` substituted. Its state dict holds every weight (a superset of :meth:`backbone_state`)."""
+        return copy.deepcopy(self._load(backbone)).eval().requires_grad_(True)
+
+    def batches(self, task: TaskData, split: SplitName, budget: Budget, *, limit: int | None = None,
+                batch_size: int | None = None) -> list[Batch]:
+        """Whole prompts (``prefix ‖ body``) of the first ``limit`` examples, grouped by length and right-padded
+        with the pad token: ``inputs = {input_ids, attention_mask}``."""
+        enc = self.encode(task, split, budget)
+        n = len(enc.bodies) if limit is None else min(limit, len(enc.bodies))
+        prompts = [enc.prompt(i) for i in range(n)]
+        size = batch_size or int(budget.extra.get("eval_batch", 16))
+        return token_batches(prompts, getattr(task, split).labels, size, self._tok().pad_token_id)
+
+    def logits(self, module: nn.Module, head: StateDict | None, task: TaskData, batch: Batch) -> torch.Tensor:
+        """``(B, K)``: ``log softmax(LM logits at the last real token)[v_k]`` for the label-word tokens ``v_k``
+        (only that position is projected onto the vocabulary: ``logits_to_keep``)."""
+        if head is not None:
+            raise BenchError(f"suite {self.name!r} has no task heads (label-word scoring); got a head for "
+                             f"task {task.name!r}")
+        if task.metric != "accuracy" or batch.mask is None:
+            raise BenchError(f"task {task.name!r}: label-word logits need a classification task and a masked batch")
+        last = (batch.mask.sum(1) - 1).unsqueeze(1)
+        out = module(**batch.inputs, logits_to_keep=last, use_cache=False).logits[:, 0]
+        words = self.template(task.name, task.classes).label_words
+        ids = torch.tensor([lm.single_token(self._tok(), w) for w in words], dtype=torch.long)
+        return torch.log_softmax(out.float(), dim=-1)[:, ids]
+
+    def pooled(self, module: nn.Module, batch: Batch, source: Literal["embeddings", "final"]) -> torch.Tensor:
+        """Mean over real tokens of the last hidden state (``"final"``: ``hidden_states[-1]``) or of the token
+        embeddings (``"embeddings"``: the forward stops after ``model.embed_tokens``), in fp32."""
+        if batch.mask is None:
+            raise BenchError("llm suite: a batch needs its attention mask")
+        if source == "final":
+            hidden = module(**batch.inputs, output_hidden_states=True, logits_to_keep=1,
+                            use_cache=False).hidden_states[-1]
+        elif source == "embeddings":
+            hidden = module_output(module, self.feature_module(), batch.inputs)
+        else:
+            raise BenchError(f"llm suite: unknown feature source {source!r} (embeddings, final)")
+        return mean_pool(hidden.float(), batch.mask)
+
+    def feature_module(self) -> str:
+        return "model.embed_tokens"
+
+    def evaluate_module(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
+                        budget: Budget) -> float:
+        """Accuracy (:meth:`Suite.evaluate_module`), or for a perplexity task its perplexity under ``module``
+        exactly as :meth:`evaluate` computes it."""
+        if task.metric != "perplexity":
+            return super().evaluate_module(module, head, task, split, budget)
+        with torch.no_grad():
+            return self._perplexity(module, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"suite": self.name, "format": SUITE_FORMAT, "backbone": BACKBONE, "conversion": lm.conversion_key(),
@@ -241,6 +311,14 @@ class LLMSuite(Suite):
                 self._encoded.popitem(last=False)
         self._encoded.move_to_end(key)
         return hit
+
+    def _perplexity(self, model: Any, task: TaskData, split: SplitName, budget: Budget) -> float:
+        """Perplexity of ``split``'s texts cut at ``ppl_tokens`` tokens under ``model``."""
+        width = int(budget.extra.get("ppl_tokens", 64))
+        texts = list(getattr(task, split).inputs)
+        seqs = [ids[:width] for ids in self._tok()(texts, add_special_tokens=False)["input_ids"]]
+        batch = int(budget.extra.get("eval_batch", 16))
+        return lm.perplexity(model, seqs, pad_id=self._tok().pad_token_id, batch_size=max(1, batch // 2))
 
     @staticmethod
     def _max_text_tokens(budget: Budget) -> int:

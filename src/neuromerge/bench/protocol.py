@@ -546,23 +546,40 @@ def _bar_factory(show: bool) -> Callable[..., Any]:
     return bar
 
 
-def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
-              quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
-              model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
-              progress: bool | None = None, mode: str | None = None) -> BenchResults:
-    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`."""
-    import datetime
-    import sys
+@dataclass
+class Prepared:
+    """A suite ready for method rows: its budget, chosen tasks, base and per-task experts (trained or cached)."""
 
+    suite: Suite
+    mode: str
+    budget: Budget
+    chosen: list[TaskData]
+    in_domain: list[TaskData]
+    ood: list[TaskData]
+    base: StateDict
+    experts: dict[str, Expert]
+    expert_info: dict[str, dict[str, Any]]
+
+    def context(self, seed: int, clock: Clock, bar: Callable[..., Any]) -> Context:
+        return Context(suite=self.suite, budget=self.budget, base=self.base, in_domain=self.in_domain, ood=self.ood,
+                       experts=self.experts, seed=seed, clock=clock, bar=bar)
+
+
+def prepare_suite(suite: str | Suite, tasks: Sequence[str] | None = None, *, quick: bool = False,
+                  rebuild: bool = False, task_file: str | Path | None = None, seed: int = 0, mode: str | None = None,
+                  clock: Clock | None = None, bar: Callable[..., Any] | None = None,
+                  need_experts: bool = True) -> Prepared:
+    """The suite, its budget and tasks (``tasks`` selects by name; ``task_file`` adds user tasks), the base and
+    one expert per in-domain task from the expert cache (trained on first use). ``need_experts=False`` allows a
+    selection without in-domain tasks (scoring a given model only)."""
     from .suites import get_suite
 
-    t_start = time.perf_counter()
-    clock = Clock()
+    clock = clock or Clock()
+    bar = bar or _bar_factory(False)
     s = suite if isinstance(suite, Suite) else get_suite(suite)
     mode = mode or s.modes[0]
     if mode not in s.modes:
         raise BenchError(f"suite {s.name!r} has no expert mode {mode!r}; modes: {', '.join(s.modes)}")
-    specs = resolve_methods(methods) if (methods is not None or model is None) else []
     budget = s.budget(quick)
     with clock("data"):
         all_tasks = s.tasks(budget)
@@ -572,22 +589,45 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
             all_tasks += load_task_file(task_file, s.name, budget, reserved=[t.name for t in all_tasks])
     chosen = select_tasks(all_tasks, tasks)
     in_domain = [t for t in chosen if t.in_domain]
-    ood = [t for t in chosen if not t.in_domain]
-    if not in_domain and (model is None or specs):
+    if not in_domain and need_experts:
         raise BenchError("no in-domain task selected: nothing to train experts on or to merge")
-    bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
-    base = s.backbone_state()
-    model_backbone = load_merged_backbone(model, base) if model is not None else None  # checked before training
+    return Prepared(s, mode, budget, chosen, in_domain, [t for t in chosen if not t.in_domain], s.backbone_state(),
+                    {}, {})
 
-    experts: dict[str, Expert] = {}
-    expert_info: dict[str, dict[str, Any]] = {}
-    with clock("training"), bar(total=len(in_domain), desc="experts         ", leave=False) as b:
-        for t in in_domain:
+
+def train_experts(prep: Prepared, seed: int, *, rebuild: bool = False, clock: Clock | None = None,
+                  bar: Callable[..., Any] | None = None) -> None:
+    """Fill ``prep.experts`` (and ``expert_info``) from the expert cache, training the missing experts."""
+    clock = clock or Clock()
+    bar = bar or _bar_factory(False)
+    with clock("training"), bar(total=len(prep.in_domain), desc="experts         ", leave=False) as b:
+        for t in prep.in_domain:
             b.set_postfix_str(t.name)
-            experts[t.name], was_cached = cached_expert(s, t, budget, mode, seed, base, rebuild=rebuild)
-            expert_info[t.name] = {"test_score": experts[t.name].test_score, "mode": mode, "cached": was_cached,
-                                   "meta": experts[t.name].meta}
+            prep.experts[t.name], was_cached = cached_expert(prep.suite, t, prep.budget, prep.mode, seed, prep.base,
+                                                             rebuild=rebuild)
+            prep.expert_info[t.name] = {"test_score": prep.experts[t.name].test_score, "mode": prep.mode,
+                                        "cached": was_cached, "meta": prep.experts[t.name].meta}
             b.update(1)
+
+
+def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
+              quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
+              model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
+              progress: bool | None = None, mode: str | None = None) -> BenchResults:
+    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`."""
+    import datetime
+    import sys
+
+    t_start = time.perf_counter()
+    clock = Clock()
+    bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
+    specs = resolve_methods(methods) if (methods is not None or model is None) else []
+    prep = prepare_suite(suite, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
+                         clock=clock, bar=bar, need_experts=model is None or bool(specs))
+    s, budget, base, chosen = prep.suite, prep.budget, prep.base, prep.chosen
+    model_backbone = load_merged_backbone(model, base) if model is not None else None  # checked before training
+    train_experts(prep, seed, rebuild=rebuild, clock=clock, bar=bar)
+    experts, expert_info, mode = prep.experts, prep.expert_info, prep.mode
 
     base_row = Row(name=BASE_ROW, kind="baseline")
     with clock("baselines"), bar(total=len(chosen), desc="pretrained+heads", leave=False) as b:
@@ -610,8 +650,7 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
                      storage_bytes=sum(state_bytes(e.backbone) for e in experts.values()))
     rows = [base_row, expert_row]
 
-    ctx = Context(suite=s, budget=budget, base=base, in_domain=in_domain, ood=ood, experts=experts, seed=seed,
-                  clock=clock, bar=bar)
+    ctx = prep.context(seed, clock, bar)
     if model is not None and model_backbone is not None:
         t0 = time.perf_counter()
         model_row = Row(name=f"model: {Path(model).name}", kind="model", params={"path": str(model)})

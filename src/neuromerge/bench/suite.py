@@ -5,19 +5,26 @@ backbone on a task. The protocol (:mod:`neuromerge.bench.protocol`) knows nothin
 caches experts through the suite, merges their *backbone* state dicts with any registered method
 (:func:`neuromerge.functional.merge_state_dicts`), tunes each method's hyper-parameters on the validation splits,
 and scores on the test splits.
+
+Forward hooks (:class:`Batch`, :meth:`Suite.module`, :meth:`Suite.batches`, :meth:`Suite.logits`,
+:meth:`Suite.pooled`, :meth:`Suite.feature_module`, :meth:`Suite.evaluate_module`) expose the backbone as an
+``nn.Module`` for methods that need data or a forward pass (Fisher, RegMean, AdaMerging, routed experts).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 StateDict = dict[str, torch.Tensor]
 SplitName = Literal["train", "val", "test"]
 Metric = Literal["accuracy", "perplexity"]
+FeatureSource = Literal["embeddings", "final"]
 
 
 @dataclass
@@ -76,6 +83,106 @@ class Expert:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Batch:
+    """One batch of a split for :meth:`Suite.logits` / :meth:`Suite.pooled`: ``module(**inputs)`` runs the
+    backbone; ``labels`` are ``(B,)`` int64 class indices; ``mask`` is the ``(B, T)`` attention mask of token
+    models (1 = real token), None for images; ``index`` holds the rows' positions in the split (batches may be
+    grouped by length)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    mask: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_i m_i h_i / Σ_i m_i`` over the sequence (sentence-transformers' mean pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → ``(ids, attention_mask)``, both ``(B, max_len)`` int64, sequences left-aligned (padded on
+    the right with ``pad_id``)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def token_batches(seqs: Sequence[Sequence[int]], labels: torch.Tensor, batch_size: int, pad_id: int = 0
+                  ) -> list[Batch]:
+    """``seqs`` grouped by length (:func:`length_batches`), right-padded: ``Batch({"input_ids", "attention_mask"},
+    labels, mask, index)``."""
+    out = []
+    for idx in length_batches(seqs, batch_size):
+        ids, mask = pad_right([seqs[i] for i in idx], pad_id)
+        index = torch.tensor(idx, dtype=torch.long)
+        out.append(Batch({"input_ids": ids, "attention_mask": mask}, labels[index], mask, index))
+    return out
+
+
+def length_batches(seqs: Sequence[Sequence[Any]], batch_size: int) -> Iterator[list[int]]:
+    """Indices ``0 … len(seqs)-1`` sorted by length (stable) in consecutive batches of ``batch_size``: batches of
+    similar lengths, so little padding is computed."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start: start + batch_size]
+
+
+class _Reached(Exception):
+    """Raised by :func:`module_output`'s hook to stop a forward pass once the wanted output exists."""
+
+
+def find_submodule(module: nn.Module, name: str) -> nn.Module:
+    """``module.get_submodule(name)``, or inside a wrapper the shallowest submodule whose qualified name ends
+    with ``"." + name`` (e.g. ``base.embeddings`` for ``embeddings``); a :class:`BenchError` if none or several."""
+    from .suites import BenchError
+
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        pass
+    hits = [(n.count("."), n, m) for n, m in module.named_modules() if n.endswith("." + name)]
+    top = [h for h in hits if h[0] == min((h[0] for h in hits), default=0)]
+    if len(top) != 1:
+        found = ", ".join(n for _, n, _ in top) or "none"
+        raise BenchError(f"no unique submodule {name!r} in {type(module).__name__} (found: {found})")
+    return top[0][2]
+
+
+def module_output(module: nn.Module, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output of submodule ``name`` (:func:`find_submodule`) during ``module(**inputs)``. The pass stops
+    right there (a forward hook raises after recording the output), so only the layers up to ``name`` run;
+    hooks registered on that submodule before this call (e.g. a router's) still run first. Differentiable."""
+    from .suites import BenchError
+
+    seen: list[Any] = []
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        seen.append(out)
+        raise _Reached
+
+    handle = find_submodule(module, name).register_forward_hook(hook)
+    try:
+        module(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise BenchError(f"submodule {name!r} did not run in the forward pass of {type(module).__name__}")
+    out = seen[0]
+    return out[0] if isinstance(out, tuple) else out
+
+
 class Suite(ABC):
     """A benchmark suite. Subclasses are registered in :mod:`neuromerge.bench.suites`."""
 
@@ -122,3 +229,88 @@ class Suite(ABC):
         """Everything besides the task data and the budget that determines an expert (backbone id, versions,
         training hyper-parameters). Part of the expert cache key."""
         return {"suite": self.name}
+
+    def expert_rank(self) -> int | None:
+        """LoRA rank ``r`` of this suite's ``mode="lora"`` experts (their ``ΔW`` has rank ≤ r); None when the suite
+        has no LoRA mode."""
+        return None
+
+    # -------------------------------------------------------------------------------------------- forward hooks
+    def _no_hooks(self) -> Exception:
+        from .suites import BenchError
+
+        return BenchError(f"suite {self.name!r} has no forward hooks")
+
+    def module(self, backbone: StateDict) -> nn.Module:
+        """A NEW backbone module in eval mode, fp32, holding ``backbone`` (parameters require gradients)."""
+        raise self._no_hooks()
+
+    def batches(self, task: TaskData, split: SplitName, budget: Budget, *, limit: int | None = None,
+                batch_size: int | None = None) -> list[Batch]:
+        """The first ``limit`` examples of ``split`` (all when None) in batches (deterministic)."""
+        raise self._no_hooks()
+
+    def logits(self, module: nn.Module, head: StateDict | None, task: TaskData, batch: Batch) -> torch.Tensor:
+        """``(B, C)`` class scores of ``task`` on ``batch`` (differentiable). ``module`` may be a wrapper that
+        forwards ``**kwargs`` to the backbone and returns the backbone's output type."""
+        raise self._no_hooks()
+
+    def pooled(self, module: nn.Module, batch: Batch, source: FeatureSource) -> torch.Tensor:
+        """``(B, d)`` router features: ``"final"`` = pooled last hidden state / final feature map,
+        ``"embeddings"`` = pooled output of :meth:`feature_module` (the cheap source). Differentiable."""
+        raise self._no_hooks()
+
+    def feature_module(self) -> str:
+        """Qualified name (in :meth:`module`) of the module whose pooled output is the ``"embeddings"`` source."""
+        raise self._no_hooks()
+
+    def probe_batches(self, task: TaskData, budget: Budget) -> list[Batch]:
+        """The train batches an out-of-domain probe of a module reads (the same examples :meth:`fit_probe`
+        reads); default: the first ``budget.extra["probe_examples"]`` (all when unset)."""
+        n = budget.extra.get("probe_examples")
+        return self.batches(task, "train", budget, limit=None if n is None else int(n))
+
+    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, task: TaskData, budget: Budget, seed: int
+                 ) -> StateDict | None:
+        """A linear head ``{"weight", "bias"}`` fitted on frozen ``(N, d)`` features (the suite's probe recipe,
+        shared by :meth:`fit_probe` and :meth:`fit_probe_module`). None for suites without heads."""
+        return None
+
+    def fit_probe_module(self, module: nn.Module, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
+        """The out-of-domain probe of a routed or otherwise non-state-dict ``module``: :meth:`fit_head` on its
+        ``"final"`` pooled features of the :meth:`probe_batches` (no gradients, eval mode,
+        the module's training flag restored). Same recipe as :meth:`fit_probe`; only the features' source
+        differs."""
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                parts = [(self.pooled(module, b, "final").float(), b.labels)
+                         for b in self.probe_batches(task, budget)]
+        finally:
+            module.train(was_training)
+        if not parts:
+            return None
+        return self.fit_head(torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]), task, budget, seed)
+
+    def evaluate_module(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
+                        budget: Budget) -> float:
+        """Accuracy ``#{argmax logits = label} / N`` over ``batches(task, split, budget,
+        limit=budget.eval_examples)``, without gradients, ``module`` in eval mode (its training flag restored).
+        The module is used as given: no BatchNorm re-estimation (see :meth:`evaluate` of the vision suite)."""
+        from .suites import BenchError
+
+        was_training = module.training
+        module.eval()
+        correct = total = 0
+        try:
+            with torch.no_grad():
+                for batch in self.batches(task, split, budget, limit=budget.eval_examples):
+                    pred = self.logits(module, head, task, batch).argmax(-1)
+                    correct += int((pred == batch.labels).sum())
+                    total += len(batch)
+        finally:
+            module.train(was_training)
+        if total == 0:
+            raise BenchError(f"task {task.name!r} has an empty {split} split")
+        return correct / total

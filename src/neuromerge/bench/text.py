@@ -21,6 +21,11 @@
   ``torch.set_flush_denormal(True)``; bf16 autocast (fp32 master weights, fp32 pooling and loss) for training and
   evaluation on CPUs with native bf16 matmuls (``bf16="auto"``): ~2× faster there; on the quick experts it changes
   features by ~0.5 % (relative L2) and no test prediction.
+- **Forward hooks** (:class:`~neuromerge.bench.suite.Batch` API): :meth:`TextSuite.module` is a ``BertModel``
+  holding a backbone state; :meth:`TextSuite.logits` = head over the mean-pooled last hidden state with the same
+  bf16 autocast as :meth:`TextSuite.evaluate` (pooling and head in fp32), so ``evaluate_module(module(s)) ==
+  evaluate(s)``; the ``"embeddings"`` router source is the mean-pooled output of ``embeddings`` (after its
+  LayerNorm).
 - **Budgets**: normal = 2,000 train / 100 val / 250 test examples per task at most, 120 steps of batch 16;
   ``--quick`` = 192 / 40 / 80, 24 steps. The OOD probe trains on ≤ 400 (quick 128) examples.
 """
@@ -34,19 +39,31 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .suite import Budget, Expert, SplitName, StateDict, Suite, TaskData
+from .suite import (
+    Batch,
+    Budget,
+    Expert,
+    SplitName,
+    StateDict,
+    Suite,
+    TaskData,
+    mean_pool,
+    module_output,
+    pad_right,
+    token_batches,
+)
 from .suites import BenchError
 
 TEXT_SUITE_VERSION = 1
@@ -167,21 +184,9 @@ def _build(state: StateDict | None = None) -> nn.Module:
     return model
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``Σ_i m_i h_i / Σ_i m_i`` over the sequence (sentence-transformers' mean pooling)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → ``(ids, mask)`` padded to the longest one."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+def linear_head(feats: torch.Tensor, head: StateDict) -> torch.Tensor:
+    """``f Wᵀ + b`` in fp32 (outside autocast, as evaluation always applied heads)."""
+    return feats @ head["weight"].T + head["bias"]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -302,15 +307,59 @@ class TextSuite(Suite):
 
     def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
         feats = self.features(backbone, task, "train", budget)
-        return fit_linear(feats, task.train.labels, task.num_classes, steps=budget.probe_steps,
-                          l2=self.config.probe_l2)
+        return self.fit_head(feats, task.train.labels, task, budget, seed)
+
+    def probe_batches(self, task: TaskData, budget: Budget) -> list[Batch]:
+        return self.batches(task, "train", budget)  # fit_probe reads the whole train split
+
+    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, task: TaskData, budget: Budget, seed: int
+                 ) -> StateDict | None:
+        return fit_linear(feats, labels, task.num_classes, steps=budget.probe_steps, l2=self.config.probe_l2)
 
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
         if head is None:
             raise BenchError(f"text suite: task {task.name!r} needs a head")
         feats = self.features(backbone, task, split, budget)
-        return accuracy(feats @ head["weight"].T + head["bias"], getattr(task, split).labels)
+        return accuracy(linear_head(feats, head), getattr(task, split).labels)
+
+    def expert_rank(self) -> int | None:
+        return self.config.lora_r
+
+    # ------------------------------------------------------------------------------------------ forward hooks
+    def module(self, backbone: StateDict) -> nn.Module:
+        """A new ``BertModel`` (no pooler, dropout off) holding ``backbone``, eval mode, fp32."""
+        return _build(backbone).eval()
+
+    def batches(self, task: TaskData, split: SplitName, budget: Budget, *, limit: int | None = None,
+                batch_size: int | None = None) -> list[Batch]:
+        """The first ``limit`` examples of ``split`` (tokens truncated at ``seq_len``), sorted by length into
+        batches of ``batch_size`` (default ``eval_batch``), each padded to its longest member."""
+        seqs = self.tokens(task, split, int(budget.extra.get("seq_len", 64)))
+        seqs = seqs if limit is None else seqs[:limit]
+        return token_batches(seqs, getattr(task, split).labels, batch_size or self.config.eval_batch)
+
+    def logits(self, module: nn.Module, head: StateDict | None, task: TaskData, batch: Batch) -> torch.Tensor:
+        if head is None:
+            raise BenchError(f"text suite: task {task.name!r} needs a head")
+        return linear_head(self.pooled(module, batch, "final"), head)
+
+    def pooled(self, module: nn.Module, batch: Batch, source: Literal["embeddings", "final"]) -> torch.Tensor:
+        """Mean over real tokens (fp32) of the last hidden state (``"final"``) or of the ``embeddings`` module's
+        output (``"embeddings"``; the forward stops there), the backbone run under the suite's bf16 autocast."""
+        if batch.mask is None:
+            raise BenchError("text suite: a batch needs its attention mask")
+        with self._autocast():
+            if source == "final":
+                hidden = module(**batch.inputs).last_hidden_state
+            elif source == "embeddings":
+                hidden = module_output(module, self.feature_module(), batch.inputs)
+            else:
+                raise BenchError(f"text suite: unknown feature source {source!r} (embeddings, final)")
+        return mean_pool(hidden.float(), batch.mask)
+
+    def feature_module(self) -> str:
+        return "embeddings"
 
     # ------------------------------------------------------------------------------------------ features
     def tokens(self, task: TaskData, split: SplitName, seq_len: int) -> list[list[int]]:
@@ -333,16 +382,11 @@ class TextSuite(Suite):
 
     def features(self, backbone: StateDict, task: TaskData, split: SplitName, budget: Budget) -> torch.Tensor:
         """Mean-pooled features ``(N, 384)`` of a split under ``backbone`` (batched, sorted by length)."""
-        seqs = self.tokens(task, split, int(budget.extra.get("seq_len", 64)))
         model = self._model_with(backbone)
-        out = torch.zeros(len(seqs), _config().hidden_size)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        bs = self.config.eval_batch
-        with torch.inference_mode(), self._autocast():
-            for k in range(0, len(order), bs):
-                idx = order[k: k + bs]
-                ids, mask = pad_batch([seqs[i] for i in idx])
-                out[idx] = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+        out = torch.zeros(len(getattr(task, split)), _config().hidden_size)
+        with torch.inference_mode():
+            for batch in self.batches(task, split, budget):
+                out[batch.index] = self.pooled(model, batch, "final")
         return out
 
     def _autocast(self) -> Any:
@@ -377,11 +421,11 @@ class TextSuite(Suite):
             if len(perm) < bs:
                 perm += torch.randperm(len(seqs), generator=gen).tolist()
             idx, perm = perm[:bs], perm[bs:]
-            ids, mask = pad_batch([seqs[i] for i in idx])
+            ids, mask = pad_right([seqs[i] for i in idx])
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * _lr_factor(step, steps, self.config.warmup)
+            feats = self.pooled(model, Batch({"input_ids": ids, "attention_mask": mask}, labels[idx], mask), "final")
             with self._autocast():
-                feats = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
                 loss = F.cross_entropy(head(feats).float(), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

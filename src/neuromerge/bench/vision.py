@@ -35,6 +35,14 @@ Choices (documented in ``docs/bench_vision.md``):
   ``ΔW = (α/r)·B·A`` merged in (PEFT ``merge_and_unload``). In both modes BN running statistics follow the task
   (train mode, momentum 0.1); BN affine weights are trained only in ``full``. Batches, LoRA init and probes draw
   from generators seeded by ``(seed, task, purpose)``.
+- **Forward hooks**: :meth:`VisionSuite.module` is the backbone holding a state *as given* (its own BN statistics:
+  a merged state needs :func:`reestimate_bn` on the task first, which :meth:`VisionSuite.evaluate` does and
+  ``evaluate_module`` does not). ``"final"`` features are the pooled 1280-d features the head sees;
+  ``"embeddings"`` are the spatial mean of the activated stem output ``ReLU6(BN(conv(x)))``: in
+  :meth:`VisionSuite.module` the stem's BN ``_bn0`` applies the ReLU6 itself (:class:`ActivatedBN`; the stem's own
+  ReLU6 then acts on values already in [0, 6] and changes nothing), so a forward hook on ``_bn0`` sees it (the
+  pre-activation mean would be an affine function of the image's mean colour: useless to tell MNIST from its
+  rotation).
 - **Speed**: channels-last memory layout (~30 % faster convolutions on CPU). On a 2-core machine shared with other
   processes use one torch thread: two make EfficientNet 3–10× slower (spinning OpenMP workers).
 """
@@ -51,14 +59,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import vision_data
-from .suite import Budget, Expert, Split, SplitName, StateDict, Suite, TaskData
+from .suite import Batch, Budget, Expert, Split, SplitName, StateDict, Suite, TaskData, module_output
 from .suites import BenchError
 
 #: bump when anything that determines an expert changes in this file (part of the expert cache key)
@@ -136,6 +144,15 @@ def build_backbone(state: StateDict | None = None) -> nn.Module:
     return net.to(memory_format=torch.channels_last)  # ~30 % faster convolutions on CPU (training and inference)
 
 
+class ActivatedBN(nn.BatchNorm2d):
+    """``ReLU6(BN(x))``: the stem BN of :meth:`VisionSuite.module`, whose output is then the activated stem
+    output (EfficientNet-Lite's activation is ReLU6, idempotent: the stem's own ReLU6 after it changes nothing).
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(super().forward(x))
+
+
 def plain_pointwise(net: nn.Module) -> nn.Module:
     """Swap every :data:`LORA_TARGETS` conv (the package's ``Conv2dStaticSamePadding``, whose constructor PEFT
     cannot call: it builds adapters with ``type(base_layer)``) for a plain ``nn.Conv2d`` holding the same weight.
@@ -193,6 +210,13 @@ def reestimate_bn(net: nn.Module, images: torch.Tensor, batch_size: int) -> None
         for (_, m), momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
         net.train(was_training)
+
+
+def image_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = EVAL_BATCH) -> list[Batch]:
+    """Consecutive batches of preprocessed images: ``Batch({"inputs": preprocess(x)}, y)``."""
+    return [Batch({"inputs": preprocess(images[i:i + batch_size])}, labels[i:i + batch_size], None,
+                  torch.arange(i, min(i + batch_size, images.shape[0])))
+            for i in range(0, images.shape[0], batch_size)]
 
 
 @torch.no_grad()
@@ -322,22 +346,32 @@ class VisionSuite(Suite):
                             "trainable_backbone_params": sum(p.numel() for p in backbone_params)})
 
     def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
-        """Logistic regression (AdamW, ``probe_steps`` minibatches, zero init) on the frozen pooled features of
-        ``probe_examples`` train images (:func:`subset`), with BN statistics re-estimated on the task (when on)."""
+        """Logistic regression (:meth:`fit_head`) on the frozen pooled features of ``probe_examples`` train
+        images (:func:`subset`), with BN statistics re-estimated on the task (when on)."""
         net = self._prepared(backbone, task, budget)
         n = budget.extra.get("probe_examples") or len(task.train)
         train = subset(task.train, n)
-        feats, labels = features(net, train.inputs), train.labels
+        return self.fit_head(features(net, train.inputs), train.labels, task, budget, seed)
+
+    def probe_batches(self, task: TaskData, budget: Budget) -> list[Batch]:
+        train = subset(task.train, budget.extra.get("probe_examples") or len(task.train))
+        return image_batches(train.inputs, train.labels, EVAL_BATCH)
+
+    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, task: TaskData, budget: Budget, seed: int
+                 ) -> StateDict | None:
+        """AdamW on ``softmax(W f + b)`` cross-entropy, ``probe_steps`` minibatches, zero init, batches drawn
+        from a generator seeded by (seed, task, "probe")."""
         cfg = self.config
-        weight = torch.zeros(task.num_classes, FEATURE_DIM, requires_grad=True)
+        weight = torch.zeros(task.num_classes, feats.shape[1], requires_grad=True)
         bias = torch.zeros(task.num_classes, requires_grad=True)
         opt = torch.optim.AdamW([weight, bias], lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
         g = torch.Generator().manual_seed(derive_seed(seed, task.name, "probe"))
-        for idx in _batches(feats.shape[0], min(cfg.probe_batch, feats.shape[0]), budget.probe_steps, g):
-            loss = F.cross_entropy(F.linear(feats[idx], weight, bias), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with torch.enable_grad():
+            for idx in _batches(feats.shape[0], min(cfg.probe_batch, feats.shape[0]), budget.probe_steps, g):
+                loss = F.cross_entropy(F.linear(feats[idx], weight, bias), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         return head_state(weight, bias)
 
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
@@ -347,6 +381,42 @@ class VisionSuite(Suite):
         if head is None:
             raise BenchError(f"vision suite: task {task.name!r} needs a head (got None)")
         return self._score(self._prepared(backbone, task, budget), head, task, split)
+
+    def expert_rank(self) -> int | None:
+        return self.config.lora_r
+
+    # -- forward hooks -------------------------------------------------------------------------------------
+
+    def module(self, backbone: StateDict) -> nn.Module:
+        """A new backbone (:func:`build_backbone`) holding ``backbone`` with its own BN statistics, eval mode; its
+        stem BN is an :class:`ActivatedBN` (same keys and outputs) so that ``_bn0``'s output is the activated
+        stem."""
+        net = build_backbone(backbone)
+        net._bn0.__class__ = ActivatedBN
+        return net.eval()
+
+    def batches(self, task: TaskData, split: SplitName, budget: Budget, *, limit: int | None = None,
+                batch_size: int | None = None) -> list[Batch]:
+        data = getattr(task, split)
+        n = len(data) if limit is None else min(limit, len(data))
+        return image_batches(data.inputs[:n], data.labels[:n], batch_size or EVAL_BATCH)
+
+    def logits(self, module: nn.Module, head: StateDict | None, task: TaskData, batch: Batch) -> torch.Tensor:
+        if head is None:
+            raise BenchError(f"vision suite: task {task.name!r} needs a head (got None)")
+        return F.linear(self.pooled(module, batch, "final"), head["weight"], head["bias"])
+
+    def pooled(self, module: nn.Module, batch: Batch, source: Literal["embeddings", "final"]) -> torch.Tensor:
+        """``"final"``: the pooled 1280-d features; ``"embeddings"``: the spatial mean of the activated stem output
+        ``(B, 32)`` (the forward stops there)."""
+        if source == "final":
+            return module(**batch.inputs)
+        if source == "embeddings":
+            return module_output(module, self.feature_module(), batch.inputs).mean(dim=(2, 3))
+        raise BenchError(f"vision suite: unknown feature source {source!r} (embeddings, final)")
+
+    def feature_module(self) -> str:
+        return "_bn0"
 
     def fingerprint(self) -> dict[str, Any]:
         packages = {}
