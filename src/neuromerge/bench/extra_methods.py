@@ -8,4 +8,6 @@ from .protocol import Runner
 
 def runners() -> dict[str, tuple[Runner, bool]]:
     """name → (runner, transductive) for every non-static method the bench can run."""
-    return {}
+    from . import data_methods, routed_methods
+
+    return {**data_methods.runners(), **routed_methods.runners()}

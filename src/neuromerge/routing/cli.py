@@ -1,0 +1,132 @@
+"""``neuromerge route``: ``info FOLDER`` (manifest summary) and ``build METHOD`` (registered builders).
+
+Builders are registered by the routed methods' modules (``BUILDERS["min_merging"] = build_fn``); a builder is
+called as ``build_fn(params: dict, out: Path, *, force: bool) -> Path`` with ``params`` the parsed YAML of
+``--config`` (empty without one). Modules named in :data:`BUILDER_MODULES` are imported on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from neuromerge.errors import NeuromergeError
+
+#: method name → builder ``(params, out, *, force) -> Path``
+BUILDERS: dict[str, Callable[..., Path]] = {}
+#: method name → module that registers its builder when imported
+BUILDER_MODULES = {
+    "min_merging": "neuromerge.routing.min_merging",
+    "twin": "neuromerge.routing.twin",
+    "emr": "neuromerge.routing.emr",
+    "merge": "neuromerge.routing.recombination",
+    "wemoe": "neuromerge.routing.wemoe",
+}
+
+route_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Routed models: inspect and build.")
+
+
+def register_builder(name: str, fn: Callable[..., Path]) -> Callable[..., Path]:
+    """``BUILDERS[name] = fn``; returns ``fn`` (usable as a decorator through ``functools.partial``)."""
+    BUILDERS[name] = fn
+    return fn
+
+
+def find_builder(method: str) -> Callable[..., Path]:
+    """The registered builder of ``method`` (importing its module first if needed); NeuromergeError if none."""
+    if method not in BUILDERS and method in BUILDER_MODULES:
+        try:
+            importlib.import_module(BUILDER_MODULES[method])
+        except ModuleNotFoundError as e:
+            if e.name != BUILDER_MODULES[method]:
+                raise
+    if method not in BUILDERS:
+        known = ", ".join(sorted(BUILDERS)) or "none registered"
+        raise NeuromergeError(f"no routed-model builder for {method!r} (available: {known})")
+    return BUILDERS[method]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's summary: method, tasks, experts (kind, modules, ranks), storage, policy, router, base."""
+    experts = []
+    for e in doc["experts"]:
+        ranks = sorted({v["rank"] for v in e["modules"].values() if "rank" in v})
+        experts.append({"name": e["name"], "kind": e["kind"], "modules": len(e["modules"]), "ranks": ranks})
+    base = doc["base"]
+    return {
+        "method": doc["method"],
+        "tasks": doc["tasks"],
+        "experts": experts,
+        "storage_bytes": doc.get("storage_bytes", {}),
+        "policy": doc["policy"],
+        "router": doc["router"],
+        "base": {"ref": base.get("ref"), "embedded": base.get("embedded", False), "class": base.get("class")},
+    }
+
+
+def _text(s: dict[str, Any]) -> str:
+    lines = [f"method: {s['method']}", f"tasks: {', '.join(s['tasks'])}", f"experts ({len(s['experts'])}):"]
+    for e in s["experts"]:
+        ranks = f", rank {'/'.join(map(str, e['ranks']))}" if e["ranks"] else ""
+        lines.append(f"  {e['name']}: {e['kind']}, {e['modules']} modules{ranks}")
+    sb = s["storage_bytes"]
+    lines.append("storage: " + ", ".join(f"{k} {_human(v)}" for k, v in sb.items()))
+    lines.append(f"policy: {json.dumps(s['policy'])}")
+    r = s["router"]
+    lines.append(f"router: {json.dumps(r['config'])}, features {json.dumps(r['feature'])}")
+    b = s["base"]
+    lines.append(f"base: {b['ref'] or '-'}{' (embedded)' if b['embedded'] else ''} [{b['class']}]")
+    return "\n".join(lines)
+
+
+@route_app.command()
+def info(
+    folder: Annotated[Path, typer.Argument(help="routed-model folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Summarize the routed model in FOLDER: method, tasks, experts, storage, policy, router, base."""
+    from neuromerge.routing.folder import read_manifest
+
+    try:
+        s = summarize(read_manifest(folder))
+    except NeuromergeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(s, indent=2) if as_json else _text(s))
+
+
+@route_app.command()
+def build(
+    method: Annotated[str, typer.Argument(help="routed method: min_merging, twin, emr, merge…")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output routed-model folder")],
+    config: Annotated[Path | None, typer.Option(help="YAML file of the builder's parameters")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+) -> None:
+    """Build a routed model with METHOD's registered builder into OUT."""
+    try:
+        builder = find_builder(method)
+        params: dict[str, Any] = {}
+        if config is not None:
+            import yaml
+
+            params = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            if not isinstance(params, dict):
+                raise NeuromergeError(f"{config} must hold a mapping of parameters")
+        path = builder(params, out, force=force)
+    except NeuromergeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote routed model {method} to {path}")
