@@ -7,7 +7,8 @@ Python API:
   parallel / orthogonal energy, norms, figures, a suggested method);
 - :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
 - :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
-- :func:`methods` — the registered merge methods.
+- :func:`methods` — the registered merge methods;
+- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "merge", "methods"]
+__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -34,6 +35,14 @@ def inspect(config: Any, out: Any = None, **kwargs: Any) -> Any:
     from .inspection import inspect as _inspect
 
     return _inspect(config, out, **kwargs)
+
+
+def load_routed(folder: Any, **kwargs: Any) -> Any:
+    """Load a routed-model folder in one call (MIN-Merging, Twin-Merging, EMR, WEMoE or MERGE); see
+    :func:`neuromerge.routing.folder.load_routed` for the options."""
+    from .routing.folder import load_routed as _load
+
+    return _load(folder, **kwargs)
 
 
 def methods() -> dict[str, Any]:

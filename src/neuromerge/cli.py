@@ -1,4 +1,5 @@
-"""``neuromerge`` command line: ``merge`` and ``methods`` (more commands arrive with routing, bench, search)."""
+"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``inspect``, ``search`` / ``search-worker`` (MERGE)
+and ``route`` (routed models: ``build``, ``info``)."""
 
 from __future__ import annotations
 
@@ -245,6 +246,61 @@ def inspect(
         typer.echo("least mergeable components: " + ", ".join(
             f"{r.component} ({100 * r.mean_loss:+.1f} pts)" for r in rows[::-1][:3]))
     typer.echo(f"wrote inspect.json and {len(report.figures)} figures to {out}")
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="search config YAML (suite, tasks, operators, budget…)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="search folder (resumable)")],
+    budget: Annotated[int | None, typer.Option(help="exact evaluations per seed (default 300)")] = None,
+    seeds: Annotated[int | None, typer.Option(help="number of search seeds 0..K-1 (default 1)")] = None,
+    population: Annotated[int | None, typer.Option(help="NSGA-II population (default 20)")] = None,
+    quick: Annotated[bool | None, typer.Option("--quick/--full", help="the suite's quick budget")] = None,
+    storage: Annotated[str | None, typer.Option(help="database URL of a distributed search (workers evaluate)")]
+    = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search recorded in OUT")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """MERGE: surrogate-assisted NSGA-II over per-component task partitions; writes the Pareto set (pareto.json),
+    pareto.png, hypervolume.png and the representative points against the static merges."""
+    from .bench.merge_run import load_search_config, run_merge_search
+
+    try:
+        cfg = load_search_config(config, budget=budget, seeds=None if seeds is None else list(range(seeds)),
+                                 population=population, quick=quick, storage_url=storage)
+        rep = run_merge_search(cfg, out, resume=resume, progress=progress)
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    typer.echo((out / "representative.md").read_text(encoding="utf-8").rstrip())
+    typer.echo(f"{rep['evaluations']} exact evaluations, front of {rep['front_size']} points, "
+               f"{rep['timings_s']['search']:.0f} s; wrote pareto.json, pareto.png, hypervolume.png to {out}")
+
+
+@app.command("search-worker")
+def search_worker(
+    config: Annotated[Path, typer.Argument(help="the coordinator's search config")],
+    storage: Annotated[str | None, typer.Option(help="database URL (overrides the config's storage_url)")] = None,
+    max_idle: Annotated[float | None, typer.Option(help="exit after this many seconds without work")] = None,
+) -> None:
+    """Evaluate configurations of a distributed `neuromerge search` (same config, same storage URL)."""
+    from .bench.merge_run import load_search_config, run_search_worker
+
+    try:
+        n = run_search_worker(load_search_config(config, storage_url=storage), max_idle_s=max_idle)
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"evaluated {n} configurations")
+
+
+def _add_route() -> None:
+    from .routing.cli import route_app
+
+    app.add_typer(route_app, name="route")
+
+
+_add_route()
 
 
 def main() -> None:

@@ -216,3 +216,29 @@ def test_lora_adapters_as_pool_members(tmp_path: Path) -> None:
     assert not torch.equal(got[k], base_sd[k])
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["neuromerging", "ties"])
+def test_per_tensor_trim_is_never_row_chunked(tmp_path: Path, method: str) -> None:
+    """scope: tensor ranks a whole tensor's entries: a 1 MiB chunk budget must give the unchunked result."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w.weight": torch.randn(640, 512, generator=g)}  # 1.25 MiB of fp32: chunked under --chunk-mb 1
+    paths = []
+    for i, state in enumerate([base] + [{k: v + 0.1 * torch.randn(v.shape, generator=g) ** 3 for k, v in base.items()}
+                                        for _ in range(3)]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, str(paths[-1]))
+    cfg = write_config(tmp_path / "cfg.yaml", method, paths[0], paths[1:], parameters={"density": 0.2,
+                                                                                       "scope": "tensor"})
+    outs = []
+    for chunk in (1, 64):
+        out = tmp_path / f"out-{chunk}"
+        res = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--chunk-mb", str(chunk), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        outs.append(_load_dir(out))
+    assert torch.equal(outs[0]["w.weight"], outs[1]["w.weight"])
+    expected = merge_state_dicts(method, base, [load_file(str(p)) for p in paths[1:]],
+                                 parameters={"density": 0.2, "scope": "tensor"})
+    assert torch.equal(outs[0]["w.weight"], expected["w.weight"].to(outs[0]["w.weight"].dtype))

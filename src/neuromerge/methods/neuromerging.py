@@ -96,6 +96,11 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
     def needs_l1_mass(self, params: NeuroMergingParams) -> bool:
         return params.lambda2 == "auto"
 
+    def chunkable_for(self, params: NeuroMergingParams) -> bool:
+        """Row chunks are exact with the global trim (a fixed threshold per task); ``scope="tensor"`` ranks the
+        whole tensor's entries (per-tensor top-k), so it needs the whole tensor."""
+        return params.scope != "tensor"
+
     def merge(self, x: MergeInput[NeuroMergingParams]) -> torch.Tensor:
         p = x.params
         densities = [q.density for q in x.per_model]

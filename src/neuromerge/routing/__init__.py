@@ -35,6 +35,12 @@ _EXPORTS = {
     "save_routed": "folder",
     "load_routed": "folder",
     "read_manifest": "folder",
+    "ChainRoutedModel": "recombination",
+    "Library": "recombination",
+    "build_library": "recombination",
+    "save_chain_routed": "recombination",
+    "load_chain_routed": "recombination",
+    "component_map": "components",
 }
 
 __all__ = sorted(_EXPORTS)

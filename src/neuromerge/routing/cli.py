@@ -24,7 +24,7 @@ BUILDER_MODULES = {
     "min_merging": "neuromerge.routing.min_merging",
     "twin": "neuromerge.routing.twin",
     "emr": "neuromerge.routing.emr",
-    "merge": "neuromerge.routing.recombination",
+    "merge": "neuromerge.bench.merge_run",
     "wemoe": "neuromerge.routing.wemoe",
 }
 
@@ -61,6 +61,14 @@ def _human(n: float) -> str:
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     """The manifest's summary: method, tasks, experts (kind, modules, ranks), storage, policy, router, base."""
+    if doc.get("method") == "merge":  # a MERGE library: groups of merged modules, one chain per task
+        lib = doc["library"]
+        base = doc["base"]
+        return {"method": "merge", "tasks": doc["tasks"], "experts": [], "storage_bytes": doc.get("storage_bytes", {}),
+                "policy": {"kind": "chain per predicted task", "modules": lib["modules"],
+                           "quantized": lib["quantized"]},
+                "router": doc["router"],
+                "base": {"ref": base.get("ref"), "embedded": base.get("embedded", False), "class": base.get("class")}}
     experts = []
     for e in doc["experts"]:
         ranks = sorted({v["rank"] for v in e["modules"].values() if "rank" in v})

@@ -215,16 +215,24 @@ def _check_shapes(model: torch.nn.Module, shapes: dict[str, list[int]], where: P
 
 
 def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
-                feature_fn: FeatureFn | None = None, check_hash: bool = True) -> RoutedModel:
-    """Rebuild the :class:`RoutedModel` saved in ``folder`` (eval mode).
+                feature_fn: FeatureFn | None = None, check_hash: bool = True, module: torch.nn.Module | None = None
+                ) -> Any:
+    """Rebuild the routed model saved in ``folder`` (eval mode): a :class:`RoutedModel` (MIN-Merging,
+    Twin-Merging, EMR, WEMoE…) or, for a MERGE folder (``method: merge``), a
+    :class:`~neuromerge.routing.recombination.ChainRoutedModel`.
 
     ``base`` overrides the base model's location; ``feature_fn`` supplies the router's feature function when
-    the model was saved with a custom one. Errors: :class:`CheckpointError` for a missing / unreadable file or
-    an unknown manifest version, :class:`CompatibilityError` when the base differs (header hash, routed shapes)
-    or the router's output size differs from the number of experts.
+    the model was saved with a custom one; ``module`` gives a MERGE folder its backbone when it neither embeds
+    nor names one. Errors: :class:`CheckpointError` for a missing / unreadable file or an unknown manifest
+    version, :class:`CompatibilityError` when the base differs (header hash, routed shapes) or the router's output
+    size differs from the number of experts.
     """
     folder = Path(folder)
     doc = read_manifest(folder)
+    if doc.get("method") == "merge":
+        from .recombination import load_chain_routed
+
+        return load_chain_routed(folder, base=base, module=module, feature_fn=feature_fn, check_hash=check_hash)
     entries, rconf = doc["experts"], doc["router"]
     config = rconf.get("config")
     if config is not None and int(config["n_out"]) != len(entries):

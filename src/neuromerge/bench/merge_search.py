@@ -1,0 +1,193 @@
+"""MERGE on a benchmark suite: the two objectives of the search and the representative-points table.
+
+METHODS.md §2 (MERGE, arXiv 2602.06552), reconstruction step 4:
+
+- ``f1 = evaluate(config)`` = mean over the in-domain tasks of the normalized validation accuracy
+  ``100 · acc_val(chain_t, head_t) / acc_val(expert_t, head_t)``, where task ``t`` runs its chain
+  (:meth:`neuromerge.routing.recombination.Library.chain`) with its expert's head through ``suite.evaluate``
+  (the vision suite re-estimates BatchNorm statistics there, per task and chain);
+- ``f2 = storage(config)`` = exact bytes of the configuration's library file.
+
+Components come from the suite's backbone names (:func:`neuromerge.routing.components.component_map` with
+``suite.model_type()``); the suite's ``merge_exclude()`` tensors are kept from the base in merged groups, as for the
+static merges. Encoded modules are memoized across configurations (bounded LRU), the experts' validation
+accuracies once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..routing.components import component_map, components
+from ..routing.recombination import DEFAULT_PERCENTILE, Configuration, Library, build_library
+from .suite import Budget, Expert, StateDict, Suite, TaskData
+from .suites import BenchError
+
+
+class _LRU(OrderedDict):
+    """A bounded mapping (least recently used entries dropped), usable as :func:`build_library`'s cache."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class MergeProblem:
+    """The MERGE search problem on a suite: ``space``, ``evaluate(config) -> float``, ``storage(config) -> int``.
+
+    ``experts``: one per in-domain task (a list aligned with ``tasks``' in-domain tasks, or ``{task name:
+    Expert}``); out-of-domain tasks are ignored. ``ops`` / ``coefficients``: the operator and λ choices per
+    component (one each = a fixed operator); ``op_params``: extra parameters per operator. ``val_limit`` caps the
+    validation examples per task (``budget.eval_examples`` otherwise). ``quantize`` / ``percentile``: the library's
+    8-bit storage. ``cache_size``: encoded modules kept across configurations.
+    """
+
+    def __init__(self, suite: Suite, base: StateDict, experts: Sequence[Expert] | Mapping[str, Expert],
+                 tasks: Sequence[TaskData], budget: Budget, *, ops: Sequence[str] = ("task_arithmetic",),
+                 coefficients: Sequence[float] = (0.3,), op_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 val_limit: int | None = None, quantize: bool = True, percentile: float = DEFAULT_PERCENTILE,
+                 component_overrides: Mapping[str, str] | None = None, cache_size: int = 256) -> None:
+        self.suite = suite
+        self.base = base
+        self.tasks = [t for t in tasks if t.in_domain]
+        if len(self.tasks) < 2:
+            raise BenchError(f"MERGE needs at least 2 in-domain tasks, got {len(self.tasks)}")
+        if isinstance(experts, Mapping):
+            missing = [t.name for t in self.tasks if t.name not in experts]
+            if missing:
+                raise BenchError(f"no expert for tasks {missing}")
+            self.experts = [experts[t.name] for t in self.tasks]
+        else:
+            self.experts = list(experts)
+            if len(self.experts) != len(self.tasks):
+                raise BenchError(f"{len(self.experts)} experts for {len(self.tasks)} in-domain tasks")
+        self.budget = budget if val_limit is None else dataclasses.replace(budget, eval_examples=int(val_limit))
+        self.ops = tuple(ops)
+        self.coefficients = tuple(float(c) for c in coefficients)
+        self.op_params = dict(op_params or {})
+        self.quantize, self.percentile = quantize, percentile
+        self.component_of = component_map(base, suite.model_type(), component_overrides)
+        self.components = components(self.component_of)
+        self._cache: _LRU = _LRU(cache_size)
+        self._libraries: _LRU = _LRU(2)
+        self._expert_val: list[float] | None = None
+        self.evaluations = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def space(self) -> Any:
+        """The :class:`neuromerge.search.SearchSpace` of this problem."""
+        from ..search.encoding import SearchSpace
+
+        return SearchSpace(tuple(self.task_names), tuple(self.components), self.ops, self.coefficients)
+
+    def configuration(self, config: Any) -> Configuration:
+        """A search configuration (indices) as a :class:`~neuromerge.routing.recombination.Configuration`."""
+        return config if isinstance(config, Configuration) else Configuration.from_search(self.space, config)
+
+    def library(self, config: Any) -> Library:
+        """The library of ``config`` (the last two are memoized)."""
+        cfg = self.configuration(config)
+        key = repr(cfg.to_dict())
+        lib = self._libraries.get(key)
+        if lib is None:
+            lib = build_library(self.base, [e.backbone for e in self.experts], self.component_of, cfg, self.op_params,
+                                tasks=self.task_names, quantize=self.quantize, percentile=self.percentile,
+                                exclude=self.suite.merge_exclude(), model_type=self.suite.model_type(),
+                                cache=self._cache)
+            self._libraries[key] = lib
+        return lib
+
+    def expert_val(self) -> list[float]:
+        """Validation accuracy of each expert on its task (computed once)."""
+        if self._expert_val is None:
+            self._expert_val = [self.suite.evaluate(e.backbone, e.head, t, "val", self.budget)
+                                for e, t in zip(self.experts, self.tasks, strict=True)]
+            bad = [t.name for t, a in zip(self.tasks, self._expert_val, strict=True) if a <= 0]
+            if bad:
+                raise BenchError(f"experts with zero validation accuracy cannot normalize: {bad}")
+        return self._expert_val
+
+    def task_scores(self, config: Any) -> list[float]:
+        """Normalized validation accuracy ``100 · acc(chain_t) / acc(expert_t)`` per in-domain task."""
+        lib = self.library(config)
+        ref = self.expert_val()
+        out = []
+        for i, (e, t) in enumerate(zip(self.experts, self.tasks, strict=True)):
+            acc = self.suite.evaluate(lib.chain(i), e.head, t, "val", self.budget)
+            out.append(100.0 * acc / ref[i])
+        lib.clear_cache()  # keep only the int8 modules between configurations
+        return out
+
+    def evaluate(self, config: Any) -> float:
+        """``f1``: mean normalized validation accuracy (maximize)."""
+        self.evaluations += 1
+        scores = self.task_scores(config)
+        return sum(scores) / len(scores)
+
+    def storage(self, config: Any) -> int:
+        """``f2``: exact bytes of the configuration's library file (minimize)."""
+        return self.library(config).storage_bytes()
+
+
+# -------------------------------------------------------------------------------- representative points
+
+
+def representative_points(archive: Sequence[Any]) -> dict[str, Any]:
+    """Three points of a front (objects with ``f1`` score, ``f2`` bytes): ``high accuracy`` (best f1, then fewest
+    bytes), ``low storage`` (fewest bytes, then best f1) and ``mid`` (the non-dominated point whose bytes are
+    closest to the middle of the two, ties → better f1). Dominated points are ignored."""
+    if not archive:
+        raise BenchError("representative points of an empty archive")
+    front = [e for e in archive if not any(o.f1 >= e.f1 and o.f2 <= e.f2 and (o.f1 > e.f1 or o.f2 < e.f2)
+                                           for o in archive)]
+    high = min(front, key=lambda e: (-e.f1, e.f2))
+    low = min(front, key=lambda e: (e.f2, -e.f1))
+    middle = (high.f2 + low.f2) / 2
+    mid = min(front, key=lambda e: (abs(e.f2 - middle), -e.f1))
+    return {"high accuracy": high, "mid": mid, "low storage": low}
+
+
+def representative_table(problem: MergeProblem, archive: Sequence[Any]) -> list[dict[str, Any]]:
+    """Rows ``{"row", "score", "bytes", "backbones", "config"}``: the three representative points of ``archive``,
+    then the static merges (every component merged with one operator, first coefficient: 1 backbone stored) and
+    "all separate" (T backbones) at comparable storage. ``backbones`` = bytes / bytes of the first static merge."""
+    space = problem.space
+    statics = []
+    for i, op in enumerate(problem.ops):
+        cfg = space.all_merged()
+        cfg = dataclasses.replace(cfg, operators=(i,) * len(cfg.operators))
+        statics.append((f"static {op}", cfg))
+    statics.append(("all separate", space.all_separate()))
+    one = problem.storage(statics[0][1])
+    rows = [{"row": name, "score": float(e.f1), "bytes": int(e.f2), "backbones": e.f2 / one,
+             "config": getattr(e.config, "key", str(e.config))} for name, e in representative_points(archive).items()]
+    for name, cfg in statics:
+        b = problem.storage(cfg)
+        rows.append({"row": name, "score": problem.evaluate(cfg), "bytes": b, "backbones": b / one, "config": cfg.key})
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain-text table of :func:`representative_table` rows."""
+    lines = [f"{'row':<16} {'score':>8} {'MB':>10} {'backbones':>10}"]
+    lines += [f"{r['row']:<16} {r['score']:8.2f} {r['bytes'] / 1e6:10.2f} {r['backbones']:10.2f}" for r in rows]
+    return "\n".join(lines)
