@@ -33,3 +33,10 @@ def make_family(tmp_path: Path) -> Callable[..., tuple[Path, list[Path]]]:
         return base_dir, experts
 
     return make
+
+
+@pytest.fixture(scope="session")
+def text_bench_cache(tmp_path_factory) -> Path:
+    """One expert cache for the slow text-suite CLI tests (the quick bench trains the experts, the search reuses
+    them): starts empty, so the first test proves the cold path."""
+    return tmp_path_factory.mktemp("text-bench-cache")

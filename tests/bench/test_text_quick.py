@@ -20,10 +20,10 @@ METHODS = ["task_arithmetic", "ties"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, text_bench_cache):
     root = tmp_path_factory.mktemp("bench")
     out = root / "out"
-    env = {**os.environ, "NEUROMERGE_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "NEUROMERGE_CACHE": str(text_bench_cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "neuromerge.cli", "bench", "text", "--quick", "--methods",
                            ",".join(METHODS), "-o", str(out), "--no-progress", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=1800, check=False)

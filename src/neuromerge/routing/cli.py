@@ -61,25 +61,30 @@ def _human(n: float) -> str:
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     """The manifest's summary: method, tasks, experts (kind, modules, ranks), storage, policy, router, base."""
-    if doc.get("method") == "merge":  # a MERGE library: groups of merged modules, one chain per task
+    method = doc.get("method")
+    if method == "merge":  # a MERGE library: groups of merged modules, one chain per task
         lib = doc["library"]
-        base = doc["base"]
-        return {"method": "merge", "tasks": doc["tasks"], "experts": [], "storage_bytes": doc.get("storage_bytes", {}),
-                "policy": {"kind": "chain per predicted task", "modules": lib["modules"],
-                           "quantized": lib["quantized"]},
-                "router": doc["router"],
-                "base": {"ref": base.get("ref"), "embedded": base.get("embedded", False), "class": base.get("class")}}
-    experts = []
-    for e in doc["experts"]:
-        ranks = sorted({v["rank"] for v in e["modules"].values() if "rank" in v})
-        experts.append({"name": e["name"], "kind": e["kind"], "modules": len(e["modules"]), "ranks": ranks})
+        experts: list[dict[str, Any]] = []
+        policy = {"kind": "chain per predicted task", "modules": lib["modules"], "quantized": lib["quantized"]}
+    elif method == "wemoe":  # WEMoE: per-MLP routers mixing every task's vector of the MLP's linears
+        spec = doc["wemoe"]
+        linears = sum(len(g["linears"]) for g in spec["groups"])
+        experts = [{"name": t, "kind": "task_vector", "modules": linears, "ranks": []} for t in doc["tasks"]]
+        policy = {"kind": "per-MLP weight ensembling", "gate": spec["gate"], "routed_mlps": len(spec["groups"]),
+                  "backbone_tensors": len(spec.get("backbone_tensors", []))}
+    else:
+        experts = []
+        for e in doc["experts"]:
+            ranks = sorted({v["rank"] for v in e["modules"].values() if "rank" in v})
+            experts.append({"name": e["name"], "kind": e["kind"], "modules": len(e["modules"]), "ranks": ranks})
+        policy = doc["policy"]
     base = doc["base"]
     return {
-        "method": doc["method"],
+        "method": method,
         "tasks": doc["tasks"],
         "experts": experts,
         "storage_bytes": doc.get("storage_bytes", {}),
-        "policy": doc["policy"],
+        "policy": policy,
         "router": doc["router"],
         "base": {"ref": base.get("ref"), "embedded": base.get("embedded", False), "class": base.get("class")},
     }

@@ -204,6 +204,16 @@ def _build_base(path: Path, class_name: str | None) -> torch.nn.Module:
     return cls.from_pretrained(path, local_files_only=True).eval()
 
 
+def _verify_base(path: Path, info: dict[str, Any], folder: Path) -> None:
+    """:class:`CompatibilityError` unless the base at ``path`` has the header hash the manifest's ``base`` section
+    records (no check when it records none)."""
+    if info.get("header_hash"):
+        found = _header_hash(path)
+        if found != info["header_hash"]:
+            raise CompatibilityError(f"base model {path} is not the one {folder} was built on (header hash "
+                                     f"{found[:12]}… ≠ {info['header_hash'][:12]}…)")
+
+
 def _check_shapes(model: torch.nn.Module, shapes: dict[str, list[int]], where: Path) -> None:
     params = dict(model.named_parameters())
     for name, shape in shapes.items():
@@ -218,12 +228,13 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
                 feature_fn: FeatureFn | None = None, check_hash: bool = True, module: torch.nn.Module | None = None
                 ) -> Any:
     """Rebuild the routed model saved in ``folder`` (eval mode): a :class:`RoutedModel` (MIN-Merging,
-    Twin-Merging, EMR, WEMoE…) or, for a MERGE folder (``method: merge``), a
-    :class:`~neuromerge.routing.recombination.ChainRoutedModel`.
+    Twin-Merging, EMR…), for a MERGE folder (``method: merge``) a
+    :class:`~neuromerge.routing.recombination.ChainRoutedModel`, for a WEMoE folder (``method: wemoe``) a
+    :class:`~neuromerge.data_aware.wemoe.WEMoEModel` (:func:`neuromerge.routing.wemoe.load_wemoe`).
 
     ``base`` overrides the base model's location; ``feature_fn`` supplies the router's feature function when
-    the model was saved with a custom one; ``module`` gives a MERGE folder its backbone when it neither embeds
-    nor names one. Errors: :class:`CheckpointError` for a missing / unreadable file or an unknown manifest
+    the model was saved with a custom one; ``module`` gives a MERGE or WEMoE folder its backbone when it neither
+    embeds nor names one. Errors: :class:`CheckpointError` for a missing / unreadable file or an unknown manifest
     version, :class:`CompatibilityError` when the base differs (header hash, routed shapes) or the router's output
     size differs from the number of experts.
     """
@@ -233,6 +244,10 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
         from .recombination import load_chain_routed
 
         return load_chain_routed(folder, base=base, module=module, feature_fn=feature_fn, check_hash=check_hash)
+    if doc.get("method") == "wemoe":
+        from .wemoe import load_wemoe
+
+        return load_wemoe(folder, base=base, module=module, check_hash=check_hash)
     entries, rconf = doc["experts"], doc["router"]
     config = rconf.get("config")
     if config is not None and int(config["n_out"]) != len(entries):
@@ -251,11 +266,8 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
         router.eval()
     info = doc["base"]
     path = _base_path(folder, info, base)
-    if check_hash and info.get("header_hash"):
-        found = _header_hash(path)
-        if found != info["header_hash"]:
-            raise CompatibilityError(f"base model {path} is not the one {folder} was built on (header hash "
-                                     f"{found[:12]}… ≠ {info['header_hash'][:12]}…)")
+    if check_hash:
+        _verify_base(path, info, folder)
     model = _build_base(path, info.get("class"))
     _check_shapes(model, info.get("shapes", {}), path)
     feature = rconf.get("feature") or {}
