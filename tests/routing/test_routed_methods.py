@@ -454,6 +454,32 @@ def test_route_build_config_round_trip_equals_the_peft_expert(tmp_path) -> None:
         find_builder("emr")({**cfg, "variant": "emr:oracle", "params": ROUTER_FAST}, tmp_path / "x")
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_route_build_wemoe_trains_routers_and_round_trips(tmp_path) -> None:
+    from neuromerge.routing import load_routed
+    from neuromerge.routing.cli import find_builder
+
+    cfg, _ = hf_fixture(tmp_path)
+    cfg = {**cfg, "params": {"steps": 5, "batch_size": 4}}
+    out = find_builder("wemoe")(cfg, tmp_path / "wemoe", force=False)
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "wemoe" and manifest["tasks"] == ["t0", "t1"]
+    meta = manifest["extra"]["meta"]
+    assert meta["split"] == "test" and meta["unlabelled"] is True and meta["steps"] == 5
+    model = load_routed(out)
+    ids = torch.tensor([[2, 20, 21, 22, 3, 0], [2, 7, 8, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = load_routed(out)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    with pytest.raises(BenchError, match="bad wemoe parameters"):
+        find_builder("wemoe")({**cfg, "params": {"nope": 1}}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bench_runner_produces_a_scored_module_with_storage_and_latency() -> None:
     import contextlib
     from types import SimpleNamespace

@@ -793,21 +793,16 @@ def _name_prefix(names: set[str], keys: Sequence[str]) -> str:
     return ""
 
 
-def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: bool = False) -> Path:
-    """Build and save a routed model from a :class:`RouteBuildConfig` (the ``route build`` CLI)."""
-    from ..routing.folder import save_routed
+def build_inputs(raw: Mapping[str, Any]) -> tuple[RouteBuildConfig, HFSuite, Budget, list[TaskData], StateDict,
+                                                 list[Expert]]:
+    """A validated :class:`RouteBuildConfig` and what a builder needs from it: the suite over the base, the budget,
+    the tasks (router order), the base state and one expert per task (merged adapter + a probe head)."""
     from .taskfile import load_task_file
 
     try:
         cfg = RouteBuildConfig.model_validate(dict(raw))
     except ValidationError as err:
         raise BenchError(f"bad route build config: {err}") from None
-    variant = cfg.variant or method
-    if variant.split(":")[0] != method or (variant not in VARIANTS and variant != "emr"):
-        raise BenchError(f"variant {variant!r} is not a variant of {method!r}; known: {', '.join(VARIANTS)}")
-    variant = "emr:router" if variant == "emr" else variant
-    if variant == "min_merging:uniform_router" or VARIANTS[variant].oracle:
-        raise BenchError(f"{variant} is a bench ablation; a saved routed model needs a trained router")
     suite = HFSuite(cfg.base, cfg.seq_len, cfg.batch_size)
     budget = Budget(eval_examples=cfg.val_examples, batch_size=cfg.batch_size, probe_steps=cfg.probe_steps,
                     extra={"train_examples": cfg.train_examples, "val_examples": cfg.val_examples,
@@ -824,6 +819,20 @@ def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: 
         ranks.append(rank)
         experts.append(Expert(t.name, state, suite.fit_probe(state, t, budget, cfg.seed), float("nan")))
     suite.rank = max(ranks) if ranks else None
+    return cfg, suite, budget, tasks, base, experts
+
+
+def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: bool = False) -> Path:
+    """Build and save a routed model from a :class:`RouteBuildConfig` (the ``route build`` CLI)."""
+    from ..routing.folder import save_routed
+
+    variant = raw.get("variant") or method
+    if variant.split(":")[0] != method or (variant not in VARIANTS and variant != "emr"):
+        raise BenchError(f"variant {variant!r} is not a variant of {method!r}; known: {', '.join(VARIANTS)}")
+    variant = "emr:router" if variant == "emr" else variant
+    if variant == "min_merging:uniform_router" or VARIANTS[variant].oracle:
+        raise BenchError(f"{variant} is a bench ablation; a saved routed model needs a trained router")
+    cfg, suite, budget, tasks, base, experts = build_inputs(raw)
     built = build_variant(variant, suite, base, experts, tasks, budget, cfg.params, cfg.seed)
     embed = cfg.embed_base or built.backbone_changed
     extra = {"variant": variant, "storage_bytes": built.storage_bytes, "meta": built.meta,
@@ -831,3 +840,24 @@ def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: 
     return save_routed(built.model, out, base_ref=cfg.base, embed_base=embed, tasks=[t.name for t in tasks],
                        method=method, extra=json.loads(json.dumps(extra, default=str)), force=force)
 
+
+def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = False) -> Path:
+    """``neuromerge route build wemoe``: WEMoE's routers trained by entropy minimization on the unlabelled test
+    split of each task file entry (``params``: :class:`~neuromerge.data_aware.wemoe.WEMoEParams`), saved with
+    :func:`neuromerge.routing.wemoe.save_wemoe`."""
+    from ..data_aware.wemoe import WEMoEParams, wemoe_merge_models
+    from ..routing.wemoe import save_wemoe
+
+    if raw.get("variant") not in (None, "wemoe"):
+        raise BenchError(f"wemoe has no variant {raw.get('variant')!r}")
+    cfg, suite, budget, tasks, base, experts = build_inputs(raw)
+    try:
+        params = WEMoEParams.model_validate(cfg.params)
+    except ValidationError as err:
+        raise BenchError(f"bad wemoe parameters: {err}") from None
+    info: dict[str, Any] = {}
+    model = wemoe_merge_models(suite, base, [e.backbone for e in experts], [e.head for e in experts], tasks, budget,
+                               params, seed=cfg.seed, info=info)
+    extra = {"variant": "wemoe", "meta": info, "config": cfg.model_dump()}
+    return save_wemoe(model, out, base_ref=cfg.base, embed_base=cfg.embed_base, tasks=[t.name for t in tasks],
+                      extra=json.loads(json.dumps(extra, default=str)), force=force)

@@ -37,6 +37,7 @@ from torch import nn
 from neuromerge.data_aware.wemoe import MLPGroup, Router, WEMoEModel, _key
 from neuromerge.errors import CheckpointError, CompatibilityError, ConfigError
 from neuromerge.io.writer import AtomicOutput
+from neuromerge.routing.cli import register_builder
 from neuromerge.routing.folder import (
     BASE_DIR,
     FORMAT,
@@ -218,4 +219,14 @@ def load_wemoe(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] |
                       gate=spec["gate"]).eval()
 
 
-__all__ = ["METHOD", "WEMOE_FILE", "load_wemoe", "save_wemoe"]
+def cli_build(params: dict[str, Any], out: Path, *, force: bool = False) -> Path:
+    """``neuromerge route build wemoe -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task data
+    (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`; ``params`` are WEMoE's)."""
+    from neuromerge.bench.routed_methods import build_wemoe_from_config
+
+    return build_wemoe_from_config(params, Path(out), force=force)
+
+
+register_builder("wemoe", cli_build)
+
+__all__ = ["METHOD", "WEMOE_FILE", "cli_build", "load_wemoe", "save_wemoe"]
