@@ -1,66 +1,23 @@
-"""A throwaway PostgreSQL server on loopback for the distributed-search test (Debian's postgresql package).
-
-initdb into a temporary folder owned by the ``postgres`` system user (when running as root: the server refuses to
-run as root), trust authentication, listening on 127.0.0.1 on a free port only; ``pg_ctl`` starts it, a database is
-created, the fixture yields its SQLAlchemy URL, then stops the server and removes the folder. A missing server binary
-is a test failure (``make test`` installs it), not a skip.
-"""
+"""A throwaway PostgreSQL server on loopback for the distributed-search tests
+(:func:`neuromerge.search.local_postgres.throwaway_postgres`). A missing server binary is a test failure
+(``make test`` installs Debian's postgresql package), not a skip."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-
-def _pg_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql")
-    return Path(initdb).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_db_user(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+from neuromerge.errors import NeuromergeError
+from neuromerge.search.local_postgres import server_binaries, throwaway_postgres
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """``postgresql://postgres@127.0.0.1:<port>/neuromerge_search`` of a fresh server, stopped afterwards."""
-    bindir = _pg_bin()
-    root = Path(tempfile.mkdtemp(prefix="nm-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-    port = _free_port()
-    run = lambda cmd: subprocess.run(_as_db_user(cmd), check=True, capture_output=True, text=True)  # noqa: E731
     try:
-        run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
-        opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={sock} -c fsync=off"
-        run([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "-t", "30",
-             "start"])
-        run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "neuromerge_search"])
-        yield f"postgresql://postgres@127.0.0.1:{port}/neuromerge_search"
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(_as_db_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                           check=False, capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        server_binaries()
+    except NeuromergeError as e:
+        pytest.fail(str(e))
+    with throwaway_postgres() as url:
+        yield url

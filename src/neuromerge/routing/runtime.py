@@ -117,12 +117,13 @@ class RoutedLinear(nn.Module):
             pos += a.shape[0]
         a_cat = torch.cat([a.to(**like) for _, (a, _) in lr_groups]) if lr_groups else w.new_zeros(0, in_f)
         b_cat = torch.cat([b.to(**like) for _, (_, b) in lr_groups], dim=1) if lr_groups else w.new_zeros(out_f, 0)
-        membership = torch.zeros(n_experts, pos, dtype=w.dtype, device=w.device)  # (E, ΣR) 0/1
-        for members, a0, a1 in self.segments:
-            membership[list(members), a0:a1] = 1
+        # gates over the rank columns: segment s gets Σ_{j ∈ members_s} g_j, repeated over its rank (no (E, ΣR)
+        # membership matrix is stored: the layer holds nothing beyond the base weight and the experts' factors)
+        self._singletons = all(len(m) == 1 for m, _, _ in self.segments)
+        self._segment_experts = [m[0] for m, _, _ in self.segments] if self._singletons else []
+        self._segment_ranks = [a1 - a0 for _, a0, a1 in self.segments]
         self.register_buffer("lora_A", a_cat.contiguous(), persistent=False)
         self.register_buffer("lora_B", b_cat.contiguous(), persistent=False)
-        self.register_buffer("rank_members", membership, persistent=False)
         dense_groups = _group_shared([(j, (d,)) for j, d in dense])
         self.dense_groups: list[tuple[int, ...]] = [members for members, _ in dense_groups]
         stacked = (torch.stack([d.to(**like).reshape(out_f, in_f) for _, (d,) in dense_groups]) if dense_groups
@@ -171,13 +172,22 @@ class RoutedLinear(nn.Module):
             raise RoutingError(f"gates for {g.shape[0]} samples but the layer input has batch size {n}")
         return g.to(device=x.device)
 
+    def _rank_gates(self, g: torch.Tensor) -> torch.Tensor:
+        """``(B, E)`` expert gates → ``(B, ΣR)`` gates of the concatenated rank columns."""
+        if self._singletons:
+            seg = g[:, self._segment_experts]
+        else:
+            seg = torch.stack([g[:, list(m)].sum(dim=1) for m, _, _ in self.segments], dim=1)
+        ranks = torch.tensor(self._segment_ranks, device=g.device)
+        return seg.repeat_interleave(ranks, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         g = self._batch_gates(x)
         if g is None:
             return y
         if self.segments:
-            gr = g.to(self.rank_members.dtype) @ self.rank_members  # (B, ΣR): gates over each rank segment
+            gr = self._rank_gates(g.to(self.lora_A.dtype))  # (B, ΣR): gates over each rank segment
             active = gr.ne(0).any(dim=0)
             if bool(active.any()):
                 a_cat, b_cat = self.lora_A, self.lora_B
