@@ -140,14 +140,19 @@ def study_name(cfg: SearchRunConfig, fp: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ search
 def _reference_points(problem: Any) -> dict[str, tuple[float, int]]:
-    """Static merges (every component merged with one operator, first λ), all separate, all merged: (f1, f2)."""
+    """Static merges (every component merged with one operator and one λ: the "all merged" extreme, for each
+    operator and coefficient of the space) and "all separate": ``{label: (f1, f2)}``."""
     import dataclasses
 
     space = problem.space
     refs: dict[str, Any] = {}
+    many = len(problem.coefficients) > 1
     for i, op in enumerate(problem.ops):
-        cfg = space.all_merged()
-        refs[f"static {op}"] = dataclasses.replace(cfg, operators=(i,) * len(cfg.operators))
+        for k, lam in enumerate(problem.coefficients):
+            cfg = space.all_merged()
+            label = f"static {op}" + (f" λ{lam:g}" if many and op != "linear" else "")
+            refs.setdefault(label, dataclasses.replace(cfg, operators=(i,) * len(cfg.operators),
+                                                       coefficients=(k,) * len(cfg.coefficients)))
     refs["all separate"] = space.all_separate()
     return {name: (float(problem.evaluate(c)), int(problem.storage(c))) for name, c in refs.items()}
 
