@@ -207,7 +207,8 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
         "tasks": problem.task_names, "components": list(space.components), "ops": list(problem.ops),
         "coefficients": list(problem.coefficients), "front": front,
         "reference_points": {k: {"score": f1, "bytes": f2} for k, (f1, f2) in refs.items()},
-        "representative": {k: {"score": e.f1, "bytes": e.f2, "config": e.config.key} for k, e in rep.items()},
+        "representative": {k: {"score": e.f1, "bytes": e.f2, "config": e.config.key,
+                               "quant_error": problem.library(e.config).quant_report()} for k, e in rep.items()},
     })
     (out / "representative.md").write_text(format_table(table) + "\n", encoding="utf-8")
     report = {
