@@ -162,6 +162,7 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
     """Run (or resume) the search of ``cfg`` into ``out``; returns the report (also written as ``report.json``)."""
     from ..search import non_dominated, plot_front, plot_hypervolume, run_search
     from ..search.archive import write_json
+    from ..search.encoding import Configuration as SearchConfiguration
     from .merge_search import format_table, representative_points, representative_table
 
     out = Path(out)
@@ -196,6 +197,8 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
     refs = _reference_points(problem)
     rep = representative_points(archive)
     table = representative_table(problem, archive)
+    for row in table:  # the same points on the test split, normalized by the experts' test accuracy (as the bench)
+        row["test_score"] = test_score(problem, SearchConfiguration.from_key(row["config"]))
     plot_front(archive, out / "pareto.png", marks={**refs, **{f"{k} (front)": (e.f1, e.f2) for k, e in rep.items()}},
                title=f"MERGE on {cfg.suite}: mean normalized val. accuracy vs library bytes")
     plot_hypervolume({s: r.history for s, r in result.seeds.items()}, out / "hypervolume.png",
@@ -222,6 +225,17 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
     }
     write_json(out / "report.json", report)
     return report
+
+
+def test_score(problem: Any, config: Any) -> float:
+    """Mean normalized *test* accuracy ``100 · acc_test(chain_t) / acc_test(expert_t)`` of a configuration (the
+    bench's metric, on the suite's test subset), for comparing search points with the bench's rows."""
+    prep = problem.prepared
+    lib = problem.library(config)
+    scores = [100.0 * prep.suite.evaluate(lib.chain(i), e.head, t, "test", prep.budget) / e.test_score
+              for i, (e, t) in enumerate(zip(problem.experts, problem.tasks, strict=True))]
+    lib.clear_cache()
+    return sum(scores) / len(scores)
 
 
 def _dominates(archive: list[Any], refs: dict[str, tuple[float, int]]) -> dict[str, bool]:

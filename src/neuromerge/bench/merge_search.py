@@ -188,6 +188,8 @@ def representative_table(problem: MergeProblem, archive: Sequence[Any]) -> list[
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain-text table of :func:`representative_table` rows."""
-    lines = [f"{'row':<16} {'score':>8} {'MB':>10} {'backbones':>10}"]
-    lines += [f"{r['row']:<16} {r['score']:8.2f} {r['bytes'] / 1e6:10.2f} {r['backbones']:10.2f}" for r in rows]
+    test = all("test_score" in r for r in rows)
+    lines = [f"{'row':<24} {'val score':>9} {'MB':>10} {'backbones':>10}" + (f" {'test score':>10}" if test else "")]
+    lines += [f"{r['row']:<24} {r['score']:9.2f} {r['bytes'] / 1e6:10.2f} {r['backbones']:10.2f}"
+              + (f" {r['test_score']:10.2f}" if test else "") for r in rows]
     return "\n".join(lines)
