@@ -99,6 +99,13 @@ def test_route_build_merge_point_and_load_routed(search_run):
                                                kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
             torch.testing.assert_close(forced, plain.last_hidden_state)
 
+    scored = _cli(["bench", "text", "--quick", "--tasks", ",".join(TASKS), "--model", str(routed), "-o",
+                   str(root / "bench-routed"), "--no-progress", "--threads", "1"], env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((root / "bench-routed" / "results.json").read_text())["rows"]}
+    row = rows["model: routed"]
+    assert set(row["test"]) == set(TASKS) and all(0 < v <= 1 for v in row["test"].values())
+
     missing = _cli(["route", "build", "merge", "--config", str(rcfg), "-o", str(routed)], env)
     assert missing.returncode == 2 and "exists" in missing.stderr
     rcfg.write_text(yaml.safe_dump({"search": str(out), "storage_mb": smallest / 1e6 / 2}))

@@ -456,13 +456,24 @@ def test_route_build_config_round_trip_equals_the_peft_expert(tmp_path) -> None:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_route_build_wemoe_trains_routers_and_round_trips(tmp_path) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from neuromerge.cli import app
     from neuromerge.routing import load_routed
     from neuromerge.routing.cli import find_builder
 
     cfg, _ = hf_fixture(tmp_path)
     cfg = {**cfg, "params": {"steps": 5, "batch_size": 4}}
-    out = find_builder("wemoe")(cfg, tmp_path / "wemoe", force=False)
-    import json
+    (tmp_path / "wemoe.yaml").write_text(yaml.safe_dump({"method": "wemoe", **cfg}))
+    res = CliRunner().invoke(app, ["route", "build", str(tmp_path / "wemoe.yaml"), "-o", str(tmp_path / "wemoe")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "wemoe"
+    (tmp_path / "nomethod.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["route", "build", str(tmp_path / "nomethod.yaml"), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "method:" in res.output
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "wemoe" and manifest["tasks"] == ["t0", "t1"]

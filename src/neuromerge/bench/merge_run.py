@@ -299,6 +299,8 @@ class RoutedMergeParams(RouterParams):
     point: str | int | None = Field(None, description="'high accuracy', 'mid', 'low storage' or a front index")
     storage_mb: float | None = Field(None, gt=0, description="best score whose library fits in this many MB")
     feature_source: Literal["auto", "embeddings", "final"] = "embeddings"
+    embed_base: bool = Field(True, description="store the backbone in the folder (transformers backbones; others "
+                                               "are given to load_routed(..., module=))")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -358,7 +360,8 @@ def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> P
     model = ChainRoutedModel(backbone, lib, fitted.router, **kwargs)
     extra = {"search": str(folder), "point": entry, "suite": cfg.suite, "router": fitted.meta,
              "heads": "per task, from the suite's experts"}
-    return save_chain_routed(model, out, embed_base=hasattr(backbone, "save_pretrained"), extra=extra, force=force)
+    return save_chain_routed(model, out, embed_base=p.embed_base and hasattr(backbone, "save_pretrained"), extra=extra,
+                             force=force)
 
 
 def register() -> None:

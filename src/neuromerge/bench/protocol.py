@@ -504,6 +504,33 @@ def select_tasks(tasks: list[TaskData], names: Sequence[str] | None) -> list[Tas
     return [t for t in tasks if t.name in wanted]
 
 
+def is_routed_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a routed-model folder (``neuromerge route build``: a ``manifest.json`` of ours)."""
+    from ..routing.folder import FORMAT, MANIFEST
+
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_routed_module(path: str | Path, suite: Suite, base: StateDict) -> Any:
+    """A routed-model folder as a module the suite can score (its experts' heads are the bench's): the folder's
+    own backbone when it embeds or names one, else the suite's backbone (``module=``). Its base must be this
+    suite's backbone (same tensor names and shapes)."""
+    from ..errors import NeuromergeError
+    from ..routing.folder import load_routed
+
+    try:
+        routed = load_routed(path, module=suite.module(base))
+    except NeuromergeError as err:
+        raise BenchError(f"--model {path}: {err}") from None
+    return routed.eval()
+
+
 def load_merged_backbone(path: str | Path, base: StateDict) -> StateDict:
     """The backbone tensors of a merged model folder (``neuromerge merge`` output), found by name: exactly, or
     as ``<prefix>.<name>`` when the folder holds a model with a task head (``bert.encoder...``)."""
@@ -625,7 +652,11 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     prep = prepare_suite(suite, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
                          clock=clock, bar=bar, need_experts=model is None or bool(specs))
     s, budget, base, chosen = prep.suite, prep.budget, prep.base, prep.chosen
-    model_backbone = load_merged_backbone(model, base) if model is not None else None  # checked before training
+    # checked before training: a merged model folder (its backbone tensors) or a routed-model folder (a module)
+    model_backbone: Any = None
+    if model is not None:
+        model_backbone = (load_routed_module(model, s, base) if is_routed_folder(model)
+                          else load_merged_backbone(model, base))
     train_experts(prep, seed, rebuild=rebuild, clock=clock, bar=bar)
     experts, expert_info, mode = prep.experts, prep.expert_info, prep.mode
 
@@ -654,7 +685,10 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     if model is not None and model_backbone is not None:
         t0 = time.perf_counter()
         model_row = Row(name=f"model: {Path(model).name}", kind="model", params={"path": str(model)})
-        ctx.score(model_row, model_backbone)
+        if isinstance(model_backbone, torch.nn.Module):
+            ctx.score_module(model_row, model_backbone)
+        else:
+            ctx.score(model_row, model_backbone)
         model_row.time_s = time.perf_counter() - t0
         rows.append(model_row)
     with bar(total=len(specs), desc="methods         ") as b:

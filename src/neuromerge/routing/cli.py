@@ -123,23 +123,52 @@ def info(
 
 @route_app.command()
 def build(
-    method: Annotated[str, typer.Argument(help="routed method: min_merging, twin, emr, merge…")],
+    target: Annotated[str, typer.Argument(help="a routed method (min_merging, twin, emr, wemoe, merge) or a YAML "
+                                                 "config whose `method:` key names it")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output routed-model folder")],
     config: Annotated[Path | None, typer.Option(help="YAML file of the builder's parameters")] = None,
+    embed_base: Annotated[bool, typer.Option("--embed-base", help="store the base weights in the folder "
+                                                                  "(self-contained)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
 ) -> None:
-    """Build a routed model with METHOD's registered builder into OUT."""
+    """Build a routed model into OUT: `route build CONFIG.yaml -o OUT` (the config names its `method`) or
+    `route build METHOD --config CONFIG.yaml -o OUT`."""
     try:
-        builder = find_builder(method)
-        params: dict[str, Any] = {}
-        if config is not None:
-            import yaml
-
-            params = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-            if not isinstance(params, dict):
-                raise NeuromergeError(f"{config} must hold a mapping of parameters")
-        path = builder(params, out, force=force)
+        method, params = _method_and_params(target, config)
+        if embed_base:
+            params["embed_base"] = True
+        path = find_builder(method)(params, out, force=force)
     except NeuromergeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote routed model {method} to {path}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise NeuromergeError(f"config {path} not found")
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(params, dict):
+        raise NeuromergeError(f"{path} must hold a mapping of parameters")
+    return params
+
+
+def _method_and_params(target: str, config: Path | None) -> tuple[str, dict[str, Any]]:
+    """``(method, builder parameters)`` from ``route build TARGET [--config C]``."""
+    looks_like_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
+    if looks_like_file:
+        if config is not None:
+            raise NeuromergeError("give the config once: `route build CONFIG.yaml` or `route build METHOD --config`")
+        params = _read_yaml(Path(target))
+        method = params.pop("method", None)
+        if not isinstance(method, str):
+            known = ", ".join(sorted({*BUILDERS, *BUILDER_MODULES}))
+            raise NeuromergeError(f"{target} needs a `method:` key naming the routed method ({known})")
+        return method, params
+    params = _read_yaml(config) if config is not None else {}
+    if params.get("method", target) != target:
+        raise NeuromergeError(f"the config's method {params['method']!r} differs from {target!r}")
+    params.pop("method", None)
+    return target, params
