@@ -155,6 +155,20 @@ def test_initial_population_holds_the_extremes_and_budget_is_exact() -> None:
     assert [h.n_new for h in res.seeds[0].history] == [8, 8, 8, 8, 5]
 
 
+def test_initial_population_seeds_every_static_merge() -> None:
+    space = SearchSpace(("a", "b", "c"), ("c0", "c1", "c2"), ("task_arithmetic", "ties"), (0.3, 0.7))
+    problem = SearchProblem(space, toy_score, toy_storage, fingerprint="toy-statics")
+    res = run_search(problem, settings=SearchSettings(budget=16, pop_size=8, **FAST))
+    first = [e.config for e in res.seeds[0].evaluations[:8]]
+    statics = space.static_merges()
+    assert len(statics) == 4 and len({c.key for c in statics}) == 4
+    assert first[0] == space.all_merged() == statics[0] and first[1] == space.all_separate()
+    assert first[2:5] == statics[1:]
+    for c in statics:  # one group per component, one operator and one λ for all of them
+        assert all(p == (0, 0, 0) for p in c.partitions)
+        assert len(set(c.operators)) == 1 and len(set(c.coefficients)) == 1
+
+
 def test_same_seed_same_archive() -> None:
     s = SearchSettings(budget=40, pop_size=8, seeds=(0, 1), **FAST)
     a, b = run_search(toy_problem(), settings=s), run_search(toy_problem(), settings=s)

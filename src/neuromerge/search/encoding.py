@@ -213,6 +213,13 @@ class SearchSpace:
         zeros = (0,) * self.n_components
         return Configuration(((0,) * self.n_tasks,) * self.n_components, zeros, zeros)
 
+    def static_merges(self) -> list[Configuration]:
+        """Every component merging all tasks with one operator and one coefficient, for each (operator,
+        coefficient) of the space: the static merges the space contains (the first is :meth:`all_merged`)."""
+        ones = (0,) * self.n_tasks
+        return [Configuration((ones,) * self.n_components, (o,) * self.n_components, (k,) * self.n_components)
+                for o in range(len(self.operators)) for k in range(len(self.coefficients))]
+
     def all_separate(self) -> Configuration:
         """Every task keeps its own expert in every component (labels ``0..T-1``)."""
         zeros = (0,) * self.n_components

@@ -158,8 +158,11 @@ def make_algorithm(space: SearchSpace, settings: SearchSettings, seed: int, init
 
 
 def initial_population(space: SearchSpace, pop_size: int, rng: np.random.Generator) -> list[Configuration]:
-    """"All merged", "all separate", then distinct random configurations up to ``pop_size``."""
-    out = {c.key: c for c in (space.all_merged(), space.all_separate())}
+    """"All merged", "all separate", the other static merges of the space (all merged with each further operator
+    and coefficient; as many as fit), then distinct random configurations up to ``pop_size``. Seeding every static
+    merge makes the archive hold each of them, so the front is compared with them on equal terms."""
+    statics = space.static_merges()
+    out = {c.key: c for c in (statics[0], space.all_separate(), *statics[1:pop_size - 1])}
     for _ in range(1000 * pop_size):
         if len(out) >= pop_size:
             break
