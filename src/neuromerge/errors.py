@@ -25,3 +25,8 @@ class NonFiniteError(NeuromergeError):
 
 class OutputExistsError(NeuromergeError):
     """The output folder exists and `--force` was not given."""
+
+
+class NotApplicable(NeuromergeError):
+    """A method cannot do anything meaningful with these models (e.g. WEMoE when no expert changes an MLP weight);
+    the bench reports its row as not applicable and goes on."""

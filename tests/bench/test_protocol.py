@@ -301,3 +301,24 @@ def test_ties_go_to_the_first_grid_point(cache_dir):
     row = res.row("task_arithmetic")
     assert len({g["val_mean"] for g in row.grid}) == 1
     assert row.params == grids.grid_for("task_arithmetic", quick=True)[0]
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on(cache_dir, tmp_path, monkeypatch):
+    from neuromerge.errors import NotApplicable
+
+    real = protocol.run_method
+
+    def flaky(ctx, spec):
+        if spec.name == "ties":
+            raise RuntimeError("boom")
+        if spec.name == "linear":
+            raise NotApplicable("nothing to do here")
+        return real(ctx, spec)
+
+    monkeypatch.setattr(protocol, "run_method", flaky)
+    res = protocol.run_suite(ToySuite(), ["ties", "linear", "task_arithmetic"], quick=True, out=tmp_path / "o",
+                             progress=False)
+    assert res.row("ties").skipped == "failed: RuntimeError: boom"
+    assert res.row("linear").skipped == "not applicable: nothing to do here"
+    assert res.row("task_arithmetic").skipped is None and res.row("task_arithmetic").test
+    assert (tmp_path / "o" / "results.json").exists()

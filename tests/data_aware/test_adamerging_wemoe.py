@@ -152,3 +152,17 @@ def test_wemoe_depth0_router_at_init_is_task_arithmetic_and_training_lowers_entr
     assert info["loss_last"] < info["loss_first"] and info["routed_mlps"] == 2 and info["split"] == "test"
     assert trained.embeddings is trained.backbone.embeddings  # attribute lookups reach the backbone
     assert trained.storage_bytes() > 0
+
+
+def test_wemoe_refuses_experts_that_change_no_mlp_weight() -> None:
+    """LoRA experts on attention only (the llm suite's): nothing to route, a clear NotApplicable, not a KeyError."""
+    import pytest
+
+    from neuromerge.errors import NotApplicable
+
+    access, base, experts, _heads, _tasks = bert_setup()
+    probe = build_wemoe(access.module, base, experts)
+    mlp = {f"{lin}.{p}" for g in probe.groups for lin in g.linears for p in ("weight", "bias")}
+    attention_only = [{k: (base[k] if k in mlp else e[k]) for k in base} for e in experts]
+    with pytest.raises(NotApplicable, match="no expert changes an MLP weight"):
+        build_wemoe(access.module, base, attention_only)

@@ -54,8 +54,12 @@ def bench_command(suite: str, *, methods: str | None = None, tasks: str | None =
     skipped = [r for r in results.rows if r.skipped]
     for r in skipped:
         typer.echo(f"note: {r.name} skipped: {r.skipped}", err=True)
+    failed = [r.name for r in skipped if r.skipped.startswith("failed")]
     t = results.timings
     typer.echo(f"\nreport written to {folder} (results.md, results.json, plots) in {t['total']:.0f} s "
                f"(training {t.get('training', 0):.0f} s, merging {t.get('merging', 0):.0f} s, "
                f"evaluation {t.get('evaluation', 0) + t.get('baselines', 0):.0f} s)")
+    if failed:
+        typer.echo(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see the tracebacks above)", err=True)
+        return 1
     return 0

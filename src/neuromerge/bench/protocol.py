@@ -435,6 +435,25 @@ def run_produced(ctx: Context, spec: MethodSpec) -> Row:
     return row
 
 
+def run_method_or_record(ctx: Context, spec: MethodSpec) -> Row:
+    """:func:`run_method`, with a failure recorded in the row instead of ending the run: one method's error must
+    not lose the rows already computed. ``skipped`` reads ``not applicable: …`` for :class:`NotApplicable`,
+    ``failed: …`` otherwise (the traceback goes to stderr; the CLI then exits with status 1)."""
+    import sys
+    import traceback
+
+    from ..errors import NotApplicable
+
+    try:
+        return run_method(ctx, spec)
+    except NotApplicable as err:
+        reason = f"not applicable: {err}"
+    except Exception as err:
+        traceback.print_exc(file=sys.stderr)
+        reason = f"failed: {type(err).__name__}: {err}"
+    return Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
+
+
 def run_method(ctx: Context, spec: MethodSpec) -> Row:
     """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
     if spec.runner is not None:
@@ -694,7 +713,7 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     with bar(total=len(specs), desc="methods         ") as b:
         for spec in specs:
             b.set_postfix_str(spec.name)
-            rows.append(run_method(ctx, spec))
+            rows.append(run_method_or_record(ctx, spec))
             b.update(1)
 
     timings = {**clock.phases, "total": time.perf_counter() - t_start}

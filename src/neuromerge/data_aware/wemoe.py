@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..errors import NotApplicable
 from .access import (
     DataParams,
     ModelAccess,
@@ -252,19 +253,26 @@ def build_wemoe(make_module: Callable[[StateDict], nn.Module], base_state: State
                          "found")
     names = set(mergeable_names(base_state, exclude))
     routed = {f"{lin}.{p}" for g in groups for lin in g.linears for p in ("weight", "bias")}
+    changed = [w for w in routed & names if any(not torch.equal(e[w], base_state[w]) for e in expert_states)]
+    if not changed:
+        raise NotApplicable("WEMoE routes the MLP layers, but no expert changes an MLP weight (e.g. LoRA experts "
+                            "on attention projections only): nothing to route, the result would be Task Arithmetic")
     state = dict(base_state)
     for n in names - routed:
         tau = sum(e[n].float() - base_state[n].float() for e in expert_states)
         state[n] = (base_state[n].float() + params.init_lambda * tau).to(base_state[n].dtype)
+    module = make_module(state)
+    weights = dict(module.named_parameters())
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for g in groups:
         for lin in g.linears:
             w, b = f"{lin}.weight", f"{lin}.bias"
-            dw = torch.stack([e[w].float() - base_state[w].float() for e in expert_states])
+            # a weight outside the state (not merged by the suite) or excluded has zero task vectors
+            dw = (torch.stack([e[w].float() - base_state[w].float() for e in expert_states]) if w in names
+                  else weights[w].detach().float().new_zeros((len(expert_states), *weights[w].shape)))
             db = (torch.stack([e[b].float() - base_state[b].float() for e in expert_states])
                   if b in base_state and b in names else None)
-            deltas[lin] = (dw if w in names else torch.zeros_like(dw), db)
-    module = make_module(state)
+            deltas[lin] = (dw, db)
     hidden = {g.name: dict(module.named_modules())[g.linears[0]].in_features for g in groups}
     routers = {g.name: Router(hidden[g.name], len(expert_states), params.router_hidden_layers, params.init_lambda,
                               generator) for g in groups}
