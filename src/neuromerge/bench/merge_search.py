@@ -151,16 +151,23 @@ class MergeProblem:
 # -------------------------------------------------------------------------------- representative points
 
 
+#: storage within this fraction of the smallest counts as "the smallest" for the low-storage point (libraries of
+#: the same modules differ by a few header bytes)
+LOW_STORAGE_TOLERANCE = 0.01
+
+
 def representative_points(archive: Sequence[Any]) -> dict[str, Any]:
     """Three points of a front (objects with ``f1`` score, ``f2`` bytes): ``high accuracy`` (best f1, then fewest
-    bytes), ``low storage`` (fewest bytes, then best f1) and ``mid`` (the non-dominated point whose bytes are
-    closest to the middle of the two, ties → better f1). Dominated points are ignored."""
+    bytes), ``low storage`` (best f1 among the points within :data:`LOW_STORAGE_TOLERANCE` of the fewest bytes)
+    and ``mid`` (the non-dominated point whose bytes are closest to the middle of the two, ties → better f1).
+    Dominated points are ignored."""
     if not archive:
         raise BenchError("representative points of an empty archive")
     front = [e for e in archive if not any(o.f1 >= e.f1 and o.f2 <= e.f2 and (o.f1 > e.f1 or o.f2 < e.f2)
                                            for o in archive)]
     high = min(front, key=lambda e: (-e.f1, e.f2))
-    low = min(front, key=lambda e: (e.f2, -e.f1))
+    smallest = min(e.f2 for e in front)
+    low = min((e for e in front if e.f2 <= smallest * (1 + LOW_STORAGE_TOLERANCE)), key=lambda e: (-e.f1, e.f2))
     middle = (high.f2 + low.f2) / 2
     mid = min(front, key=lambda e: (abs(e.f2 - middle), -e.f1))
     return {"high accuracy": high, "mid": mid, "low storage": low}
