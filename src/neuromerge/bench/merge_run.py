@@ -140,21 +140,12 @@ def study_name(cfg: SearchRunConfig, fp: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ search
 def _reference_points(problem: Any) -> dict[str, tuple[float, int]]:
-    """Static merges (every component merged with one operator and one λ: the "all merged" extreme, for each
-    operator and coefficient of the space) and "all separate": ``{label: (f1, f2)}``."""
-    import dataclasses
+    """The static merges of the space (:func:`~.merge_search.static_labels`) and "all separate": ``{label: (f1,
+    f2)}``."""
+    from .merge_search import static_labels
 
-    space = problem.space
-    refs: dict[str, Any] = {}
-    many = len(problem.coefficients) > 1
-    for i, op in enumerate(problem.ops):
-        for k, lam in enumerate(problem.coefficients):
-            cfg = space.all_merged()
-            label = f"static {op}" + (f" λ{lam:g}" if many and op != "linear" else "")
-            refs.setdefault(label, dataclasses.replace(cfg, operators=(i,) * len(cfg.operators),
-                                                       coefficients=(k,) * len(cfg.coefficients)))
-    refs["all separate"] = space.all_separate()
-    return {name: (float(problem.evaluate(c)), int(problem.storage(c))) for name, c in refs.items()}
+    refs = [*static_labels(problem), ("all separate", problem.space.all_separate())]
+    return {name: (float(problem.evaluate(c)), int(problem.storage(c))) for name, c in refs}
 
 
 def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = False, progress: bool | None = None,

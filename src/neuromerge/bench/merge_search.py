@@ -173,17 +173,24 @@ def representative_points(archive: Sequence[Any]) -> dict[str, Any]:
     return {"high accuracy": high, "mid": mid, "low storage": low}
 
 
+def static_labels(problem: MergeProblem) -> list[tuple[str, Any]]:
+    """``(label, configuration)`` of every static merge of the space (all merged with one operator and one λ),
+    labelled ``static <op>`` (``static <op> λ<v>`` when the space has several coefficients)."""
+    space = problem.space
+    many = len(problem.coefficients) > 1
+    out = []
+    for cfg in space.static_merges():
+        op = problem.ops[cfg.operators[0]]
+        lam = problem.coefficients[cfg.coefficients[0]]
+        out.append((f"static {op}" + (f" λ{lam:g}" if many and op != "linear" else ""), cfg))
+    return list(dict(out).items())  # averaging has no λ: one entry
+
+
 def representative_table(problem: MergeProblem, archive: Sequence[Any]) -> list[dict[str, Any]]:
     """Rows ``{"row", "score", "bytes", "backbones", "config"}``: the three representative points of ``archive``,
-    then the static merges (every component merged with one operator, first coefficient: 1 backbone stored) and
-    "all separate" (T backbones) at comparable storage. ``backbones`` = bytes / bytes of the first static merge."""
-    space = problem.space
-    statics = []
-    for i, op in enumerate(problem.ops):
-        cfg = space.all_merged()
-        cfg = dataclasses.replace(cfg, operators=(i,) * len(cfg.operators))
-        statics.append((f"static {op}", cfg))
-    statics.append(("all separate", space.all_separate()))
+    then the static merges (:func:`static_labels`: 1 backbone stored each) and "all separate" (T backbones).
+    ``backbones`` = bytes / bytes of the first static merge."""
+    statics = [*static_labels(problem), ("all separate", problem.space.all_separate())]
     one = problem.storage(statics[0][1])
     rows = [{"row": name, "score": float(e.f1), "bytes": int(e.f2), "backbones": e.f2 / one,
              "config": getattr(e.config, "key", str(e.config))} for name, e in representative_points(archive).items()]
