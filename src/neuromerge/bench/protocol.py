@@ -369,32 +369,41 @@ class Context:
     def score_module(self, row: Row, module: Any, *, oracle: bool = False) -> None:
         """Test scores of a routed ``module`` (the experts' heads; ``oracle``: each in-domain task routed to its
         own expert by forced one-hot router probabilities), normalized accuracy, OOD probes on its features."""
-        with self.clock("evaluation"):
-            for i, t in enumerate(self.in_domain):
-                e = self.experts[t.name]
-                if oracle:
-                    probs = torch.zeros(1, len(self.in_domain))
-                    probs[0, i] = 1.0
-                    with module.force(probs):
-                        row.test[t.name] = self.suite.evaluate_module(module, e.head, t, "test", self.budget)
-                else:
-                    row.test[t.name] = self.suite.evaluate_module(module, e.head, t, "test", self.budget)
-                row.normalized[t.name] = normalized_accuracy(row.test[t.name], e.test_score, t.metric)
-            for t in self.ood:
-                probe = self.suite.fit_probe_module(module, t, self.budget, self.seed)
-                row.ood[t.name] = self.suite.evaluate_module(module, probe, t, "test", self.budget)
-                row.ood_metrics[t.name] = t.metric
+
+        def evaluate(head: StateDict | None, t: TaskData) -> float:
+            return self.suite.evaluate_module(module, head, t, "test", self.budget)
+
+        def evaluate_in_domain(i: int, head: StateDict | None, t: TaskData) -> float:
+            if not oracle:
+                return evaluate(head, t)
+            probs = torch.zeros(1, len(self.in_domain))
+            probs[0, i] = 1.0
+            with module.force(probs):
+                return evaluate(head, t)
+
+        self._fill(row, evaluate_in_domain, evaluate,
+                   lambda t: self.suite.fit_probe_module(module, t, self.budget, self.seed))
 
     def score(self, row: Row, backbone: StateDict) -> None:
         """Test scores with the experts' heads, normalized accuracy, OOD probes."""
+
+        def evaluate(head: StateDict | None, t: TaskData) -> float:
+            return self.suite.evaluate(backbone, head, t, "test", self.budget)
+
+        self._fill(row, lambda _i, head, t: evaluate(head, t), evaluate,
+                   lambda t: self.suite.fit_probe(backbone, t, self.budget, self.seed))
+
+    def _fill(self, row: Row, evaluate_in_domain: Callable[[int, StateDict | None, TaskData], float],
+              evaluate: Callable[[StateDict | None, TaskData], float],
+              probe: Callable[[TaskData], StateDict | None]) -> None:
+        """``row``'s in-domain test scores (experts' heads), normalized accuracies and OOD scores (fresh probes)."""
         with self.clock("evaluation"):
-            for t in self.in_domain:
+            for i, t in enumerate(self.in_domain):
                 e = self.experts[t.name]
-                row.test[t.name] = self.suite.evaluate(backbone, e.head, t, "test", self.budget)
+                row.test[t.name] = evaluate_in_domain(i, e.head, t)
                 row.normalized[t.name] = normalized_accuracy(row.test[t.name], e.test_score, t.metric)
             for t in self.ood:
-                probe = self.suite.fit_probe(backbone, t, self.budget, self.seed)
-                row.ood[t.name] = self.suite.evaluate(backbone, probe, t, "test", self.budget)
+                row.ood[t.name] = evaluate(probe(t), t)
                 row.ood_metrics[t.name] = t.metric
 
 
