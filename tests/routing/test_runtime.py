@@ -6,9 +6,11 @@ import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neuromerge.errors import CheckpointError, CompatibilityError, ConfigError
@@ -480,3 +482,32 @@ def test_conv_experts_dense_and_lowrank_with_spatial_features() -> None:
     with pytest.raises(CompatibilityError, match="groups=1"):
         RoutedModel(copy.deepcopy(cnn), [LowRankExpert("x", {"2": (torch.ones(1, 18), torch.ones(4, 1))})],
                     router=None, policy=SoftGates(), feature_module=None)
+
+
+class _SamePaddedConv(nn.Conv2d):
+    """EfficientNet's ``Conv2dStaticSamePadding``: pads in ``forward`` (TF "same", stride 2), then a plain conv."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+def test_conv_experts_keep_a_padding_done_in_forward() -> None:
+    torch.manual_seed(1)
+    cnn = nn.Sequential(_SamePaddedConv(3, 4, 3, stride=2)).eval()
+    g = torch.Generator().manual_seed(4)
+    den = DenseExpert("d", {"0": torch.randn(4, 3, 3, 3, generator=g) * 0.3})
+    low = LowRankExpert("l", {"0": (torch.randn(2, 27, generator=g), torch.randn(4, 2, generator=g) * 0.3)})
+    ref = copy.deepcopy(cnn)
+    with torch.no_grad():
+        ref[0].weight.add_(0.5 * den.deltas["0"] + 0.5 * low.delta("0").reshape(4, 3, 3, 3))
+    routed = RoutedModel(copy.deepcopy(cnn), [den, low], router=None, policy=SoftGates(), feature_module=None)
+    x = torch.randn(2, 3, 16, 16, generator=g)  # the padded (8×8) and unpadded (7×7) outputs differ in size
+    with torch.no_grad(), routed.force(torch.tensor([[0.5, 0.5]])):
+        out = routed(x)
+    assert out.shape == ref(x).shape == (2, 4, 8, 8)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)

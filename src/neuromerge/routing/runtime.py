@@ -220,14 +220,22 @@ class RoutedConv2d(RoutedLinear):
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.reshape(flat.shape[0], *self.base_layer.weight.shape[1:])
 
+    def _conv_with(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """The base layer's own forward (so subclasses that pad in ``forward``, e.g. EfficientNet's static "same"
+        padding, keep their geometry) with ``kernel`` as its weight and no bias."""
+        params = {"weight": kernel}
+        if self.base_layer.bias is not None:
+            params["bias"] = kernel.new_zeros(kernel.shape[0])
+        return torch.func.functional_call(self.base_layer, params, (x,))
+
     def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self._kernel(a), None)
+        return self._conv_with(x, self._kernel(a))
 
     def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.conv2d(h, b[:, :, None, None])
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self._kernel(delta), None)
+        return self._conv_with(x, self._kernel(delta))
 
     def _gate_shape(self, cols: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return cols.to(h.dtype)[:, :, None, None]
