@@ -387,7 +387,7 @@ def test_emr_builder_oracle_equals_the_reconstructed_expert() -> None:
 
 
 # --- route build from a config: HF base folder + PEFT adapters + task files -----------------------------------
-def hf_fixture(tmp_path) -> tuple[dict[str, Any], list[nn.Module]]:
+def hf_fixture(tmp_path, targets: tuple[str, ...] = ("query", "value")) -> tuple[dict[str, Any], list[nn.Module]]:
     """A tiny BERT folder with a word-level tokenizer, two PEFT LoRA adapters (random B), a task file."""
     import json
 
@@ -405,7 +405,7 @@ def hf_fixture(tmp_path) -> tuple[dict[str, Any], list[nn.Module]]:
     g = torch.Generator().manual_seed(5)
     for t in range(2):
         model = BertModel.from_pretrained(base_dir)
-        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)))
         with torch.no_grad():
             for n, prm in peft_model.named_parameters():
                 if "lora_B" in n:
@@ -465,7 +465,7 @@ def test_route_build_wemoe_trains_routers_and_round_trips(tmp_path) -> None:
     from neuromerge.routing import load_routed
     from neuromerge.routing.cli import find_builder
 
-    cfg, _ = hf_fixture(tmp_path)
+    cfg, _ = hf_fixture(tmp_path, ("query", "value", "intermediate.dense"))  # WEMoE routes the MLPs
     cfg = {**cfg, "params": {"steps": 5, "batch_size": 4}}
     (tmp_path / "wemoe.yaml").write_text(yaml.safe_dump({"method": "wemoe", **cfg}))
     res = CliRunner().invoke(app, ["route", "build", str(tmp_path / "wemoe.yaml"), "-o", str(tmp_path / "wemoe")])
