@@ -46,6 +46,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromerge.errors import CheckpointError, CompatibilityError, ConfigError
+from neuromerge.search.encoding import canonicalize as canonical_labels  # restricted growth string
+from neuromerge.search.encoding import groups as label_groups  # groups of task indices, canonical order
 from neuromerge.tensors.quant import combine_errors, dequantize, quant_error, quantizable, quantize_per_channel
 
 from .components import components as ordered_components
@@ -63,20 +65,6 @@ DEFAULT_PERCENTILE = 99.9
 
 
 # ------------------------------------------------------------------------------------------- configurations
-
-
-def canonical_labels(labels: Sequence[int]) -> Labels:
-    """Restricted growth string (groups renumbered by first occurrence): ``[2, 2, 0] → (0, 0, 1)``."""
-    mapping: dict[int, int] = {}
-    return tuple(mapping.setdefault(int(v), len(mapping)) for v in labels)
-
-
-def label_groups(labels: Sequence[int]) -> list[list[int]]:
-    """Groups of task indices in canonical order: ``(0, 1, 0) → [[0, 2], [1]]``."""
-    out: dict[int, list[int]] = {}
-    for task, g in enumerate(canonical_labels(labels)):
-        out.setdefault(g, []).append(task)
-    return list(out.values())
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,17 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, title, grid and legend, then the PNG (no timestamp metadata: the file is reproducible)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
+
+
 def plot_front(archive: Sequence[Evaluation], path: str | Path, *,
                marks: Mapping[str, tuple[float, int]] | None = None, title: str = "Pareto front") -> Path:
     """Archive as a step line + points (storage vs score), plus labelled reference points.
@@ -47,13 +58,7 @@ def plot_front(archive: Sequence[Evaluation], path: str | Path, *,
     for i, (label, (f1, f2)) in enumerate(marks.items()):
         ax.scatter([f2 / scale], [f1], marker=markers[i % len(markers)], color=f"C{1 + i % 9}", s=60, zorder=4,
                    label=label)
-    ax.set_xlabel(f"storage ({unit})")
-    ax.set_ylabel("score (f1)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
-    return path
+    return _finish(fig, ax, f"storage ({unit})", "score (f1)", title, path)
 
 
 def plot_hypervolume(history: Mapping[int, Sequence[GenerationRecord]] | Sequence[GenerationRecord],
@@ -65,10 +70,4 @@ def plot_hypervolume(history: Mapping[int, Sequence[GenerationRecord]] | Sequenc
     ax = fig.add_subplot()
     for seed, recs in runs.items():
         ax.plot([r.n_evaluated for r in recs], [r.hypervolume for r in recs], marker=".", label=f"seed {seed}")
-    ax.set_xlabel("exact evaluations")
-    ax.set_ylabel("hypervolume")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
-    return path
+    return _finish(fig, ax, "exact evaluations", "hypervolume", title, path)
