@@ -137,10 +137,6 @@ def length_batches(seqs: Sequence[Sequence[Any]], batch_size: int) -> Iterator[l
         yield order[start: start + batch_size]
 
 
-class _Reached(Exception):
-    """Raised by :func:`module_output`'s hook to stop a forward pass once the wanted output exists."""
-
-
 def find_submodule(module: nn.Module, name: str) -> nn.Module:
     """``module.get_submodule(name)``, or inside a wrapper the shallowest submodule whose qualified name ends
     with ``"." + name`` (e.g. ``base.embeddings`` for ``embeddings``); a :class:`BenchError` if none or several."""
@@ -162,24 +158,12 @@ def module_output(module: nn.Module, name: str, inputs: dict[str, torch.Tensor])
     """The output of submodule ``name`` (:func:`find_submodule`) during ``module(**inputs)``. The pass stops
     right there (a forward hook raises after recording the output), so only the layers up to ``name`` run;
     hooks registered on that submodule before this call (e.g. a router's) still run first. Differentiable."""
+    from ..routing.runtime import output_of
     from .suites import BenchError
 
-    seen: list[Any] = []
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        seen.append(out)
-        raise _Reached
-
-    handle = find_submodule(module, name).register_forward_hook(hook)
-    try:
-        module(**inputs)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
+    out = output_of(module, find_submodule(module, name), inputs)
+    if out is None:
         raise BenchError(f"submodule {name!r} did not run in the forward pass of {type(module).__name__}")
-    out = seen[0]
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -454,10 +454,6 @@ def build_library(base: StateDict, experts: Sequence[StateDict], components: Map
 # ------------------------------------------------------------------------------------------ routed model
 
 
-class _Stop(Exception):
-    """Raised by the feature hook to end the cheap feature pass."""
-
-
 def _gather(parts: list[tuple[torch.Tensor, Any]]) -> Any:
     """Re-assemble per-group outputs in the original sample order (tensors along dim 0; dicts, HF ModelOutputs,
     tuples and lists field by field; None stays None)."""
@@ -526,29 +522,15 @@ class ChainRoutedModel(nn.Module):
     # -- routing -----------------------------------------------------------------------------------------
     def features(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """Router features ``(B, d)`` of the frozen backbone."""
-        from neuromerge.routing.runtime import pool_features
+        from neuromerge.routing.runtime import RoutingError, output_of, pool_features
 
         if self.feature_fn is not None:
             return self.feature_fn(self.backbone, kwargs)
-        seen: list[Any] = []
-
-        def hook(_m: nn.Module, _a: Any, out: Any) -> None:
-            seen.append(out)
-            raise _Stop
-
-        handle = self.backbone.get_submodule(self.feature_module).register_forward_hook(hook)  # type: ignore[arg-type]
-        try:
-            self.backbone(**kwargs)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not seen:
-            from neuromerge.routing.runtime import RoutingError
-
+        out = output_of(self.backbone, self.backbone.get_submodule(self.feature_module), kwargs)  # type: ignore[arg-type]
+        if out is None:
             raise RoutingError(f"feature module {self.feature_module!r} did not run in the backbone's forward")
         mask = kwargs.get(self.mask_kwarg)
-        return pool_features(seen[0], mask if isinstance(mask, torch.Tensor) else None)
+        return pool_features(out, mask if isinstance(mask, torch.Tensor) else None)
 
     def predict(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """Predicted task index per sample ``(B,)`` (argmax of the router's logits)."""
@@ -670,8 +652,8 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
         ROUTER_FILE,
         _base_path,
         _build_base,
-        _header_hash,
         _load_tensors,
+        _verify_base,
         read_manifest,
     )
     from neuromerge.routing.router import Router
@@ -696,11 +678,8 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
         if info.get("ref") is None and not info.get("embedded") and base is None:
             raise CheckpointError(f"{folder} names no base model; pass load_chain_routed(..., module=backbone)")
         path = _base_path(folder, info, base)
-        if check_hash and info.get("header_hash"):
-            found = _header_hash(path)
-            if found != info["header_hash"]:
-                raise CompatibilityError(f"base model {path} is not the one {folder} was built on (header hash "
-                                         f"{found[:12]}… ≠ {info['header_hash'][:12]}…)")
+        if check_hash:
+            _verify_base(path, info, folder)
         module = _build_base(path, info.get("class"))
     shapes = {n: list(t.shape) for n, t in module.state_dict().items()}
     wrong = sorted(n for n, s in info.get("shapes", {}).items() if shapes.get(n) != s)

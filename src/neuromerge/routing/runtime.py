@@ -241,6 +241,30 @@ class RoutedConv2d(RoutedLinear):
         return cols.to(h.dtype)[:, :, None, None]
 
 
+class _Reached(Exception):
+    """Raised by :func:`output_of`'s hook to stop a forward pass once the wanted output exists."""
+
+
+def output_of(model: nn.Module, submodule: nn.Module, kwargs: dict[str, Any]) -> Any:
+    """The output of ``submodule`` during ``model(**kwargs)``; the pass stops right there (a forward hook raises
+    after recording it), so only the layers up to ``submodule`` run. Hooks registered on ``submodule`` earlier still
+    run first. Returns None when ``submodule`` did not run."""
+    seen: list[Any] = []
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        seen.append(out)
+        raise _Reached
+
+    handle = submodule.register_forward_hook(hook)
+    try:
+        model(**kwargs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
 def pool_features(output: Any, mask: torch.Tensor | None) -> torch.Tensor:
     """Router features ``(B, d)`` (float32) from a module output.
 
