@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
 from .routed_methods import RouterParams
 
@@ -121,7 +122,6 @@ def make_problem(cfg: SearchRunConfig, *, progress: bool = False) -> Any:
     problem = MergeProblem(prep.suite, prep.base, prep.experts, prep.in_domain, prep.budget, ops=cfg.ops,
                            coefficients=cfg.coefficients, op_params=cfg.op_params, val_limit=cfg.val_limit,
                            quantize=cfg.quantize, percentile=cfg.percentile, component_overrides=cfg.components)
-    problem.prepared = prep  # type: ignore[attr-defined]
     return problem
 
 
@@ -139,15 +139,6 @@ def study_name(cfg: SearchRunConfig, fp: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ search
-def _reference_points(problem: Any) -> dict[str, tuple[float, int]]:
-    """The static merges of the space (:func:`~.merge_search.static_labels`) and "all separate": ``{label: (f1,
-    f2)}``."""
-    from .merge_search import static_labels
-
-    refs = [*static_labels(problem), ("all separate", problem.space.all_separate())]
-    return {name: (float(problem.evaluate(c)), int(problem.storage(c))) for name, c in refs}
-
-
 def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = False, progress: bool | None = None,
                      problem: Any = None) -> dict[str, Any]:
     """Run (or resume) the search of ``cfg`` into ``out``; returns the report (also written as ``report.json``)."""
@@ -185,11 +176,12 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
         bar(None)
     search_s = time.perf_counter() - t_search
     archive = non_dominated(result.archive)
-    refs = _reference_points(problem)
     rep = representative_points(archive)
     table = representative_table(problem, archive)
     for row in table:  # the same points on the test split, normalized by the experts' test accuracy (as the bench)
-        row["test_score"] = test_score(problem, SearchConfiguration.from_key(row["config"]))
+        row["test_score"] = problem.test_score(SearchConfiguration.from_key(row["config"]))
+    # the static merges of the space and "all separate" (evaluated once, in the table)
+    refs = {r["row"]: (r["score"], r["bytes"]) for r in table if r["row"] not in rep}
     plot_front(archive, out / "pareto.png", marks={**refs, **{f"{k} (front)": (e.f1, e.f2) for k, e in rep.items()}},
                title=f"MERGE on {cfg.suite}: mean normalized val. accuracy vs library bytes")
     plot_hypervolume({s: r.history for s, r in result.seeds.items()}, out / "hypervolume.png",
@@ -216,17 +208,6 @@ def run_merge_search(cfg: SearchRunConfig, out: str | Path, *, resume: bool = Fa
     }
     write_json(out / "report.json", report)
     return report
-
-
-def test_score(problem: Any, config: Any) -> float:
-    """Mean normalized *test* accuracy ``100 · acc_test(chain_t) / acc_test(expert_t)`` of a configuration (the
-    bench's metric, on the suite's test subset), for comparing search points with the bench's rows."""
-    prep = problem.prepared
-    lib = problem.library(config)
-    scores = [100.0 * prep.suite.evaluate(lib.chain(i), e.head, t, "test", prep.budget) / e.test_score
-              for i, (e, t) in enumerate(zip(problem.experts, problem.tasks, strict=True))]
-    lib.clear_cache()
-    return sum(scores) / len(scores)
 
 
 def _dominates(archive: list[Any], refs: dict[str, tuple[float, int]]) -> dict[str, bool]:
@@ -343,10 +324,9 @@ def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> P
     entry = choose_point(json.loads((folder / "pareto.json").read_text()), p.point, p.storage_mb)
     problem = make_problem(cfg)
     lib = problem.library(Configuration.from_search(problem.space, SearchConfiguration.from_key(entry["config"])))
-    prep = problem.prepared
-    suite = prep.suite
-    backbone = suite.module(prep.base)
-    fitted = fit_router(suite, backbone, prep.in_domain, prep.budget, p, p.seed)
+    suite = problem.suite
+    backbone = suite.module(problem.base)
+    fitted = fit_router(suite, backbone, problem.tasks, problem.suite_budget, p, p.seed)
     kwargs = routing_kwargs(suite, fitted.source)
     model = ChainRoutedModel(backbone, lib, fitted.router, **kwargs)
     extra = {"search": str(folder), "point": entry, "suite": cfg.suite, "router": fitted.meta,
@@ -355,10 +335,4 @@ def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> P
                              force=force)
 
 
-def register() -> None:
-    from ..routing.cli import register_builder
-
-    register_builder("merge", build_routed)
-
-
-register()
+register_builder("merge", build_routed)
