@@ -28,29 +28,12 @@ from neuromerge.routing.recombination import (
 from neuromerge.routing.router import train_router
 from neuromerge.tensors.quant import dequantize, quant_error, quantize_per_channel, row_percentile
 
+from .test_runtime import tiny_bert, tiny_llama  # the same tiny models as the runtime tests
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-# --- tiny models ------------------------------------------------------------------------------------------
-def tiny_bert(seed: int = 0) -> nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
-    return tf.BertModel(cfg).eval()
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    return tf.LlamaForCausalLM(cfg).eval()
-
-
+# --- tiny experts -----------------------------------------------------------------------------------------
 def experts_of(base: dict[str, torch.Tensor], n: int, seed: int = 1, scale: float = 0.02) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
