@@ -214,6 +214,21 @@ def _verify_base(path: Path, info: dict[str, Any], folder: Path) -> None:
                                      f"{found[:12]}… ≠ {info['header_hash'][:12]}…)")
 
 
+def _base_module(folder: Path, info: dict[str, Any], base: str | os.PathLike[str] | None,
+                 module: torch.nn.Module | None, check_hash: bool, loader: str) -> tuple[torch.nn.Module, Path]:
+    """``(module, where)``: the given ``module``, else the base built from the folder's embedded / referenced base
+    (``base`` overrides its location; header hash checked unless ``check_hash`` is False). ``loader`` names the
+    function the error message points to when the folder names no base."""
+    if module is not None:
+        return module, Path("module=")
+    if info.get("ref") is None and not info.get("embedded") and base is None:
+        raise CheckpointError(f"{folder} names no base model; pass {loader}(..., module=backbone)")
+    path = _base_path(folder, info, base)
+    if check_hash:
+        _verify_base(path, info, folder)
+    return _build_base(path, info.get("class")), path
+
+
 def _check_shapes(model: torch.nn.Module, shapes: dict[str, list[int]], where: Path) -> None:
     params = dict(model.named_parameters())
     for name, shape in shapes.items():

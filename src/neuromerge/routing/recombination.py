@@ -650,10 +650,8 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
     from neuromerge.routing.folder import (
         MANIFEST,
         ROUTER_FILE,
-        _base_path,
-        _build_base,
+        _base_module,
         _load_tensors,
-        _verify_base,
         read_manifest,
     )
     from neuromerge.routing.router import Router
@@ -674,13 +672,7 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
         router.load_state_dict(_load_tensors(folder / ROUTER_FILE))
         router.eval()
     info = doc["base"]
-    if module is None:
-        if info.get("ref") is None and not info.get("embedded") and base is None:
-            raise CheckpointError(f"{folder} names no base model; pass load_chain_routed(..., module=backbone)")
-        path = _base_path(folder, info, base)
-        if check_hash:
-            _verify_base(path, info, folder)
-        module = _build_base(path, info.get("class"))
+    module, _ = _base_module(folder, info, base, module, check_hash, "load_chain_routed")
     shapes = {n: list(t.shape) for n, t in module.state_dict().items()}
     wrong = sorted(n for n, s in info.get("shapes", {}).items() if shapes.get(n) != s)
     if wrong:

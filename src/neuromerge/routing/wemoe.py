@@ -44,13 +44,13 @@ from neuromerge.routing.folder import (
     MANIFEST,
     ROUTER_FILE,
     VERSION,
+    _base_module,
     _base_path,
     _build_base,
     _check_shapes,
     _copy_tokenizer,
     _header_hash,
     _load_tensors,
-    _verify_base,
     read_manifest,
 )
 
@@ -154,14 +154,7 @@ def _backbone(folder: Path, doc: dict[str, Any], base: str | os.PathLike[str] | 
     """The base module of the folder: ``module``, else built from the embedded / referenced base (its header hash
     checked); the routed linears' shapes checked."""
     info = doc["base"]
-    where = Path("module=")
-    if module is None:
-        if info.get("ref") is None and not info.get("embedded") and base is None:
-            raise CheckpointError(f"{folder} names no base model; pass load_wemoe(..., module=backbone)")
-        where = _base_path(folder, info, base)
-        if check_hash:
-            _verify_base(where, info, folder)
-        module = _build_base(where, info.get("class"))
+    module, where = _base_module(folder, info, base, module, check_hash, "load_wemoe")
     _check_shapes(module, info.get("shapes", {}), where)
     return module
 
