@@ -40,3 +40,10 @@ def text_bench_cache(tmp_path_factory) -> Path:
     """One expert cache for the slow text-suite CLI tests (the quick bench trains the experts, the search reuses
     them): starts empty, so the first test proves the cold path."""
     return tmp_path_factory.mktemp("text-bench-cache")
+
+
+@pytest.fixture(scope="session")
+def llm_bench_cache(tmp_path_factory) -> Path:
+    """One cache for the llm-suite tests: the GGUF is converted into it once (``test_llm.py``), and the
+    ``--quick`` end-to-end run trains its experts there (it converts on its own when run alone)."""
+    return tmp_path_factory.mktemp("llm-bench-cache")

@@ -183,7 +183,7 @@ def _describe(cls: Any) -> dict[str, Any]:
 @app.command()
 def bench(
     suite: Annotated[str, typer.Argument(help="suite: text, vision or llm")],
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: every registered one)")]
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: every static one; llm --quick: TA, TIES, NeuroMerging)")]
     = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="small subsets, short training, capped grids")] = False,

@@ -33,13 +33,13 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 
 
 @pytest.fixture(scope="session")
-def gguf_and_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path]]:
+def gguf_and_folder(llm_bench_cache: Path) -> Iterator[tuple[object, Path]]:
     """The GGUF-loaded model and the converted folder, in a temporary cache for the whole session.
 
     One intra-op thread: on a 2-core machine shared with other jobs, 2 threads make the Llama forward's many small
     element-wise ops wait at OpenMP barriers (this file: ~55 s with 1 thread, ~3.5 min with 2 under load)."""
     old, threads = os.environ.get("NEUROMERGE_CACHE"), torch.get_num_threads()
-    os.environ["NEUROMERGE_CACHE"] = str(tmp_path_factory.mktemp("nmcache"))
+    os.environ["NEUROMERGE_CACHE"] = str(llm_bench_cache)
     torch.set_num_threads(1)
     try:
         gguf = lm.load_gguf_model()

@@ -105,6 +105,9 @@ class LLMSuite(Suite):
                                   "subjectivity, BBC topic, chatterbot topic as label-word instructions; OOD: "
                                   "debate party (zero-shot), chatterbot dialogue perplexity")
     modes: ClassVar[tuple[str, ...]] = ("lora",)
+    #: every evaluation is a forward of a 135M-parameter LM (~10 s per method on the test splits): a ``--quick``
+    #: run without ``--methods`` runs these three (the full static set takes ~285 s with the experts cached)
+    quick_methods: ClassVar[tuple[str, ...] | None] = ("task_arithmetic", "ties", "neuromerging")
 
     def __init__(self, settings: lm.LoraSettings | None = None, split_seed: int = 0, rebuild: bool = False) -> None:
         self.settings = settings or lm.LoraSettings()

@@ -673,11 +673,16 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     import datetime
     import sys
 
+    from .suites import get_suite
+
     t_start = time.perf_counter()
     clock = Clock()
     bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
+    s = suite if isinstance(suite, Suite) else get_suite(suite)
+    if methods is None and model is None and quick and s.quick_methods is not None:
+        methods = list(s.quick_methods)
     specs = resolve_methods(methods) if (methods is not None or model is None) else []
-    prep = prepare_suite(suite, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
+    prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
                          clock=clock, bar=bar, need_experts=model is None or bool(specs))
     s, budget, base, chosen = prep.suite, prep.budget, prep.base, prep.chosen
     # checked before training: a merged model folder (its backbone tensors) or a routed-model folder (a module)

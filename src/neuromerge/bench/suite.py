@@ -174,6 +174,8 @@ class Suite(ABC):
     description: ClassVar[str]
     #: expert fine-tuning modes this suite supports; the first is the default for static merges
     modes: ClassVar[tuple[str, ...]] = ("full", "lora")
+    #: methods of a ``--quick`` run that names none (None: every registered static method, as a normal run)
+    quick_methods: ClassVar[tuple[str, ...] | None] = None
 
     @abstractmethod
     def budget(self, quick: bool) -> Budget:

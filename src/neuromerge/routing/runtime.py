@@ -52,6 +52,23 @@ def _expand(cols: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(cols.shape[0], *([1] * (x.dim() - 2)), cols.shape[1])
 
 
+@dataclass(frozen=True)
+class _ColumnGates:
+    """Gates of the rank columns a batch uses: ``gates (B, K)`` for the columns ``index`` of ``A_cat`` / ``B_cat``
+    (None: all of them, in order). Columns whose gate is zero for every sample are left out."""
+
+    gates: torch.Tensor
+    index: torch.Tensor | None
+
+    @classmethod
+    def of(cls, rank_gates: torch.Tensor) -> _ColumnGates:
+        active = rank_gates.ne(0).any(dim=0)
+        if bool(active.all()):
+            return cls(rank_gates, None)
+        index = active.nonzero().squeeze(1)
+        return cls(rank_gates.index_select(1, index), index)
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The same stored values: the same object, or a view of the same memory with equal layout."""
     return a is b or (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
@@ -123,14 +140,34 @@ class RoutedLinear(nn.Module):
         self._segment_experts = [m[0] for m, _, _ in self.segments] if self._singletons else []
         self._segment_ranks = [a1 - a0 for _, a0, a1 in self.segments]
         self.register_buffer("lora_A", a_cat.contiguous(), persistent=False)
-        self.register_buffer("lora_B", b_cat.contiguous(), persistent=False)
+        # (out, ΣR) stored column-major: its rank columns are contiguous rows of lora_B.t(), so selecting the active
+        # columns is a row gather and the up-projection one GEMM with a contiguous (ΣR', out) operand
+        self.register_buffer("lora_B", b_cat.t().contiguous().t(), persistent=False)
         dense_groups = _group_shared([(j, (d,)) for j, d in dense])
         self.dense_groups: list[tuple[int, ...]] = [members for members, _ in dense_groups]
         stacked = (torch.stack([d.to(**like).reshape(out_f, in_f) for _, (d,) in dense_groups]) if dense_groups
                    else w.new_zeros(0, out_f, in_f))
         self.register_buffer("dense_delta", stacked, persistent=False)
-        self.gates: torch.Tensor | None = None
+        #: key of the rank-column layout: layers with equal keys share one :class:`_ColumnGates` per routing
+        self._layout = (tuple(m for m, _, _ in self.segments), tuple(self._segment_ranks))
+        self._gates: torch.Tensor | None = None
+        self._shared: dict[Any, _ColumnGates] = {}
         self.pending: str | None = None  # name of the feature module that must run first, while it has not
+
+    @property
+    def gates(self) -> torch.Tensor | None:
+        """``(B, E)`` expert gates of the current batch (None: all zero)."""
+        return self._gates
+
+    @gates.setter
+    def gates(self, value: torch.Tensor | None) -> None:
+        self.set_gates(value)
+
+    def set_gates(self, value: torch.Tensor | None, shared: dict[Any, _ColumnGates] | None = None) -> None:
+        """Set the gates; ``shared``: a dict that every layer given the same gates receives, so that the column
+        gates of a rank layout are derived once per routing, not once per layer."""
+        self._gates = value
+        self._shared = {} if shared is None else shared
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,12 +184,9 @@ class RoutedLinear(nn.Module):
         return (f"experts={self.n_experts}, low_rank={[(m, b - a) for m, a, b in self.segments]}, "
                 f"dense={self.dense_groups}")
 
-    # the three products and the gate layout; RoutedConv2d overrides them
+    # the three products (down, up: _add_up, dense) and the gate layout; RoutedConv2d overrides them
     def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.linear(x, a)
-
-    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, b)
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
@@ -181,20 +215,36 @@ class RoutedLinear(nn.Module):
         ranks = torch.tensor(self._segment_ranks, device=g.device)
         return seg.repeat_interleave(ranks, dim=1)
 
+    def _column_gates(self, g: torch.Tensor) -> _ColumnGates:
+        """The active rank columns and their gates for ``g``, from the routing's shared dict when a layer of the
+        same layout derived them already."""
+        cols = self._shared.get(self._layout)
+        if cols is None:
+            cols = _ColumnGates.of(self._rank_gates(g.to(self.lora_A.dtype)))
+            self._shared[self._layout] = cols
+        return cols
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+        """``y + h B``, with ``b_rows = Bᵀ (R, out)``, accumulated into ``y`` (the base layer's fresh output) by
+        one GEMM."""
+        if y.dim() == 1:
+            return y.addmv_(b_rows.t(), h)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_rows)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         g = self._batch_gates(x)
         if g is None:
             return y
         if self.segments:
-            gr = self._rank_gates(g.to(self.lora_A.dtype))  # (B, ΣR): gates over each rank segment
-            active = gr.ne(0).any(dim=0)
-            if bool(active.any()):
-                a_cat, b_cat = self.lora_A, self.lora_B
-                if not bool(active.all()):
-                    a_cat, b_cat, gr = a_cat[active], b_cat[:, active], gr[:, active]
+            cols = self._column_gates(g)  # (B, ΣR'): gates of the rank columns some sample of the batch uses
+            if cols.gates.shape[1]:
+                a_cat, b_rows = self.lora_A, self.lora_B.t()
+                if cols.index is not None:
+                    a_cat, b_rows = a_cat.index_select(0, cols.index), b_rows.index_select(0, cols.index)
                 h = self._down(x, a_cat)
-                y = y + self._up(h * self._gate_shape(gr, h), b_cat)
+                y = self._add_up(y, h.mul_(self._gate_shape(cols.gates, h)), b_rows)
         for d, members in enumerate(self.dense_groups):
             col = g[:, list(members)].sum(dim=1, keepdim=True)
             if bool(col.ne(0).any()):
@@ -231,14 +281,15 @@ class RoutedConv2d(RoutedLinear):
     def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self._conv_with(x, self._kernel(a))
 
-    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(h, b[:, :, None, None])
-
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self._conv_with(x, self._kernel(delta))
 
     def _gate_shape(self, cols: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return cols.to(h.dtype)[:, :, None, None]
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+        """``y + conv1x1(h, B)``."""
+        return y.add_(F.conv2d(h, b_rows.t()[:, :, None, None]))
 
 
 class _Reached(Exception):
@@ -474,8 +525,10 @@ class RoutedModel(nn.Module):
 
     # --- routing ------------------------------------------------------------------------------------------
     def _set_layers(self, gates: dict[str, torch.Tensor] | torch.Tensor | None, pending: str | None) -> None:
+        shared: dict[Any, dict[Any, _ColumnGates]] = {}  # per gates object: layout → column gates
         for name, layer in self._layers.items():
-            layer.gates = gates.get(name) if isinstance(gates, dict) else gates
+            g = gates.get(name) if isinstance(gates, dict) else gates
+            layer.set_gates(g, None if g is None else shared.setdefault(id(g), {}))
             layer.pending = pending
 
     def _route(self, probs: torch.Tensor) -> None:
