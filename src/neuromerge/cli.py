@@ -41,7 +41,7 @@ def merge(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
     = False,
-    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 16,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 8,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
     output_format: Annotated[str | None, typer.Option(
         "--output-format", help="full (a model folder) or lora (a PEFT adapter; every model must be a LoRA "
@@ -183,8 +183,8 @@ def _describe(cls: Any) -> dict[str, Any]:
 @app.command()
 def bench(
     suite: Annotated[str, typer.Argument(help="suite: text, vision or llm")],
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: every static one; llm --quick: TA, TIES, NeuroMerging)")]
-    = None,
+    methods: Annotated[str | None, typer.Option(
+        help="comma-separated methods (default: every static one; llm --quick: TA, TIES, NeuroMerging)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="small subsets, short training, capped grids")] = False,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="report folder (default bench-results/SUITE-TIME)")]
@@ -220,7 +220,7 @@ def inspect(
     quick: Annotated[bool, typer.Option("--quick", help="the suite's quick budget (with --suite)")] = False,
     seed: Annotated[int, typer.Option(help="the suite's expert seed (with --suite)")] = 0,
     threads: Annotated[int | None, typer.Option(help="worker threads (default: CPU cores)", min=1)] = None,
-    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 16,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 8,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
     = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,

