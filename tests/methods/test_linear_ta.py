@@ -131,3 +131,22 @@ def test_task_arithmetic_matches_mergekit(run_method, lam, normalize):
     per_model = [{"weight": w} for w in WEIGHTS]
     ours, _ = run_method("task_arithmetic", BASE, MODELS, {"lambda": lam, "normalize": normalize}, per_model)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_task_arithmetic_estimates_sign_conflicts_on_every_16th_row_whatever_the_chunking(run_method):
+    base = rand((80, 7), 10)
+    models = [base + rand((80, 7), 11 + i) for i in range(3)]
+    deltas = [(m - base).numpy() for m in models]
+
+    def conflicts(rows: list[int]) -> int:
+        return sum(1 for r in rows for c in range(7)
+                   if any(d[r, c] > 0 for d in deltas) and any(d[r, c] < 0 for d in deltas))
+
+    _, whole = run_method("task_arithmetic", base, models, {}, [{}] * 3)
+    assert whole.report["sign_conflict"] == pytest.approx(conflicts([0, 16, 32, 48, 64]) / (5 * 7))
+    # a row chunk samples the same global rows: (13, 80) holds 16, 32, 48, 64 (its local rows 3, 19, 35, 51)
+    _, second = run_method("task_arithmetic", base, models, {}, [{}] * 3, rows=(13, 80))
+    assert second.report["sign_conflict"] == pytest.approx(conflicts([16, 32, 48, 64]) / (4 * 7))
+    # a chunk without a sampled row is counted whole
+    _, third = run_method("task_arithmetic", base, models, {}, [{}] * 3, rows=(1, 13))
+    assert third.report["sign_conflict"] == pytest.approx(conflicts(list(range(1, 13))) / (12 * 7))
