@@ -8,8 +8,12 @@ arXiv 2106.09685; per-sample gating as in Twin-Merging, arXiv 2406.15479, and MI
 
 computed in one pass for the low-rank experts: ``A_cat = [A_1; …; A_E] (ΣR, in)`` and ``B_cat = [B_1 … B_E]
 (out, ΣR)`` are concatenated once, then per batch ``h = x A_catᵀ``, ``h ← h ⊙ ĝ`` with ``ĝ`` the gates expanded
-over each expert's rank segment, and ``y += h B_catᵀ``. No weight is materialized; rank segments (and dense
+over each expert's rank segment, and ``y += h B_catᵀ`` (one in-place GEMM into the base output; ``B_cat`` is stored
+column-major so that its active columns are a row gather). No weight is materialized; rank segments (and dense
 experts) whose gate column is zero for the whole batch are skipped, and all-zero gates give exactly ``W0 x + b``.
+The active columns and their gates are derived once per routing for all layers of the same rank layout (the
+layers share a dict with the gates they are given), not once per layer: at batch 1 that bookkeeping, not the
+arithmetic, was most of the routed model's extra latency.
 A tensor given (as the same object) for several experts is stored and computed once, gated by the sum of their
 gates (MERGE's shared modules: samples routed to experts that share a module run it together).
 
@@ -218,10 +222,11 @@ class RoutedLinear(nn.Module):
     def _column_gates(self, g: torch.Tensor) -> _ColumnGates:
         """The active rank columns and their gates for ``g``, from the routing's shared dict when a layer of the
         same layout derived them already."""
-        cols = self._shared.get(self._layout)
+        key = (self._layout, self.lora_A.dtype, self.lora_A.device)
+        cols = self._shared.get(key)
         if cols is None:
-            cols = _ColumnGates.of(self._rank_gates(g.to(self.lora_A.dtype)))
-            self._shared[self._layout] = cols
+            cols = _ColumnGates.of(self._rank_gates(g.to(device=self.lora_A.device, dtype=self.lora_A.dtype)))
+            self._shared[key] = cols
         return cols
 
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
