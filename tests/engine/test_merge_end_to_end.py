@@ -242,3 +242,23 @@ def test_per_tensor_trim_is_never_row_chunked(tmp_path: Path, method: str) -> No
     expected = merge_state_dicts(method, base, [load_file(str(p)) for p in paths[1:]],
                                  parameters={"density": 0.2, "scope": "tensor"})
     assert torch.equal(outs[0]["w.weight"], expected["w.weight"].to(outs[0]["w.weight"].dtype))
+
+
+def test_console_entry_point_exits_with_the_command_status(make_family, tmp_path: Path) -> None:
+    """``neuromerge merge`` as a process (``main`` ends it with ``os._exit`` after the command returned): a merge
+    exits 0 with its output complete and its summary printed; a bad config exits 2 with the error on stderr."""
+    import subprocess
+    import sys
+
+    base, experts = make_family("llama", n_experts=2)
+    cfg = write_config(tmp_path / "ta.yaml", "task_arithmetic", base, experts)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "neuromerge.cli", "merge"]
+    ok = subprocess.run([*cmd, str(cfg), "-o", str(out), "--no-progress"], capture_output=True, text=True,
+                        timeout=300, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "merged" in ok.stdout and json.loads((out / "merge_report.json").read_text())["summary"]
+    assert _load_dir(out).keys() == _load_dir(base).keys()
+    bad = subprocess.run([*cmd, str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o2")], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "o2").exists()
