@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import MergeConfig, load_config
 from ..engine.memory import retain_freed_memory
-from ..engine.plan import MergePlan
+from ..engine.plan import DEFAULT_CHUNK_ELEMENTS, MergePlan
 from ..engine.run import Progress, prepare, single_threaded_torch
 from ..errors import ConfigError
 from .components import block_order, component_of, component_order
@@ -41,7 +41,7 @@ ConfigSource = MergeConfig | dict[str, Any] | str | Path
 
 def inspect(config: ConfigSource | None, out: str | Path | None = None, *, density: float = 0.2,
             threads: int | None = None, suite: str | None = None, quick: bool = False, seed: int = 0,
-            figures: bool = True, chunk_elements: int = 1 << 21, allow_download: bool = False,
+            figures: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, allow_download: bool = False,
             progress: bool | None = None) -> InspectReport:
     """Inspect the pool of ``config`` (YAML path, dict or MergeConfig; it needs a ``base_model``).
 

@@ -40,7 +40,7 @@ def trim(x: torch.Tensor, threshold: float) -> torch.Tensor:
     Computed as ``hardshrink(x, t⁻)`` (keeps ``|x| > t⁻``) with ``t⁻`` the largest value of ``x``'s dtype below
     ``threshold``, which keeps exactly ``|x| >= threshold``: one vectorized pass, ~5× faster on CPU than a boolean
     mask times ``x`` (float ⊙ bool runs a type-promoting copy). Dropped entries are ``+0.0``."""
-    if not x.dtype.is_floating_point or x.dtype == torch.float64:
+    if not x.dtype.is_floating_point:
         return x * threshold_mask(x, threshold)
     if threshold <= 0.0:
         return x.clone()
