@@ -9,7 +9,7 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: setup test lint postgres-server demo demo-merge bench-speed clean
 
-$(STAMP): pyproject.toml constraints.txt requirements-assets.txt
+$(STAMP): pyproject.toml setup.py src/neuromerge/kernels/_fused.c constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0

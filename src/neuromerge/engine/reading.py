@@ -46,6 +46,18 @@ def read_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, allo
     return base, models
 
 
+def read_stored_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base and every model's copy of one chunk in canonical layout, in the checkpoints' dtype when they share
+    bfloat16 or float32 (the fused kernels' inputs), else all as float32. Not checked for NaN/Inf: the kernels
+    count them and the caller then reads through :func:`read_all`, which does."""
+    names = [(pool.base, plan.name), *zip(pool.models, plan.sources, strict=True)]
+    raw = [to_canonical(ckpt.read(name, rows), plan.layout) for ckpt, name in names]
+    if len({t.dtype for t in raw}) != 1 or raw[0].dtype not in (torch.bfloat16, torch.float32):
+        raw = [t.float() for t in raw]
+    return raw[0], raw[1:]
+
+
 def chunk_rows(plan: TensorPlan, chunk: tuple[int, int]) -> tuple[int, int] | None:
     """Rows argument for a reader: None when the chunk is the whole tensor (0-d and transposed tensors too)."""
     if not plan.shape or (chunk == (0, plan.shape[0]) and plan.extra_rows is None):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import kernels
 from ..config import MergeConfig, ParamResolver, load_config
 from ..errors import ConfigError, NeuromergeError
 from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_report, write_adapter
@@ -32,7 +33,7 @@ from ..tensors import rng
 from .layout import from_canonical
 from .memory import retain_freed_memory
 from .plan import DEFAULT_CHUNK_ELEMENTS, MergePlan, TensorPlan, build_plan, open_pool, split_rows
-from .reading import all_finite, chunk_rows, read_all
+from .reading import all_finite, chunk_rows, read_all, read_stored_all
 from .report import write_reports
 from .stats import global_thresholds
 
@@ -211,10 +212,15 @@ def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[Tenso
         return read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=plan.config.allow_nonfinite,
                         device=device)
 
+    def read_stored(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tp, chunk = jobs[i]
+        return read_stored_all(plan.pool, tp, chunk_rows(tp, chunk))
+
     params, _ = resolver.resolve(plan.merged[0].name)
     return global_thresholds(
         range(len(jobs)), read, densities, executor=pool,
         progress=lambda it: bar(it, len(jobs), "statistics"), l1=plan.method.needs_l1_mass(params),
+        read_stored=read_stored if device.type == "cpu" and kernels.available() else None,
     )
 
 
@@ -222,12 +228,24 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
                  stats: GlobalStats | None, writer: ShardedWriter | LoraSink, device: torch.device
                  ) -> tuple[str, int, dict[str, float]]:
     rows = chunk_rows(tp, chunk)
-    base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
-    base_rows = base.clone() if isinstance(writer, LoraSink) else base  # a method may work in place on x.base
     params, per_model = resolver.resolve(tp.name)
     full_shape = _canonical_shape(tp)
-    row_numel = int(base[0].numel()) if base.dim() == 2 else 1
+    storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
     seed, method_name = plan.config.seed, plan.method.name
+    if isinstance(writer, ShardedWriter) and device.type == "cpu" and plan.method.fuses(params, per_model):
+        base, models = read_stored_all(plan.pool, tp, rows)
+        x = MergeInput(name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
+                       params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape)
+        fused = plan.method.merge_fused(x, tp.out_dtype)
+        if fused is not None:
+            merged, nonfinite = fused
+            if nonfinite and not plan.config.allow_nonfinite:
+                raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
+            writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype), rows)
+            return tp.name, int(merged.numel()), dict(x.report)
+    base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
+    base_rows = base.clone() if isinstance(writer, LoraSink) else base  # a method may work in place on x.base
+    row_numel = int(base[0].numel()) if base.dim() == 2 else 1
 
     def uniform(model_index: int, shape: tuple[int, ...]) -> torch.Tensor:
         return rng.draw(seed, method_name, tp.name, model_index, chunk[0] * row_numel, shape).to(device)
@@ -242,7 +260,6 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
                               f"expected {list(base.shape)}")
     if not plan.config.allow_nonfinite and not all_finite(merged):
         raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
-    storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
     if isinstance(writer, LoraSink):  # fp32 rows: ΔW = merged − base is formed before any rounding to the dtype
         writer.add(tp.name, from_canonical(merged, tp.layout, storage_shape).to(device="cpu", dtype=torch.float32),
                    from_canonical(base_rows, tp.layout, storage_shape).cpu(), rows)

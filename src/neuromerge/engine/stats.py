@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .. import kernels
 from ..methods import GlobalStats
 from ..tensors.selection import kept_count
 
@@ -77,6 +78,25 @@ def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Se
     return out
 
 
+def _stored_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Sequence[int | None] | None,
+                       l1: bool) -> list[tuple[np.ndarray, np.ndarray | None] | None] | None:
+    """The high (``bins`` None) or low histograms by the fused kernel, from the checkpoints' dtype; None when the
+    kernels cannot take these inputs or one holds NaN/Inf (then the fp32 path decides)."""
+    if not kernels.supports(base, models):
+        return None
+    out: list[tuple[np.ndarray, np.ndarray | None] | None] = []
+    for t, m in enumerate(models):
+        if bins is not None and bins[t] is None:
+            out.append(None)
+            continue
+        h = kernels.abs_histogram(base, m, high_bin=None if bins is None else bins[t], with_mass=l1,
+                                  piece=MASS_PIECE)
+        if h is None:
+            return None
+        out.append(h)
+    return out
+
+
 def _select(counts: np.ndarray, k: int) -> tuple[int, int]:
     """Bin holding the ``k``-th largest entry (counting from the top) and the rank ``r`` inside it."""
     above = np.cumsum(counts[::-1])[::-1] - counts  # entries in strictly higher bins
@@ -90,14 +110,20 @@ def _bits_to_float(bits: int) -> float:
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
                       executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable] = iter,
-                      l1: bool = True) -> GlobalStats:
-    """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models); with ``l1``
-    also the float64 L1 mass below the threshold and in total."""
+                      l1: bool = True, read_stored: ChunkReader | None = None) -> GlobalStats:
+    """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models, fp32); with
+    ``l1`` also the float64 L1 mass below the threshold and in total. With ``read_stored`` (the chunk in the
+    checkpoints' dtype) the histograms come from the fused kernel, bitwise equal; ``read`` then serves only chunks
+    the kernel declines (a NaN/Inf, which ``read`` reports)."""
     n_models = len(densities)
     high_c = [np.zeros(HIGH_BINS, np.int64) for _ in range(n_models)]
     high_s = [np.zeros(HIGH_BINS, np.float64) for _ in range(n_models)]
 
-    def pass1(job: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def pass1(job: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        if read_stored is not None:
+            hists = _stored_histograms(*read_stored(job), None, l1)
+            if hists is not None:
+                return hists  # type: ignore[return-value]
         base, models = read(job)
         return _high_histograms(base, models, l1)
 
@@ -125,7 +151,11 @@ def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequenc
     low_s = [np.zeros(LOW_BINS, np.float64) for _ in range(n_models)]
     if any(b is not None for b in bins):
 
-        def pass2(job: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        def pass2(job: int) -> list[tuple[np.ndarray, np.ndarray | None] | None]:
+            if read_stored is not None:
+                hists = _stored_histograms(*read_stored(job), bins, l1)
+                if hists is not None:
+                    return hists
             base, models = read(job)
             return _low_histograms(base, models, bins, l1)
 

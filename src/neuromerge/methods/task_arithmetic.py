@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from pydantic import Field, model_validator
 
+from .. import kernels
 from ..errors import ConfigError
 from ..tensors.consensus import SignMethod, elect_sign
 from ..tensors.sparsify import (
@@ -25,6 +26,7 @@ from ..tensors.sparsify import (
     elect_sign_positive,
     nonzero_fraction,
     sampled_sign_conflict_rate,
+    sign_conflict_sample,
 )
 from .base import MergeInput, MergeMethod, MethodParams
 from .registry import method
@@ -154,7 +156,7 @@ class TaskVectorMerge(MergeMethod[P]):
             # Σ_t w_t τ_t accumulated in place, in model order (no (T, ...) stack)
             mixed = taus[0] * weights[0]
             for w, tau in zip(weights[1:], taus[1:], strict=True):
-                mixed.add_(tau, alpha=w)
+                mixed.add_(tau * w if w != 1.0 else tau)  # product, then sum: no fused multiply-add
             if params.normalize:
                 mixed.div_(weight_sum(weights))
             total_rows = x.full_shape[0] if x.full_shape else None
@@ -163,7 +165,8 @@ class TaskVectorMerge(MergeMethod[P]):
             raise TypeError(f"{type(self).__name__}.Params must derive from a combine parameter model")
         if self.sparsifying:
             x.report["kept_density"] = nonzero_fraction(taus)
-        return torch.add(x.base, mixed, alpha=params.lam)
+        # θ0 + (λ τ_m): two roundings, as the fused kernels (torch's add(alpha=) may fuse them into one)
+        return torch.add(x.base, mixed.mul_(params.lam))
 
 
 @method
@@ -179,3 +182,25 @@ class TaskArithmetic(TaskVectorMerge[LinearCombineParams]):
     summary = "θ0 + λ Σ w_t τ_t"
     source = "Ilharco et al. 2023, arXiv 2212.04089; mergekit task_arithmetic"
     chunkable = True
+
+    def fuses(self, params: LinearCombineParams, per_model: Sequence[LinearCombineParams]) -> bool:
+        return kernels.available()
+
+    def merge_fused(self, x: MergeInput[LinearCombineParams], out_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, int] | None:
+        """:meth:`merge` in one pass (:func:`neuromerge.kernels.linear`), the same sampled sign-conflict rows."""
+        if not kernels.supports(x.base, x.models):
+            return None
+        rows = x.base.shape[0] if x.base.dim() >= 2 else 1
+        first, step = sign_conflict_sample(x.base.dim(), rows, x.rows[0], x.full_shape[0] if x.full_shape else None)
+        weights = x.weights
+        res = kernels.linear(
+            x.base, x.models, weights, x.params.lam, normalize_by=weight_sum(weights) if x.params.normalize else None,
+            out_dtype=out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32,
+            row_len=x.base.numel() // max(1, rows), sample_first=first, sample_stride=step,
+        )
+        if res.out is None:
+            return None
+        sampled = res.counts["sampled"]
+        x.report["sign_conflict"] = res.counts["conflicts"] / sampled if sampled else 0.0
+        return res.out, res.nonfinite_out

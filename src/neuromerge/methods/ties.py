@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from .. import kernels
 from ._common import TrimScope, trimmed_deltas
 from .base import MergeInput
 from .registry import method
-from .task_arithmetic import ConsensusCombineParams, TaskVectorMerge
+from .task_arithmetic import ConsensusCombineParams, TaskVectorMerge, require_whole_tensor
 
 
 def density_field(default: float, note: str) -> Any:
@@ -71,3 +72,34 @@ class Ties(TaskVectorMerge[TiesParams]):
             # mergekit: a positive density keeps at least one entry of each tensor, k = max(1, ⌊d·n⌋)
             densities = [max(d, 1.0 / x.base.numel()) for d in densities]
         return trimmed_deltas(x, densities, x.params.scope)
+
+    def fuses(self, params: TiesParams, per_model: Sequence[TiesParams]) -> bool:
+        """The fused kernel trims by given thresholds: global ones from the statistics pass (or none, density 1)."""
+        return kernels.available() and (params.scope == "global" or all(p.density >= 1.0 for p in per_model))
+
+    def merge_fused(self, x: MergeInput[TiesParams], out_dtype: torch.dtype) -> tuple[torch.Tensor, int] | None:
+        """:meth:`merge` in one pass (:func:`neuromerge.kernels.ties`)."""
+        p = x.params
+        for reason in self.whole_tensor_reasons(p):
+            require_whole_tensor(x, f"{self.name} with {reason}")
+        if not self.fuses(p, x.per_model) or not kernels.supports(x.base, x.models):
+            return None
+        densities = [m.density for m in x.per_model]
+        if any(d < 1.0 for d in densities) and x.stats is None:  # pragma: no cover - the engine computes them
+            raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
+        thresholds = [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
+        res = kernels.ties(
+            x.base, x.models, x.weights, thresholds, p.lam, sign_count=p.sign_method == "count",
+            zero_sign=None if p.zero_sign == "majority" else 1.0, variant=p.variant,
+            out_dtype=out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32,
+        )
+        if res.out is None:
+            return None
+        n = x.base.numel()
+        x.report["sign_conflict"] = res.counts["conflicts"] / n if n else 0.0
+        if n:
+            fractions = [res.counts[f"kept_{t}"] / n for t in range(len(x.models))]
+            x.report["kept_density"] = sum(fractions) / len(fractions)
+        else:
+            x.report["kept_density"] = 0.0
+        return res.out, res.nonfinite_out

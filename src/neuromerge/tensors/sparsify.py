@@ -189,13 +189,24 @@ def sampled_sign_conflict_rate(xs: Sequence[torch.Tensor], first_row: int = 0, t
     row. An estimate for the report of methods that do not compute conflicts anyway (Task Arithmetic: the exact
     count cost more than the merge itself, ~1.2 s of a 2.8 s merge pass on the benchmark's 334M-parameter family; a
     1/16 row sample has a standard error below 0.1 point on any tensor of ≥ 64 rows × 1,000 columns)."""
-    if not xs or xs[0].dim() < 2:
+    if not xs:
+        return 0.0
+    rows = xs[0].shape[0] if xs[0].dim() >= 2 else 1
+    start, step = sign_conflict_sample(xs[0].dim(), rows, first_row, total_rows, stride)
+    if step == 1:
         return sign_conflict_rate(xs)
-    rows = xs[0].shape[0]
+    return sign_conflict_rate([x[start::step] for x in xs])
+
+
+def sign_conflict_sample(ndim: int, rows: int, first_row: int = 0, total_rows: int | None = None,
+                         stride: int = SIGN_CONFLICT_STRIDE) -> tuple[int, int]:
+    """``(first, step)``: the rows of a chunk (``rows`` rows from ``first_row`` of a tensor of ``total_rows``) that
+    :func:`sampled_sign_conflict_rate` reads are ``first, first + step, …``; ``(0, 1)`` (every row) in the exact
+    cases."""
     start = (-first_row) % stride
-    if (total_rows if total_rows is not None else rows) < 4 * stride or start >= rows:
-        return sign_conflict_rate(xs)
-    return sign_conflict_rate([x[start::stride] for x in xs])
+    if ndim < 2 or (total_rows if total_rows is not None else rows) < 4 * stride or start >= rows:
+        return 0, 1
+    return start, stride
 
 
 def nonzero_fraction(xs: Sequence[torch.Tensor]) -> float:

@@ -1,0 +1,161 @@
+"""Fused CPU kernels (``_fused.c``): Task Arithmetic, TIES and the statistics pass's histograms in one sweep over
+bf16/fp32 inputs, bitwise identical to the torch path.
+
+The shared library is built at install time as an optional extension and loaded with :mod:`ctypes` (calls release
+the GIL, so the engine's thread pool runs them in parallel). :func:`available` says whether it is there; every
+caller falls back to the torch path when it is not, or when ``NEUROMERGE_NATIVE=0``. Inputs are contiguous CPU
+tensors of one dtype (bfloat16 or float32), in canonical layout; the kernels never see NaN/Inf silently: they count
+them and the caller then takes the torch path, which raises the usual error (or merges, with ``allow_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+#: dtype codes of the kernels
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+_F32 = ctypes.c_float
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("NEUROMERGE_NATIVE", "1") == "0":
+        return None
+    try:
+        from . import _fused  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_fused.__file__)
+    lib.nm_linear.restype = _I64
+    lib.nm_linear.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _F32,
+                              ctypes.c_int, _F32, _I64, _I64, _I64, _PTR]
+    lib.nm_ties.restype = _I64
+    lib.nm_ties.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
+                            _F32, ctypes.c_int, ctypes.c_int, ctypes.c_int, _F32, _PTR]
+    lib.nm_abs_hist.restype = _I64
+    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR, _PTR, _PTR, _I64]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels are installed and enabled (``NEUROMERGE_NATIVE`` is not ``0``)."""
+    return _library() is not None
+
+
+def supports(base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+    """Whether the kernels can take these inputs: available, CPU, one dtype among bfloat16/float32, equal
+    sizes."""
+    if not available() or base.device.type != "cpu" or base.dtype not in DTYPE_CODES:
+        return False
+    return all(m.device.type == "cpu" and m.dtype == base.dtype and m.numel() == base.numel() for m in models)
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _floats(values: Sequence[float]) -> ctypes.Array:
+    return (ctypes.c_float * len(values))(*values)
+
+
+def _check(code: int) -> None:
+    if code != 0:  # pragma: no cover - only on a model count outside 1..256 or an allocation failure
+        raise RuntimeError(f"fused kernel failed with code {code}")
+
+
+@dataclass(frozen=True)
+class FusedResult:
+    """A kernel's output (``None`` when an input held NaN/Inf: the caller takes the torch path) and counts."""
+
+    out: torch.Tensor | None
+    nonfinite_out: int
+    counts: dict[str, int]
+
+
+def linear(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], lam: float, *,
+           normalize_by: float | None, out_dtype: torch.dtype, row_len: int, sample_first: int,
+           sample_stride: int) -> FusedResult:
+    """``θ = b + λ · acc`` with ``acc = Σ_t (x_t − b) w_t`` (in model order; ``/ normalize_by`` when given), as
+    :class:`~neuromerge.methods.task_arithmetic.TaskVectorMerge`'s linear combine. Counts: ``conflicts`` and
+    ``sampled`` entries of the rows ``sample_first + i · sample_stride`` (rows of ``row_len`` entries)."""
+    lib = _library()
+    assert lib is not None
+    base = base.contiguous()
+    models = [m.contiguous() for m in models]
+    out = torch.empty(base.shape, dtype=out_dtype)
+    stats = np.zeros(4, np.int64)
+    _check(lib.nm_linear(
+        base.numel(), len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype], out.data_ptr(),
+        DTYPE_CODES[out_dtype], _floats(weights), lam, int(normalize_by is not None),
+        1.0 if normalize_by is None else normalize_by, max(1, row_len), sample_first, max(1, sample_stride),
+        stats.ctypes.data,
+    ))
+    counts = {"conflicts": int(stats[0]), "sampled": int(stats[1])}
+    return FusedResult(None if stats[2] else out, int(stats[3]), counts)
+
+
+def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], thresholds: Sequence[float],
+         lam: float, *, sign_count: bool, zero_sign: float | None, variant: str, out_dtype: torch.dtype
+         ) -> FusedResult:
+    """TIES trim (``|τ_t| >= thr_t``), weighting, sign election (``zero_sign`` ±1, or None for the majority of the
+    chunk) and disjoint merge, ``θ = b + τ_m · λ``, as :class:`~neuromerge.methods.task_arithmetic.TaskVectorMerge`
+    with :class:`~neuromerge.methods.ties.Ties`'s sparsify. Counts: ``conflicts`` and ``kept_<t>``."""
+    lib = _library()
+    assert lib is not None
+    base = base.contiguous()
+    models = [m.contiguous() for m in models]
+    out = torch.empty(base.shape, dtype=out_dtype)
+    alt = torch.empty(base.shape, dtype=out_dtype) if zero_sign is None else out
+    stats = np.zeros(6 + len(models), np.int64)
+    if variant == "dis-sum":
+        div_mode, min_w = 0, 0.0
+    elif min(weights) > 0:
+        div_mode, min_w = 1, float(min(weights))
+    else:
+        div_mode, min_w = 2, 0.0
+    fill = 0 if zero_sign is None else (1 if zero_sign > 0 else -1)
+    _check(lib.nm_ties(
+        base.numel(), len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype], out.data_ptr(),
+        alt.data_ptr(), DTYPE_CODES[out_dtype], _floats(weights), _floats(thresholds), lam, int(sign_count), fill,
+        div_mode, min_w, stats.ctypes.data,
+    ))
+    counts = {"conflicts": int(stats[0]), **{f"kept_{t}": int(stats[6 + t]) for t in range(len(models))}}
+    if stats[1]:
+        return FusedResult(None, 0, counts)
+    if zero_sign is None and stats[5] < 0:  # the chunk's majority sign is negative: the fill −1 result
+        return FusedResult(alt, int(stats[3]), counts)
+    return FusedResult(out, int(stats[2]), counts)
+
+
+def abs_histogram(base: torch.Tensor, model: torch.Tensor, *, high_bin: int | None, with_mass: bool,
+                  piece: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Histogram of the fp32 bits of ``|x − b|``: by the high 16 bits (``high_bin`` None, 2¹⁵ bins) or, for the
+    entries whose high bits are ``high_bin``, by the low 16 bits (2¹⁶ bins); with ``with_mass`` also the float64
+    sum of ``|x − b|`` per bin, added per piece of ``piece`` entries as :mod:`neuromerge.engine.stats` does. None
+    when an input holds NaN/Inf."""
+    lib = _library()
+    assert lib is not None
+    base, model = base.contiguous(), model.contiguous()
+    bins = 1 << 15 if high_bin is None else 1 << 16
+    counts = np.zeros(bins, np.int64)
+    mass = np.zeros(bins, np.float64) if with_mass else None
+    tmp = np.empty(bins, np.float64) if with_mass else None
+    bad = lib.nm_abs_hist(
+        base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype], -1 if high_bin is None else high_bin,
+        counts.ctypes.data, None if mass is None else mass.ctypes.data, None if tmp is None else tmp.ctypes.data,
+        piece,
+    )
+    return None if bad else (counts, mass)
+
+
+__all__ = ["FusedResult", "abs_histogram", "available", "linear", "supports", "ties"]

@@ -1,0 +1,326 @@
+/* Fused CPU kernels of the merge engine: read bf16/fp32 inputs, compute in fp32, write bf16/fp32, one pass.
+ *
+ * Each kernel does, in one sweep over memory, what the torch path (src/neuromerge/methods, tensors) does in ~10
+ * elementwise passes with fp32 temporaries. The arithmetic is the torch path's, operation by operation and in the
+ * same order (no FMA contraction: compiled with -ffp-contract=off), so results are bitwise identical to it; the
+ * tests in tests/engine/test_native_kernels.py check that. Called through ctypes (which releases the GIL), so the
+ * engine's thread pool runs them in parallel. Work is done in blocks of BLOCK entries converted to fp32 on the
+ * stack, which the compiler vectorizes.
+ *
+ * dtype codes: 0 = float32, 1 = bfloat16. bf16 -> fp32 is exact (a 16-bit shift); fp32 -> bf16 rounds to nearest
+ * even, NaN -> 0x7FC0 (c10::BFloat16's rule).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 1024
+#define NM_F32 0
+#define NM_BF16 1
+#define MAX_MODELS 256
+
+/* x86-64: an AVX2 build of each kernel chosen at load time, the baseline (SSE2) one otherwise. AVX2 has no FMA, and
+ * -ffp-contract=off forbids contraction anyway, so both round identically. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define NM_CLONES
+#endif
+
+static inline __attribute__((always_inline)) float bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) uint32_t f32_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* fp32 copy of entries [start, start + m) of p; returns how many of them are NaN/Inf */
+static inline __attribute__((always_inline)) int64_t load_block(const void *p, int dtype, int64_t start, int64_t m, float *out) {
+    int32_t bad = 0;
+    if (dtype == NM_BF16) {
+        const uint16_t *s = (const uint16_t *)p + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = (uint32_t)s[j];
+            bad += (u & 0x7F80u) == 0x7F80u;
+            out[j] = bits_to_f32(u << 16);
+        }
+    } else {
+        const uint32_t *s = (const uint32_t *)p + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = s[j];
+            bad += (u & 0x7F800000u) == 0x7F800000u;
+            out[j] = bits_to_f32(u);
+        }
+    }
+    return bad;
+}
+
+/* store fp32 values; returns how many are NaN/Inf */
+static inline __attribute__((always_inline)) int64_t store_block(void *p, int dtype, int64_t start, int64_t m, const float *in) {
+    int32_t bad = 0;
+    if (dtype == NM_BF16) {
+        uint16_t *d = (uint16_t *)p + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = f32_to_bits(in[j]);
+            uint32_t nonfinite = (u & 0x7F800000u) == 0x7F800000u;
+            uint32_t nan = nonfinite & ((u & 0x007FFFFFu) != 0);
+            bad += (int32_t)nonfinite;
+            uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            d[j] = (uint16_t)(nan ? 0x7FC0u : rounded);
+        }
+    } else {
+        float *d = (float *)p + start;
+        for (int64_t j = 0; j < m; j++) {
+            bad += (f32_to_bits(in[j]) & 0x7F800000u) == 0x7F800000u;
+            d[j] = in[j];
+        }
+    }
+    return bad;
+}
+
+/* The entries of [start, start + m) that lie in sampled rows (row r = i / row_len is sampled when r >= first and
+ * (r - first) % stride == 0), as (lo, hi) pairs relative to start written into seg; returns the number of pairs. */
+static inline __attribute__((always_inline)) int sampled_segments(int64_t start, int64_t m, int64_t row_len, int64_t first, int64_t stride, int64_t *seg) {
+    int n = 0;
+    int64_t i = start, end = start + m;
+    while (i < end) {
+        int64_t r = i / row_len;
+        int64_t row_end = (r + 1) * row_len;
+        if (row_end > end) row_end = end;
+        if (r >= first && (r - first) % stride == 0) {
+            if (n > 0 && seg[2 * n - 1] == i - start) {
+                seg[2 * n - 1] = row_end - start;
+            } else {
+                seg[2 * n] = i - start;
+                seg[2 * n + 1] = row_end - start;
+                n++;
+            }
+        }
+        i = row_end;
+    }
+    return n;
+}
+
+/* Linear combination (Task Arithmetic): theta = b + lam * acc, acc = ((x_0 - b) w_0 + (x_1 - b) w_1 + ...)
+ * [/ wsum when normalize]. stats[0]: sign conflicts in sampled rows (max_t tau_t > 0 and min_t tau_t < 0),
+ * stats[1]: entries in sampled rows, stats[2]: NaN/Inf inputs, stats[3]: NaN/Inf outputs. */
+NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const void *const *models, int in_dtype, void *out,
+                  int out_dtype, const float *weights, float lam, int normalize, float wsum, int64_t row_len,
+                  int64_t sample_first, int64_t sample_stride, int64_t *stats) {
+    float b[BLOCK], x[BLOCK], acc[BLOCK], hi[BLOCK], lo[BLOCK];
+    int64_t seg[2 * (BLOCK + 2)];
+    int64_t conflicts = 0, sampled = 0, bad_in = 0, bad_out = 0;
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        bad_in += load_block(base, in_dtype, start, m, b);
+        for (int t = 0; t < n_models; t++) {
+            bad_in += load_block(models[t], in_dtype, start, m, x);
+            float w = weights[t];
+            if (t == 0) {
+                for (int64_t j = 0; j < m; j++) {
+                    float tau = x[j] - b[j];
+                    acc[j] = tau * w;
+                    hi[j] = tau;
+                    lo[j] = tau;
+                }
+            } else {
+                for (int64_t j = 0; j < m; j++) {
+                    float tau = x[j] - b[j];
+                    acc[j] = acc[j] + tau * w;
+                    hi[j] = tau > hi[j] ? tau : hi[j];
+                    lo[j] = tau < lo[j] ? tau : lo[j];
+                }
+            }
+        }
+        if (n_models > 1) {
+            int ns = sampled_segments(start, m, row_len, sample_first, sample_stride, seg);
+            for (int s = 0; s < ns; s++) {
+                for (int64_t j = seg[2 * s]; j < seg[2 * s + 1]; j++) conflicts += (hi[j] > 0.0f) & (lo[j] < 0.0f);
+                sampled += seg[2 * s + 1] - seg[2 * s];
+            }
+        }
+        if (normalize)
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / wsum;
+        for (int64_t j = 0; j < m; j++) acc[j] = b[j] + acc[j] * lam;
+        bad_out += store_block(out, out_dtype, start, m, acc);
+    }
+    stats[0] = conflicts;
+    stats[1] = sampled;
+    stats[2] = bad_in;
+    stats[3] = bad_out;
+    return 0;
+}
+
+/* TIES on one chunk: trim tau_t = x_t - b to |tau_t| >= thr_t, weight tau'_t = w_t tau^_t, elect
+ * gamma = sign(score) with score = tau'_0 + tau'_1 + ... (sign_count: sum of sign(tau'_t)), a zero election taking
+ * the fill sign; disjoint merge with p_t = tau'_t gamma: tot = 0 + relu(p_0) + relu(p_1) + ...,
+ * div = 0 + sign(relu(p_0)) w_0 + ...; dis-mean: tm = (tot gamma) / clamp(div); dis-sum: tm = tot gamma;
+ * theta = b + tm * lam.
+ *
+ * fill: +1 or -1, or 0 for the majority rule: sign(sum of the nonzero elections over the chunk), +1 when that is
+ * >= 0. For the majority rule the result for fill -1 is computed alongside into alt (same dtype and size as out);
+ * the caller keeps alt when stats[5] (the sum of the elections) is negative.
+ * div_mode: 0 = dis-sum, 1 = dis-mean with div clamped to min_w (all weights > 0), 2 = dis-mean with div 0 -> 1.
+ * stats: [0] conflicts (min_t p_t < 0), [1] NaN/Inf inputs, [2] NaN/Inf outputs (of out), [3] NaN/Inf of alt,
+ * [4] unused, [5] sum of sign(score), [6 + t] nonzero entries of tau^_t. */
+NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void *const *models, int in_dtype, void *out,
+                void *alt, int out_dtype, const float *weights, const float *thresholds, float lam, int sign_count,
+                int fill, int div_mode, float min_w, int64_t *stats) {
+    float b[BLOCK], x[BLOCK], score[BLOCK], res[BLOCK], res_alt[BLOCK];
+    float g[BLOCK], tot[BLOCK], div[BLOCK], lowest[BLOCK];
+    int64_t conflicts = 0, bad_in = 0, bad_out = 0, bad_alt = 0, election = 0;
+    int64_t kept[MAX_MODELS];
+    float *tp;
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    tp = (float *)malloc(sizeof(float) * BLOCK * (size_t)n_models);
+    if (tp == NULL) return -2;
+    for (int t = 0; t < n_models; t++) kept[t] = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        bad_in += load_block(base, in_dtype, start, m, b);
+        for (int t = 0; t < n_models; t++) {
+            float *y = tp + (size_t)t * BLOCK;
+            float w = weights[t], thr = thresholds[t];
+            int32_t k = 0;
+            bad_in += load_block(models[t], in_dtype, start, m, x);
+            for (int64_t j = 0; j < m; j++) {
+                float tau = x[j] - b[j];
+                float trimmed = fabsf(tau) >= thr ? tau : 0.0f;
+                k += trimmed != 0.0f;
+                y[j] = trimmed * w;
+            }
+            kept[t] += k;
+            if (sign_count) {
+                for (int64_t j = 0; j < m; j++) {
+                    float s = y[j] > 0.0f ? 1.0f : (y[j] < 0.0f ? -1.0f : 0.0f);
+                    score[j] = t == 0 ? s : score[j] + s;
+                }
+            } else if (t == 0) {
+                for (int64_t j = 0; j < m; j++) score[j] = y[j];
+            } else {
+                for (int64_t j = 0; j < m; j++) score[j] = score[j] + y[j];
+            }
+        }
+        {
+            int32_t e = 0;
+            for (int64_t j = 0; j < m; j++) e += (score[j] > 0.0f) - (score[j] < 0.0f);
+            election += e;
+        }
+        for (int pass = 0; pass < (fill == 0 ? 2 : 1); pass++) {
+            float zero_sign = pass == 0 ? (fill == 0 ? 1.0f : (float)fill) : -1.0f;
+            float *r = pass == 0 ? res : res_alt;
+            for (int64_t j = 0; j < m; j++) {
+                g[j] = score[j] > 0.0f ? 1.0f : (score[j] < 0.0f ? -1.0f : zero_sign);
+                tot[j] = 0.0f;
+                div[j] = 0.0f;
+            }
+            for (int t = 0; t < n_models; t++) {
+                const float *y = tp + (size_t)t * BLOCK;
+                float w = weights[t];
+                if (t == 0)
+                    for (int64_t j = 0; j < m; j++) lowest[j] = y[j] * g[j];
+                for (int64_t j = 0; j < m; j++) {
+                    float p = y[j] * g[j];
+                    lowest[j] = p < lowest[j] ? p : lowest[j];
+                    float a = p > 0.0f ? p : 0.0f;
+                    tot[j] = tot[j] + a;
+                    div[j] = div[j] + (a > 0.0f ? w : 0.0f);
+                }
+            }
+            if (pass == 0) {
+                int32_t c = 0;
+                for (int64_t j = 0; j < m; j++) c += lowest[j] < 0.0f;
+                conflicts += c;
+            }
+            for (int64_t j = 0; j < m; j++) tot[j] = tot[j] * g[j];
+            if (div_mode == 1)
+                for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] < min_w ? min_w : div[j]);
+            else if (div_mode == 2)
+                for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] == 0.0f ? div[j] + 1.0f : div[j]);
+            for (int64_t j = 0; j < m; j++) r[j] = b[j] + tot[j] * lam;
+        }
+        bad_out += store_block(out, out_dtype, start, m, res);
+        if (fill == 0) bad_alt += store_block(alt, out_dtype, start, m, res_alt);
+    }
+    free(tp);
+    stats[0] = conflicts;
+    stats[1] = bad_in;
+    stats[2] = bad_out;
+    stats[3] = bad_alt;
+    stats[4] = 0;
+    stats[5] = election;
+    for (int t = 0; t < n_models; t++) stats[6 + t] = kept[t];
+    return 0;
+}
+
+/* Histogram of the high 16 bits of |x - b| (fp32 bits; 32768 bins for finite values): counts[h] += 1 and, when
+ * mass is not NULL, mass[h] += (double)|x - b|, summed per piece of `piece` entries into tmp (zeroed per piece)
+ * and then added to mass, as the torch path's per-piece bincount. With want >= 0 only entries whose high bits equal
+ * `want` are counted, binned by their low 16 bits (65536 bins), pieces counting selected entries.
+ * Returns the number of NaN/Inf inputs. */
+NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t want, int64_t *counts,
+                    double *mass, double *tmp, int64_t piece) {
+    float b[BLOCK], x[BLOCK];
+    uint32_t key[BLOCK];
+    int64_t bad = 0, in_piece = 0;
+    int64_t bins = want >= 0 ? 65536 : 32768;
+    if (mass) memset(tmp, 0, sizeof(double) * (size_t)bins);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        bad += load_block(base, in_dtype, start, m, b);
+        bad += load_block(model, in_dtype, start, m, x);
+        for (int64_t j = 0; j < m; j++) {
+            x[j] = fabsf(x[j] - b[j]);
+            key[j] = f32_to_bits(x[j]);
+        }
+        if (want < 0) {
+            if (!mass) {
+                for (int64_t j = 0; j < m; j++) counts[key[j] >> 16]++;
+                continue;
+            }
+            for (int64_t j = 0; j < m; j++) {
+                uint32_t h = key[j] >> 16;
+                counts[h]++;
+                tmp[h] += (double)x[j];
+                if (++in_piece == piece) {
+                    for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
+                    memset(tmp, 0, sizeof(double) * (size_t)bins);
+                    in_piece = 0;
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < m; j++) {
+                if ((int64_t)(key[j] >> 16) != want) continue;
+                uint32_t l = key[j] & 0xFFFFu;
+                counts[l]++;
+                if (!mass) continue;
+                tmp[l] += (double)x[j];
+                if (++in_piece == piece) {
+                    for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
+                    memset(tmp, 0, sizeof(double) * (size_t)bins);
+                    in_piece = 0;
+                }
+            }
+        }
+    }
+    if (mass && in_piece > 0)
+        for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
+    return bad;
+}
+
+/* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
+ * which neuromerge.kernels loads with ctypes. */
+static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_fused", "fused merge kernels (see ctypes)", -1,
+                                          NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&fused_module); }

@@ -1,0 +1,246 @@
+"""The fused C kernels (neuromerge.kernels) against the torch path they replace: bitwise equal outputs, reports and
+statistics, on direct calls and through whole merges; NaN/Inf inputs fall back to the torch path's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import neuromerge
+from neuromerge import kernels
+from neuromerge.engine import stats as engine_stats
+from neuromerge.errors import NonFiniteError
+from neuromerge.methods import registry
+from neuromerge.methods.base import GlobalStats, MergeInput
+from tests.helpers import write_config
+
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def test_kernels_are_built() -> None:
+    """`make test` builds the extension; a missing build must not pass unnoticed (opt out: NEUROMERGE_NATIVE=0)."""
+    if os.environ.get("NEUROMERGE_NATIVE") == "0":
+        pytest.fail("NEUROMERGE_NATIVE=0: the fused kernels are disabled, their tests would compare nothing")
+    assert kernels.available(), "neuromerge.kernels._fused was not built (is a C compiler installed?)"
+
+
+def _family(dtype: torch.dtype, shape: tuple[int, ...], n: int = 3, seed: int = 0, flip: bool = False
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    sign = -1.0 if flip else 1.0
+    models = [(base.float() + sign * (torch.randn(shape, generator=g) * 0.002 + 0.0005)).to(dtype) for _ in range(n)]
+    return base, models
+
+
+def _input(method: str, params: dict, weights: list[float], base: torch.Tensor, models: list[torch.Tensor],
+           stats: GlobalStats | None = None, rows: tuple[int, int] | None = None,
+           full_shape: tuple[int, ...] | None = None) -> MergeInput:
+    cls = registry.get(method)
+    P = cls.Params
+    return MergeInput(
+        name="w", kind="neuronal" if base.dim() == 2 else "point", base=base, models=models, params=P(**params),
+        per_model=[P(**params, weight=w) for w in weights], stats=stats,
+        rows=rows or (0, base.shape[0]), full_shape=full_shape or tuple(base.shape),
+    )
+
+
+def _both(method: str, params: dict, weights: list[float], base: torch.Tensor, models: list[torch.Tensor],
+          **kw) -> tuple[torch.Tensor, dict, torch.Tensor, dict]:
+    m = registry.get(method)()
+    ref_x = _input(method, params, weights, base.float(), [t.float() for t in models], **kw)
+    ref = m.merge(ref_x).to(base.dtype)
+    x = _input(method, params, weights, base, models, **kw)
+    assert m.fuses(x.params, x.per_model)
+    fused = m.merge_fused(x, base.dtype)
+    assert fused is not None
+    return ref, ref_x.report, fused[0], x.report
+
+
+def _assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    same = a.view(INT_VIEW[a.dtype]) == b.view(INT_VIEW[b.dtype])
+    gap = float((a.float() - b.float()).abs().max())
+    assert bool(same.all()), f"{int((~same).sum())} entries differ; max |Δ| {gap}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("weights", "lam", "normalize"), [
+    ([1.0, 1.0, 1.0], 0.3, False), ([0.5, 1.3, 0.7], 1.0, True), ([0.5, -1.3, 0.7], 0.7, False), ([2.0], 0.5, False),
+])
+def test_linear_kernel_equals_torch(dtype, weights, lam, normalize) -> None:
+    base, models = _family(dtype, (130, 77), n=len(weights))
+    # a chunk starting at row 37 of a 300-row tensor: the sampled conflict rows are the same global rows
+    ref, ref_rep, out, rep = _both("task_arithmetic", {"lambda": lam, "normalize": normalize}, weights, base, models,
+                                   rows=(37, 167), full_shape=(300, 77))
+    _assert_bitwise(ref, out)
+    assert rep["sign_conflict"] == ref_rep["sign_conflict"]
+    if len(weights) > 1:
+        assert 0.0 < rep["sign_conflict"] < 1.0
+
+
+@pytest.mark.parametrize("shape", [(1000,), (20, 33)])
+def test_linear_kernel_exact_conflicts_on_small_tensors(shape) -> None:
+    base, models = _family(torch.bfloat16, shape)
+    ref, ref_rep, out, rep = _both("task_arithmetic", {}, [1.0, 1.0, 1.0], base, models)
+    _assert_bitwise(ref, out)
+    assert rep["sign_conflict"] == ref_rep["sign_conflict"] > 0.0
+
+
+def _thresholds(base: torch.Tensor, models: list[torch.Tensor], keep: float) -> GlobalStats:
+    taus = [(m.float() - base.float()).abs().flatten() for m in models]
+    thr = tuple(float(t.kthvalue(max(1, int((1 - keep) * t.numel()))).values) for t in taus)
+    return GlobalStats(thr, (), (), (0,) * len(models), (1,) * len(models))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize(("weights", "params"), [
+    ([1.0, 1.0, 1.0], {}),
+    ([0.5, 1.3, 0.7], {"variant": "dis-sum", "lambda": 0.7}),
+    ([0.5, -1.3, 0.7], {}),
+    ([1.0, 1.0, 1.0], {"zero_sign": "positive"}),
+    ([1.0, 2.0, 1.0], {"sign_method": "count", "zero_sign": "positive"}),
+    ([1.0, 1.0, 1.0], {"density": 1.0}),
+])
+def test_ties_kernel_equals_torch(dtype, flip, weights, params) -> None:
+    """Majority fill of both signs (``flip`` makes the chunk's majority negative), variants, weights, no trim."""
+    base, models = _family(dtype, (64, 50), flip=flip)
+    stats = _thresholds(base, models, 0.2)
+    per_model_density = params.pop("density", 0.2)
+    params = {**params, "density": per_model_density}
+    ref, ref_rep, out, rep = _both("ties", params, weights, base, models, stats=stats)
+    _assert_bitwise(ref, out)
+    assert rep["sign_conflict"] == ref_rep["sign_conflict"]
+    assert rep["kept_density"] == ref_rep["kept_density"]
+
+
+def test_ties_kernel_majority_sign_is_per_chunk() -> None:
+    """The zero-election fill follows the chunk's majority: negative on a flipped family, so the kernel's second
+    (fill −1) result is the one returned, and it differs from the fill +1 result."""
+    base, models = _family(torch.bfloat16, (64, 50), flip=True)
+    stats = _thresholds(base, models, 0.2)
+    x = _input("ties", {"density": 0.2}, [1.0, 1.0, 1.0], base, models, stats=stats)
+    m = registry.get("ties")()
+    fused = m.merge_fused(x, torch.bfloat16)
+    x_pos = _input("ties", {"density": 0.2, "zero_sign": "positive"}, [1.0, 1.0, 1.0], base, models, stats=stats)
+    positive = m.merge_fused(x_pos, torch.bfloat16)
+    assert fused is not None and positive is not None
+    assert not torch.equal(fused[0], positive[0])
+
+
+def test_ties_kernel_declines_per_tensor_trim() -> None:
+    m = registry.get("ties")()
+    P = m.Params
+    assert not m.fuses(P(scope="tensor"), [P(scope="tensor", density=0.2)])
+    assert m.fuses(P(scope="tensor"), [P(scope="tensor", density=1.0)])
+
+
+def test_kernels_decline_nonfinite_inputs() -> None:
+    base, models = _family(torch.bfloat16, (8, 16))
+    models[1][3, 4] = float("nan")
+    x = _input("task_arithmetic", {}, [1.0] * 3, base, models)
+    assert registry.get("task_arithmetic")().merge_fused(x, torch.bfloat16) is None
+    stats = _thresholds(base, [models[0]], 0.5)
+    assert kernels.abs_histogram(base, models[1], high_bin=None, with_mass=True, piece=64) is None
+    assert kernels.abs_histogram(base, models[0], high_bin=None, with_mass=True, piece=64) is not None
+    assert stats.thresholds[0] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("l1", [False, True])
+def test_histograms_equal_torch(dtype, l1) -> None:
+    """Counts and float64 masses (added per piece in the same order) of both levels, bitwise."""
+    base, models = _family(dtype, (300, 70))
+    ref_high = engine_stats._high_histograms(base.float(), [m.float() for m in models], l1)
+    got_high = engine_stats._stored_histograms(base, models, None, l1)
+    assert got_high is not None
+    bins = []
+    for (rc, rs), hist in zip(ref_high, got_high, strict=True):
+        assert hist is not None
+        assert (rc == hist[0]).all()
+        assert (rs is None) == (hist[1] is None)
+        if rs is not None:
+            assert (rs == hist[1]).all()
+        bins.append(int(rc.argmax()))
+    bins[1] = None
+    piece_before = engine_stats.MASS_PIECE
+    try:  # pieces smaller than the chunk: the per-piece float64 summation order matters
+        engine_stats.MASS_PIECE = 1000
+        ref_low = engine_stats._low_histograms(base.float(), [m.float() for m in models], bins, l1)
+        got_low = engine_stats._stored_histograms(base, models, bins, l1)
+        ref_high = engine_stats._high_histograms(base.float(), [m.float() for m in models], l1)
+        got_high = engine_stats._stored_histograms(base, models, None, l1)
+    finally:
+        engine_stats.MASS_PIECE = piece_before
+    assert got_low is not None and got_high is not None
+    for ref, got in [*zip(ref_low, got_low, strict=True), *zip(ref_high, got_high, strict=True)]:
+        assert (ref is None) == (got is None)
+        if ref is None:
+            continue
+        assert (ref[0] == got[0]).all()
+        if l1:
+            assert (ref[1] == got[1]).all()
+    assert got_low[1] is None and got_low[0][0].sum() > 0
+
+
+def _merge(tmp: Path, cfg: Path, name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Merge into ``tmp / name``; returns how often each kernel ran."""
+    calls = {"linear": 0, "ties": 0, "abs_histogram": 0}
+    with monkeypatch.context() as m:
+        if not native:
+            m.setattr(kernels, "_library", lambda: None)
+        for fn in calls:
+            def counted(*args, _fn=getattr(kernels, fn), _name=fn, **kw):
+                calls[_name] += 1
+                return _fn(*args, **kw)
+
+            m.setattr(kernels, fn, counted)
+        neuromerge.merge(cfg, tmp / name, threads=2, chunk_elements=256)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize(("method", "params"), [
+    ("task_arithmetic", {"lambda": 0.4}),
+    ("ties", {"density": 0.3}),
+    ("neuromerging", {"density": 0.3, "lambda2": "auto"}),
+])
+def test_whole_merge_native_equals_torch(tmp_path, make_family, monkeypatch, dtype, method, params) -> None:
+    """A whole merge (row chunks, two threads, statistics pass) gives the same bytes, per-tensor report and global
+    statistics with the kernels as without them; float16 inputs go through the kernels as float32."""
+    base, experts = make_family("llama", dtype=dtype)
+    cfg = write_config(tmp_path / "c.yaml", method, base, experts, parameters=params,
+                       dtype={torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype])
+    fast_calls = _merge(tmp_path, cfg, "fast", True, monkeypatch)
+    assert _merge(tmp_path, cfg, "slow", False, monkeypatch) == {"linear": 0, "ties": 0, "abs_histogram": 0}
+    used = {"task_arithmetic": ["linear"], "ties": ["ties", "abs_histogram"], "neuromerging": ["abs_histogram"]}
+    assert all(fast_calls[k] > 0 for k in used[method]), fast_calls
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+    ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (fast, slow))
+    assert ra["tensors"] == rb["tensors"]
+    assert ra["global_statistics"] == rb["global_statistics"]
+
+
+def test_nonfinite_input_still_raises(tmp_path, make_family) -> None:
+    base, experts = make_family("llama", dtype=torch.bfloat16)
+    t = load_file(experts[1] / "model.safetensors")
+    name = next(k for k in t if k.endswith("down_proj.weight"))
+    t[name][0, 0] = float("inf")
+    from safetensors.torch import save_file
+
+    save_file(t, experts[1] / "model.safetensors", metadata={"format": "pt"})
+    for method, params in [("task_arithmetic", {}), ("ties", {"density": 0.3})]:
+        cfg = write_config(tmp_path / f"{method}.yaml", method, base, experts, parameters=params)
+        with pytest.raises(NonFiniteError, match="NaN/Inf"):
+            neuromerge.merge(cfg, tmp_path / f"out-{method}")
+        assert not (tmp_path / f"out-{method}").exists()
