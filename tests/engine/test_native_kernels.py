@@ -147,8 +147,8 @@ def test_kernels_decline_nonfinite_inputs() -> None:
     x = _input("task_arithmetic", {}, [1.0] * 3, base, models)
     assert registry.get("task_arithmetic")().merge_fused(x, torch.bfloat16) is None
     stats = _thresholds(base, [models[0]], 0.5)
-    assert kernels.abs_histogram(base, models[1], high_bin=None, with_mass=True, piece=64) is None
-    assert kernels.abs_histogram(base, models[0], high_bin=None, with_mass=True, piece=64) is not None
+    assert kernels.abs_histograms(base, models[1], high=True, window=(0, 2), with_mass=True, piece=64) is None
+    assert kernels.abs_histograms(base, models[0], high=True, window=(0, 2), with_mass=True, piece=64) is not None
     assert stats.thresholds[0] > 0
 
 
@@ -191,7 +191,7 @@ def test_histograms_equal_torch(dtype, l1) -> None:
 
 def _merge(tmp: Path, cfg: Path, name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Merge into ``tmp / name``; returns how often each kernel ran."""
-    calls = {"linear": 0, "ties": 0, "abs_histogram": 0}
+    calls = {"linear": 0, "ties": 0, "abs_histograms": 0, "add_counts": 0}
     with monkeypatch.context() as m:
         if not native:
             m.setattr(kernels, "_library", lambda: None)
@@ -218,8 +218,8 @@ def test_whole_merge_native_equals_torch(tmp_path, make_family, monkeypatch, dty
     cfg = write_config(tmp_path / "c.yaml", method, base, experts, parameters=params,
                        dtype={torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype])
     fast_calls = _merge(tmp_path, cfg, "fast", True, monkeypatch)
-    assert _merge(tmp_path, cfg, "slow", False, monkeypatch) == {"linear": 0, "ties": 0, "abs_histogram": 0}
-    used = {"task_arithmetic": ["linear"], "ties": ["ties", "abs_histogram"], "neuromerging": ["abs_histogram"]}
+    assert not any(_merge(tmp_path, cfg, "slow", False, monkeypatch).values())
+    used = {"task_arithmetic": ["linear"], "ties": ["ties", "add_counts"], "neuromerging": ["abs_histograms"]}
     assert all(fast_calls[k] > 0 for k in used[method]), fast_calls
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
@@ -244,3 +244,43 @@ def test_nonfinite_input_still_raises(tmp_path, make_family) -> None:
         with pytest.raises(NonFiniteError, match="NaN/Inf"):
             neuromerge.merge(cfg, tmp_path / f"out-{method}")
         assert not (tmp_path / f"out-{method}").exists()
+
+
+def _chunks(n_jobs: int = 40) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], list[float]]:
+    """Chunks of one distribution (the sample predicts their threshold bins) and per-model densities."""
+    return [_family(torch.bfloat16, (64, 256), seed=j) for j in range(n_jobs)], [0.2, 0.35, 1.0]
+
+
+@pytest.mark.parametrize("l1", [False, True])
+def test_sampled_window_statistics_equal_two_passes(monkeypatch, l1) -> None:
+    """The first pass's window of low-bit counts (predicted from every 8th chunk) gives the same statistics as the
+    torch path's two passes, and saves the second read when the prediction holds; a misprediction only costs the
+    second read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks, densities = _chunks()
+    reads = {"stored": 0}
+
+    def read(j: int):
+        base, models = chunks[j]
+        return base.float(), [m.float() for m in models]
+
+    def read_stored(j: int):
+        reads["stored"] += 1
+        return chunks[j]
+
+    jobs = range(len(chunks))
+    with ThreadPoolExecutor(2) as pool:
+        ref = engine_stats.global_thresholds(jobs, read, densities, executor=pool, l1=l1)
+        hit = engine_stats.global_thresholds(jobs, read, densities, executor=pool, l1=l1, read_stored=read_stored)
+        hit_reads = reads["stored"]
+        reads["stored"] = 0
+        monkeypatch.setattr(engine_stats, "_predicted_windows",
+                            lambda *a, **k: [(0, 3), (100, 3), None])  # bins far below the true ones
+        miss = engine_stats.global_thresholds(jobs, read, densities, executor=pool, l1=l1, read_stored=read_stored)
+    assert hit == ref == miss
+    assert ref.thresholds[2] == 0.0 and ref.thresholds[0] > ref.thresholds[1] > 0
+    n_sampled = len(range(0, len(chunks), engine_stats.SAMPLE_EVERY))
+    # without L1 mass: the sample and one full pass; with it (NeuroMerging's λ2 rule) always two full passes
+    assert hit_reads == (2 * len(chunks) if l1 else n_sampled + len(chunks))
+    assert reads["stored"] == 2 * len(chunks)  # both passes

@@ -8,6 +8,11 @@ monotone in the value. A two-level radix select finds the ``k``-th largest magni
 2. a second streamed pass histograms the low 16 bits of the entries that fall in that bin, which pins the
    threshold down to the exact float.
 
+With the fused kernels (:mod:`neuromerge.kernels`) and no L1 mass asked for (TIES), the high histograms of every
+:data:`SAMPLE_EVERY`-th chunk first predict each model's threshold bin; the full first pass then also counts the low
+bits of the :data:`WINDOW` bins on either side of it, into per-thread arrays. When the true bin is inside the window
+(the usual case) the second full read is skipped; otherwise it runs. The result does not depend on the prediction.
+
 Memory is a few histograms per model, whatever the model size. Per-tensor histograms are summed in a fixed
 (tensor, chunk) order, so the float64 L1 sums — and thus ``σ`` of NeuroMerging's λ2 rule — do not depend on the
 number of threads. Entries ``>=`` the threshold are kept (ties kept), ``k = floor(density · N)``.
@@ -16,6 +21,7 @@ number of threads. Entries ``>=`` the threshold are kept (ties kept), ``k = floo
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +38,14 @@ LOW_BINS = 1 << 16
 MASS_PIECE = 1 << 20
 
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
+Histogram = tuple[np.ndarray, np.ndarray | None]
+#: (first high bin, number of bins) whose low histograms the first pass also builds
+Window = tuple[int, int]
+#: every SAMPLE_EVERY-th chunk predicts the threshold bins (when there are at least MIN_SAMPLED_CHUNKS such chunks)
+SAMPLE_EVERY = 8
+MIN_SAMPLED_CHUNKS = 4
+#: high bins on each side of the predicted one whose low histograms the first pass builds
+WINDOW = 2
 
 
 def _abs_bits(base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,22 +93,89 @@ def _low_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Se
 
 
 def _stored_histograms(base: torch.Tensor, models: Sequence[torch.Tensor], bins: Sequence[int | None] | None,
-                       l1: bool) -> list[tuple[np.ndarray, np.ndarray | None] | None] | None:
+                       l1: bool) -> list[Histogram | None] | None:
     """The high (``bins`` None) or low histograms by the fused kernel, from the checkpoints' dtype; None when the
     kernels cannot take these inputs or one holds NaN/Inf (then the fp32 path decides)."""
     if not kernels.supports(base, models):
         return None
-    out: list[tuple[np.ndarray, np.ndarray | None] | None] = []
+    out: list[Histogram | None] = []
     for t, m in enumerate(models):
-        if bins is not None and bins[t] is None:
+        b = None if bins is None else bins[t]
+        if bins is not None and b is None:
             out.append(None)
             continue
-        h = kernels.abs_histogram(base, m, high_bin=None if bins is None else bins[t], with_mass=l1,
-                                  piece=MASS_PIECE)
+        h = kernels.abs_histograms(base, m, high=bins is None, window=None if b is None else (b, 1), with_mass=l1,
+                                   piece=MASS_PIECE)
         if h is None:
             return None
-        out.append(h)
+        high, low = h
+        out.append(high if bins is None else (low[0][0], None if low[1] is None else low[1][0]))  # type: ignore[index]
     return out
+
+
+class _KernelDeclined(Exception):
+    """A chunk the fused kernel cannot count (NaN/Inf, or inputs it does not take): the counting pass is abandoned
+    and the ordinary passes decide (and report a NaN/Inf as usual)."""
+
+
+def _counting_pass(jobs: Sequence[int], read_stored: ChunkReader, windows: Sequence[Window | None],
+                   executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """First pass without L1 mass: high-bit counts and the low-bit counts of each model's window, added by the fused
+    kernel straight into per-thread arrays (integer counts: the order of the additions does not matter, so no
+    per-chunk histograms are allocated, returned and summed)."""
+    local = threading.local()
+    lock = threading.Lock()
+    per_thread: list[tuple[list[np.ndarray], list[np.ndarray | None]]] = []
+
+    def count(job: int) -> None:
+        acc = getattr(local, "acc", None)
+        if acc is None:
+            acc = local.acc = ([np.zeros(HIGH_BINS, np.int64) for _ in windows],
+                               [None if w is None else np.zeros((w[1], LOW_BINS), np.int64) for w in windows])
+            with lock:
+                per_thread.append(acc)
+        base, models = read_stored(job)
+        if not kernels.supports(base, models):
+            raise _KernelDeclined
+        for t, m in enumerate(models):
+            if not kernels.add_counts(base, m, acc[0][t], windows[t], acc[1][t]):
+                raise _KernelDeclined
+
+    for _ in progress(executor.map(count, jobs)):
+        pass
+    high = [sum((acc[0][t] for acc in per_thread), np.zeros(HIGH_BINS, np.int64)) for t in range(len(windows))]
+    low: list[np.ndarray | None] = []
+    for t, w in enumerate(windows):
+        low.append(None if w is None else sum((acc[1][t] for acc in per_thread), np.zeros((w[1], LOW_BINS), np.int64)))
+    return high, low
+
+
+def _predicted_windows(jobs: Sequence[int], read_stored: ChunkReader, densities: Sequence[float],
+                       executor: ThreadPoolExecutor) -> list[Window | None] | None:
+    """Each model's threshold bin as predicted by the high histograms of every :data:`SAMPLE_EVERY`-th chunk, widened
+    by :data:`WINDOW` bins on each side; None when there are too few chunks to sample or the kernel declines one."""
+    sample = list(jobs)[::SAMPLE_EVERY]
+    if len(sample) < MIN_SAMPLED_CHUNKS:
+        return None
+    counts = [np.zeros(HIGH_BINS, np.int64) for _ in densities]
+    for hists in executor.map(lambda job: _stored_histograms(*read_stored(job), None, False), sample):
+        if hists is None:
+            return None
+        for t, h in enumerate(hists):
+            assert h is not None
+            counts[t] += h[0]
+    windows: list[Window | None] = []
+    for c, density in zip(counts, densities, strict=True):
+        n = int(c.sum())
+        k = kept_count(n, density)
+        if k == 0 or k >= n:
+            windows.append(None)
+            continue
+        b, _ = _select(c, k)
+        lo = max(0, b - WINDOW)
+        windows.append((lo, min(HIGH_BINS, b + WINDOW + 1) - lo))
+    return windows
 
 
 def _select(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -118,20 +199,31 @@ def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequenc
     n_models = len(densities)
     high_c = [np.zeros(HIGH_BINS, np.int64) for _ in range(n_models)]
     high_s = [np.zeros(HIGH_BINS, np.float64) for _ in range(n_models)]
+    windows = None
+    win_c: list[np.ndarray | None] = [None] * n_models
+    if read_stored is not None and not l1 and any(d < 1.0 for d in densities):
+        windows = _predicted_windows(jobs, read_stored, densities, executor)
+    if windows is not None:
+        try:
+            high_c, win_c = _counting_pass(jobs, read_stored, windows, executor, progress)  # type: ignore[arg-type]
+        except _KernelDeclined:
+            windows, win_c = None, [None] * n_models
+            high_c = [np.zeros(HIGH_BINS, np.int64) for _ in range(n_models)]
+    if windows is None:
 
-    def pass1(job: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        if read_stored is not None:
-            hists = _stored_histograms(*read_stored(job), None, l1)
-            if hists is not None:
-                return hists  # type: ignore[return-value]
-        base, models = read(job)
-        return _high_histograms(base, models, l1)
+        def pass1(job: int) -> list[Histogram]:
+            if read_stored is not None:
+                hists = _stored_histograms(*read_stored(job), None, l1)
+                if hists is not None:
+                    return hists  # type: ignore[return-value]
+            base, models = read(job)
+            return _high_histograms(base, models, l1)
 
-    for hists in progress(executor.map(pass1, jobs)):
-        for t, (c, s) in enumerate(hists):
-            high_c[t] += c
-            if s is not None:
-                high_s[t] += s
+        for hists in progress(executor.map(pass1, jobs)):
+            for t, (c, s) in enumerate(hists):
+                high_c[t] += c
+                if s is not None:
+                    high_s[t] += s
 
     totals = [int(c.sum()) for c in high_c]
     total_l1 = [float(s.sum()) for s in high_s]
@@ -149,15 +241,21 @@ def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequenc
 
     low_c = [np.zeros(LOW_BINS, np.int64) for _ in range(n_models)]
     low_s = [np.zeros(LOW_BINS, np.float64) for _ in range(n_models)]
-    if any(b is not None for b in bins):
+    missing = list(bins)  # bins whose low histogram the second pass must still build
+    for t, b in enumerate(bins):
+        window, counts = (windows[t] if windows else None), win_c[t]
+        if b is not None and window is not None and counts is not None and window[0] <= b < window[0] + window[1]:
+            low_c[t] = counts[b - window[0]]
+            missing[t] = None
+    if any(b is not None for b in missing):
 
-        def pass2(job: int) -> list[tuple[np.ndarray, np.ndarray | None] | None]:
+        def pass2(job: int) -> list[Histogram | None]:
             if read_stored is not None:
-                hists = _stored_histograms(*read_stored(job), bins, l1)
+                hists = _stored_histograms(*read_stored(job), missing, l1)
                 if hists is not None:
                     return hists
             base, models = read(job)
-            return _low_histograms(base, models, bins, l1)
+            return _low_histograms(base, models, missing, l1)
 
         for hists in progress(executor.map(pass2, jobs)):
             for t, h in enumerate(hists):

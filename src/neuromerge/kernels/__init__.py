@@ -43,7 +43,8 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_ties.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
                             _F32, ctypes.c_int, ctypes.c_int, ctypes.c_int, _F32, _PTR]
     lib.nm_abs_hist.restype = _I64
-    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR, _PTR, _PTR, _I64]
+    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+                                _I64]
     return lib
 
 
@@ -115,7 +116,6 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     base = base.contiguous()
     models = [m.contiguous() for m in models]
     out = torch.empty(base.shape, dtype=out_dtype)
-    alt = torch.empty(base.shape, dtype=out_dtype) if zero_sign is None else out
     stats = np.zeros(6 + len(models), np.int64)
     if variant == "dis-sum":
         div_mode, min_w = 0, 0.0
@@ -126,36 +126,69 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     fill = 0 if zero_sign is None else (1 if zero_sign > 0 else -1)
     _check(lib.nm_ties(
         base.numel(), len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype], out.data_ptr(),
-        alt.data_ptr(), DTYPE_CODES[out_dtype], _floats(weights), _floats(thresholds), lam, int(sign_count), fill,
+        None, DTYPE_CODES[out_dtype], _floats(weights), _floats(thresholds), lam, int(sign_count), fill,
         div_mode, min_w, stats.ctypes.data,
     ))
-    counts = {"conflicts": int(stats[0]), **{f"kept_{t}": int(stats[6 + t]) for t in range(len(models))}}
+    counts = {"conflicts": int(stats[0]), "fill_entries": int(stats[3]),
+              **{f"kept_{t}": int(stats[6 + t]) for t in range(len(models))}}
     if stats[1]:
         return FusedResult(None, 0, counts)
-    if zero_sign is None and stats[5] < 0:  # the chunk's majority sign is negative: the fill −1 result
-        return FusedResult(alt, int(stats[3]), counts)
     return FusedResult(out, int(stats[2]), counts)
 
 
-def abs_histogram(base: torch.Tensor, model: torch.Tensor, *, high_bin: int | None, with_mass: bool,
-                  piece: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Histogram of the fp32 bits of ``|x − b|``: by the high 16 bits (``high_bin`` None, 2¹⁵ bins) or, for the
-    entries whose high bits are ``high_bin``, by the low 16 bits (2¹⁶ bins); with ``with_mass`` also the float64
-    sum of ``|x − b|`` per bin, added per piece of ``piece`` entries as :mod:`neuromerge.engine.stats` does. None
-    when an input holds NaN/Inf."""
+Histogram = tuple[np.ndarray, np.ndarray | None]
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+
+
+def abs_histograms(base: torch.Tensor, model: torch.Tensor, *, high: bool, window: tuple[int, int] | None,
+                   with_mass: bool, piece: int) -> tuple[Histogram | None, Histogram | None] | None:
+    """Histograms of the fp32 bits of ``|x − b|`` for the radix select of :mod:`neuromerge.engine.stats`, in one
+    sweep: with ``high`` by the high 16 bits (2¹⁵ bins); with ``window = (lo, count)``, for each high bin ``lo + i``
+    the entries holding it by their low 16 bits (``count × 2¹⁶`` bins, row ``i``). With ``with_mass`` also the
+    float64 sums of ``|x − b|`` per bin, added per piece of ``piece`` entries as the torch path does. Returns
+    ``(high, low)`` (``(counts, mass or None)`` or None when not asked), or None when an input holds NaN/Inf."""
     lib = _library()
     assert lib is not None
     base, model = base.contiguous(), model.contiguous()
-    bins = 1 << 15 if high_bin is None else 1 << 16
-    counts = np.zeros(bins, np.int64)
-    mass = np.zeros(bins, np.float64) if with_mass else None
-    tmp = np.empty(bins, np.float64) if with_mass else None
-    bad = lib.nm_abs_hist(
-        base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype], -1 if high_bin is None else high_bin,
-        counts.ctypes.data, None if mass is None else mass.ctypes.data, None if tmp is None else tmp.ctypes.data,
-        piece,
-    )
-    return None if bad else (counts, mass)
+    hc = np.zeros(HIGH_BINS, np.int64) if high else None
+    hm = np.zeros(HIGH_BINS, np.float64) if high and with_mass else None
+    ht = np.empty(HIGH_BINS, np.float64) if hm is not None else None
+    lo, count = window if window is not None else (0, 0)
+    lc = np.zeros((count, LOW_BINS), np.int64) if count else None
+    lm = np.zeros((count, LOW_BINS), np.float64) if count and with_mass else None
+    lt = np.empty((count, LOW_BINS), np.float64) if lm is not None else None
+    lp = np.zeros(max(1, count), np.int64)
+
+    def ptr(a: np.ndarray | None) -> int | None:
+        return None if a is None else a.ctypes.data
+
+    bad = lib.nm_abs_hist(base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype], ptr(hc), ptr(hm),
+                          ptr(ht), lo, count, ptr(lc), ptr(lm), ptr(lt), ptr(lp), piece)
+    if bad:
+        return None
+    return (None if hc is None else (hc, hm)), (None if lc is None else (lc, lm))
 
 
-__all__ = ["FusedResult", "abs_histogram", "available", "linear", "supports", "ties"]
+def add_counts(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray, window: tuple[int, int] | None,
+               low_counts: np.ndarray | None) -> bool:
+    """Add the high-bit counts of ``|x − b|`` to ``high_counts`` (2¹⁵ int64) and, with ``window = (lo, count)``, the
+    low-bit counts of the entries in high bins ``lo .. lo + count − 1`` to ``low_counts`` (``(count, 2¹⁶)`` int64),
+    in place. False when an input holds NaN/Inf (the arrays then hold partial counts)."""
+    lib = _library()
+    assert lib is not None
+    assert high_counts.dtype == np.int64 and high_counts.shape == (HIGH_BINS,) and high_counts.flags.c_contiguous
+    lo, count = window if window is not None else (0, 0)
+    if count:
+        assert low_counts is not None and low_counts.dtype == np.int64 and low_counts.shape == (count, LOW_BINS)
+        assert low_counts.flags.c_contiguous
+    base, model = base.contiguous(), model.contiguous()
+    pieces = np.zeros(max(1, count), np.int64)
+    bad = lib.nm_abs_hist(base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype],
+                          high_counts.ctypes.data, None, None, lo, count,
+                          None if not count or low_counts is None else low_counts.ctypes.data, None, None,
+                          pieces.ctypes.data, 1)
+    return bad == 0
+
+
+__all__ = ["FusedResult", "abs_histograms", "add_counts", "available", "linear", "supports", "ties"]

@@ -167,27 +167,32 @@ NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const voi
  * div = 0 + sign(relu(p_0)) w_0 + ...; dis-mean: tm = (tot gamma) / clamp(div); dis-sum: tm = tot gamma;
  * theta = b + tm * lam.
  *
- * fill: +1 or -1, or 0 for the majority rule: sign(sum of the nonzero elections over the chunk), +1 when that is
- * >= 0. For the majority rule the result for fill -1 is computed alongside into alt (same dtype and size as out);
- * the caller keeps alt when stats[5] (the sum of the elections) is negative.
+ * fill: +1 or -1, or 0 for the majority rule: sign(sum of the elections over the chunk), +1 when that is >= 0,
+ * known only at the end. The chunk is then computed with +1; the entries where the fill can matter (a zero election
+ * with a non-zero tau'_t, or a zero base entry, whose sign the +-0 of the merged update decides) are also computed
+ * with -1 and kept aside, and written over out when the majority turns out negative. alt is unused.
  * div_mode: 0 = dis-sum, 1 = dis-mean with div clamped to min_w (all weights > 0), 2 = dis-mean with div 0 -> 1.
- * stats: [0] conflicts (min_t p_t < 0), [1] NaN/Inf inputs, [2] NaN/Inf outputs (of out), [3] NaN/Inf of alt,
+ * stats: [0] conflicts (min_t p_t < 0), [1] NaN/Inf inputs, [2] NaN/Inf in out, [3] entries computed with -1,
  * [4] unused, [5] sum of sign(score), [6 + t] nonzero entries of tau^_t. */
 NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void *const *models, int in_dtype, void *out,
-                void *alt, int out_dtype, const float *weights, const float *thresholds, float lam, int sign_count,
-                int fill, int div_mode, float min_w, int64_t *stats) {
-    float b[BLOCK], x[BLOCK], score[BLOCK], res[BLOCK], res_alt[BLOCK];
+                          void *alt, int out_dtype, const float *weights, const float *thresholds, float lam,
+                          int sign_count, int fill, int div_mode, float min_w, int64_t *stats) {
+    float b[BLOCK], x[BLOCK], score[BLOCK], res[BLOCK], anynz[BLOCK];
     float g[BLOCK], tot[BLOCK], div[BLOCK], lowest[BLOCK];
-    int64_t conflicts = 0, bad_in = 0, bad_out = 0, bad_alt = 0, election = 0;
+    int64_t conflicts = 0, bad_in = 0, election = 0;
     int64_t kept[MAX_MODELS];
-    float *tp;
+    int64_t n_blocks = (n + BLOCK - 1) / BLOCK;
+    float *tp, *alt_val = NULL;
+    int64_t *alt_pos = NULL, n_alt = 0, cap_alt = 0, bad_out = 0;
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
     tp = (float *)malloc(sizeof(float) * BLOCK * (size_t)n_models);
     if (tp == NULL) return -2;
     for (int t = 0; t < n_models; t++) kept[t] = 0;
-    for (int64_t start = 0; start < n; start += BLOCK) {
+    for (int64_t blk = 0; blk < n_blocks; blk++) {
+        int64_t start = blk * BLOCK;
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad_in += load_block(base, in_dtype, start, m, b);
+        for (int64_t j = 0; j < m; j++) anynz[j] = 0.0f;
         for (int t = 0; t < n_models; t++) {
             float *y = tp + (size_t)t * BLOCK;
             float w = weights[t], thr = thresholds[t];
@@ -198,6 +203,7 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
                 float trimmed = fabsf(tau) >= thr ? tau : 0.0f;
                 k += trimmed != 0.0f;
                 y[j] = trimmed * w;
+                anynz[j] = y[j] != 0.0f ? 1.0f : anynz[j];
             }
             kept[t] += k;
             if (sign_count) {
@@ -211,70 +217,149 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
                 for (int64_t j = 0; j < m; j++) score[j] = score[j] + y[j];
             }
         }
+        int32_t fill_matters = 0;
         {
             int32_t e = 0;
-            for (int64_t j = 0; j < m; j++) e += (score[j] > 0.0f) - (score[j] < 0.0f);
+            for (int64_t j = 0; j < m; j++) {
+                e += (score[j] > 0.0f) - (score[j] < 0.0f);
+                fill_matters |= (score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f));
+            }
             election += e;
         }
-        for (int pass = 0; pass < (fill == 0 ? 2 : 1); pass++) {
-            float zero_sign = pass == 0 ? (fill == 0 ? 1.0f : (float)fill) : -1.0f;
-            float *r = pass == 0 ? res : res_alt;
-            for (int64_t j = 0; j < m; j++) {
-                g[j] = score[j] > 0.0f ? 1.0f : (score[j] < 0.0f ? -1.0f : zero_sign);
-                tot[j] = 0.0f;
-                div[j] = 0.0f;
-            }
-            for (int t = 0; t < n_models; t++) {
-                const float *y = tp + (size_t)t * BLOCK;
-                float w = weights[t];
-                if (t == 0)
-                    for (int64_t j = 0; j < m; j++) lowest[j] = y[j] * g[j];
-                for (int64_t j = 0; j < m; j++) {
-                    float p = y[j] * g[j];
-                    lowest[j] = p < lowest[j] ? p : lowest[j];
-                    float a = p > 0.0f ? p : 0.0f;
-                    tot[j] = tot[j] + a;
-                    div[j] = div[j] + (a > 0.0f ? w : 0.0f);
-                }
-            }
-            if (pass == 0) {
-                int32_t c = 0;
-                for (int64_t j = 0; j < m; j++) c += lowest[j] < 0.0f;
-                conflicts += c;
-            }
-            for (int64_t j = 0; j < m; j++) tot[j] = tot[j] * g[j];
-            if (div_mode == 1)
-                for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] < min_w ? min_w : div[j]);
-            else if (div_mode == 2)
-                for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] == 0.0f ? div[j] + 1.0f : div[j]);
-            for (int64_t j = 0; j < m; j++) r[j] = b[j] + tot[j] * lam;
+        float zero_sign = fill == 0 ? 1.0f : (float)fill;
+        for (int64_t j = 0; j < m; j++) {
+            g[j] = score[j] > 0.0f ? 1.0f : (score[j] < 0.0f ? -1.0f : zero_sign);
+            tot[j] = 0.0f;
+            div[j] = 0.0f;
         }
+        for (int t = 0; t < n_models; t++) {
+            const float *y = tp + (size_t)t * BLOCK;
+            float w = weights[t];
+            if (t == 0)
+                for (int64_t j = 0; j < m; j++) lowest[j] = y[j] * g[j];
+            for (int64_t j = 0; j < m; j++) {
+                float p = y[j] * g[j];
+                lowest[j] = p < lowest[j] ? p : lowest[j];
+                float a = p > 0.0f ? p : 0.0f;
+                tot[j] = tot[j] + a;
+                div[j] = div[j] + (a > 0.0f ? w : 0.0f);
+            }
+        }
+        {
+            int32_t c = 0;
+            for (int64_t j = 0; j < m; j++) c += lowest[j] < 0.0f;
+            conflicts += c;
+        }
+        for (int64_t j = 0; j < m; j++) tot[j] = tot[j] * g[j];
+        if (div_mode == 1)
+            for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] < min_w ? min_w : div[j]);
+        else if (div_mode == 2)
+            for (int64_t j = 0; j < m; j++) tot[j] = tot[j] / (div[j] == 0.0f ? div[j] + 1.0f : div[j]);
+        for (int64_t j = 0; j < m; j++) res[j] = b[j] + tot[j] * lam;
         bad_out += store_block(out, out_dtype, start, m, res);
-        if (fill == 0) bad_alt += store_block(alt, out_dtype, start, m, res_alt);
+        if (fill == 0 && fill_matters) {
+            /* the same operations with the fill -1, only where it can change the result (a few entries per block),
+             * kept as (position, value) until the chunk's majority is known */
+            int32_t idx[BLOCK], n_idx = 0;
+            for (int64_t s0 = 0; s0 < m; s0 += 64) { /* vectorized test per 64 entries, scan only the hits */
+                int64_t s1 = s0 + 64 < m ? s0 + 64 : m;
+                int32_t any = 0;
+                for (int64_t j = s0; j < s1; j++) any |= (score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f));
+                if (!any) continue;
+                for (int64_t j = s0; j < s1; j++)
+                    if ((score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f))) idx[n_idx++] = (int32_t)j;
+            }
+            if (n_alt + n_idx > cap_alt) {
+                int64_t cap = 2 * (n_alt + n_idx) + BLOCK;
+                int64_t *pos = (int64_t *)realloc(alt_pos, sizeof(int64_t) * (size_t)cap);
+                if (pos != NULL) alt_pos = pos;
+                float *val = (float *)realloc(alt_val, sizeof(float) * (size_t)cap);
+                if (val != NULL) alt_val = val;
+                if (pos == NULL || val == NULL) {
+                    free(tp);
+                    free(alt_pos);
+                    free(alt_val);
+                    return -2;
+                }
+                cap_alt = cap;
+            }
+            for (int32_t q = 0; q < n_idx; q++) {
+                int32_t j = idx[q];
+                float t_sum = 0.0f, d_sum = 0.0f;
+                for (int t = 0; t < n_models; t++) {
+                    float p = tp[(size_t)t * BLOCK + j] * -1.0f;
+                    float a = p > 0.0f ? p : 0.0f;
+                    t_sum = t_sum + a;
+                    d_sum = d_sum + (a > 0.0f ? weights[t] : 0.0f);
+                }
+                float tm = t_sum * -1.0f;
+                if (div_mode == 1) tm = tm / (d_sum < min_w ? min_w : d_sum);
+                else if (div_mode == 2) tm = tm / (d_sum == 0.0f ? d_sum + 1.0f : d_sum);
+                alt_pos[n_alt] = start + j;
+                alt_val[n_alt] = b[j] + tm * lam;
+                n_alt++;
+            }
+        }
+    }
+    if (fill == 0 && election < 0) {
+        for (int64_t q = 0; q < n_alt; q++) {
+            float before;
+            int64_t i = alt_pos[q];
+            float v = alt_val[q];
+            if (out_dtype == NM_BF16) before = bits_to_f32((uint32_t)((uint16_t *)out)[i] << 16);
+            else before = ((float *)out)[i];
+            bad_out -= (f32_to_bits(before) & 0x7F800000u) == 0x7F800000u;
+            bad_out += store_block(out, out_dtype, i, 1, &v);
+        }
     }
     free(tp);
+    free(alt_pos);
+    free(alt_val);
     stats[0] = conflicts;
     stats[1] = bad_in;
     stats[2] = bad_out;
-    stats[3] = bad_alt;
+    stats[3] = n_alt;
     stats[4] = 0;
     stats[5] = election;
     for (int t = 0; t < n_models; t++) stats[6 + t] = kept[t];
     return 0;
 }
 
-/* Histogram of the high 16 bits of |x - b| (fp32 bits; 32768 bins for finite values): counts[h] += 1 and, when
- * mass is not NULL, mass[h] += (double)|x - b|, summed per piece of `piece` entries into tmp (zeroed per piece)
- * and then added to mass, as the torch path's per-piece bincount. With want >= 0 only entries whose high bits equal
- * `want` are counted, binned by their low 16 bits (65536 bins), pieces counting selected entries.
+/* Per-piece float64 mass accumulation: tmp[bin] += v; after `piece` entries tmp is added to mass and zeroed (the
+ * torch path's per-piece bincount, added in order). */
+static inline __attribute__((always_inline)) void mass_add(double *tmp, double *mass, int64_t bins, int64_t *in_piece,
+                                                           int64_t piece, int64_t bin, float v) {
+    tmp[bin] += (double)v;
+    if (++*in_piece == piece) {
+        for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
+        memset(tmp, 0, sizeof(double) * (size_t)bins);
+        *in_piece = 0;
+    }
+}
+
+#define HIGH_BINS 32768
+#define LOW_BINS 65536
+
+/* Histograms of the fp32 bits of |x - b| for the statistics pass's radix select.
+ * high_counts (may be NULL): by the high 16 bits (HIGH_BINS bins for finite values).
+ * low_counts (when win_n > 0): for each high bin h in [win_lo, win_lo + win_n), the entries whose high bits are h,
+ * by their low 16 bits, at low_counts[(h - win_lo) * LOW_BINS + low].
+ * With *_mass not NULL also the float64 sum of |x - b| per bin, added per piece of `piece` entries (counted per
+ * histogram: all entries for the high one, the bin's own entries for each low one) through the matching *_tmp
+ * (HIGH_BINS, resp. win_n * LOW_BINS doubles; low_pieces: win_n counters), as the torch path.
  * Returns the number of NaN/Inf inputs. */
-NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t want, int64_t *counts,
-                    double *mass, double *tmp, int64_t piece) {
+NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t *high_counts,
+                              double *high_mass, double *high_tmp, int64_t win_lo, int64_t win_n,
+                              int64_t *low_counts, double *low_mass, double *low_tmp, int64_t *low_pieces,
+                              int64_t piece) {
     float b[BLOCK], x[BLOCK];
     uint32_t key[BLOCK];
-    int64_t bad = 0, in_piece = 0;
-    int64_t bins = want >= 0 ? 65536 : 32768;
-    if (mass) memset(tmp, 0, sizeof(double) * (size_t)bins);
+    int64_t bad = 0, high_piece = 0;
+    if (high_mass) memset(high_tmp, 0, sizeof(double) * HIGH_BINS);
+    if (win_n > 0 && low_mass) {
+        memset(low_tmp, 0, sizeof(double) * LOW_BINS * (size_t)win_n);
+        for (int64_t w = 0; w < win_n; w++) low_pieces[w] = 0;
+    }
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
@@ -283,38 +368,40 @@ NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, in
             x[j] = fabsf(x[j] - b[j]);
             key[j] = f32_to_bits(x[j]);
         }
-        if (want < 0) {
-            if (!mass) {
-                for (int64_t j = 0; j < m; j++) counts[key[j] >> 16]++;
-                continue;
-            }
+        if (high_counts && high_mass) {
             for (int64_t j = 0; j < m; j++) {
                 uint32_t h = key[j] >> 16;
-                counts[h]++;
-                tmp[h] += (double)x[j];
-                if (++in_piece == piece) {
-                    for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
-                    memset(tmp, 0, sizeof(double) * (size_t)bins);
-                    in_piece = 0;
-                }
+                high_counts[h]++;
+                mass_add(high_tmp, high_mass, HIGH_BINS, &high_piece, piece, h, x[j]);
             }
-        } else {
+        } else if (high_counts && win_n > 0 && !low_mass) {
+            /* the common case of the counting pass: both histograms in one loop */
             for (int64_t j = 0; j < m; j++) {
-                if ((int64_t)(key[j] >> 16) != want) continue;
-                uint32_t l = key[j] & 0xFFFFu;
-                counts[l]++;
-                if (!mass) continue;
-                tmp[l] += (double)x[j];
-                if (++in_piece == piece) {
-                    for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
-                    memset(tmp, 0, sizeof(double) * (size_t)bins);
-                    in_piece = 0;
-                }
+                uint32_t h = key[j] >> 16;
+                uint64_t w = (uint64_t)((int64_t)h - win_lo);
+                high_counts[h]++;
+                if (w < (uint64_t)win_n) low_counts[w * LOW_BINS + (key[j] & 0xFFFFu)]++;
             }
+            continue;
+        } else if (high_counts) {
+            for (int64_t j = 0; j < m; j++) high_counts[key[j] >> 16]++;
+        }
+        if (win_n <= 0) continue;
+        for (int64_t j = 0; j < m; j++) {
+            uint64_t w = (uint64_t)((int64_t)(key[j] >> 16) - win_lo);
+            if (w >= (uint64_t)win_n) continue;
+            uint32_t l = key[j] & 0xFFFFu;
+            low_counts[w * LOW_BINS + l]++;
+            if (low_mass)
+                mass_add(low_tmp + w * LOW_BINS, low_mass + w * LOW_BINS, LOW_BINS, &low_pieces[w], piece, l, x[j]);
         }
     }
-    if (mass && in_piece > 0)
-        for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
+    if (high_mass && high_piece > 0)
+        for (int64_t i = 0; i < HIGH_BINS; i++) high_mass[i] += high_tmp[i];
+    if (win_n > 0 && low_mass)
+        for (int64_t w = 0; w < win_n; w++)
+            if (low_pieces[w] > 0)
+                for (int64_t i = 0; i < LOW_BINS; i++) low_mass[w * LOW_BINS + i] += low_tmp[w * LOW_BINS + i];
     return bad;
 }
 
