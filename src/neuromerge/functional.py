@@ -18,6 +18,7 @@ import torch
 from .config import MergeConfig, ModelEntry, ParamResolver, validate_method_parameters
 from .config import layer_index as _layer_index
 from .engine.layout import LayoutRules, from_canonical, to_canonical
+from .engine.reading import kernel_inputs
 from .engine.stats import global_thresholds
 from .methods import MergeInput
 from .tensors import rng
@@ -68,9 +69,19 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
         def uniform(t: int, shape: tuple[int, ...], _n: str = n) -> torch.Tensor:
             return rng.draw(seed, impl.name, _n, t, 0, shape)
 
-        x = MergeInput(name=n, kind="point" if layouts[n] == "point" else "neuronal", base=b, models=ms,
-                       params=params, per_model=per_model, stats=stats, rows=(0, b.shape[0] if b.dim() else 1),
-                       full_shape=tuple(b.shape), uniform=uniform)
+        kind = "point" if layouts[n] == "point" else "neuronal"
+        rows = (0, b.shape[0] if b.dim() else 1)
+        if impl.fuses(params, per_model) and all(t.device.type == "cpu" for t in (base[n], *(m[n] for m in models))):
+            # the engine's fast path, so that an in-memory merge equals the streamed one
+            stored = kernel_inputs([to_canonical(t[n], layouts[n]) for t in (base, *models)])
+            fx = MergeInput(name=n, kind=kind, base=stored[0], models=stored[1:], params=params, per_model=per_model,
+                            stats=stats, rows=rows, full_shape=tuple(b.shape))
+            fused = impl.merge_fused(fx, base[n].dtype)
+            if fused is not None:
+                out[n] = from_canonical(fused[0], layouts[n], base[n].shape).to(base[n].dtype)
+                continue
+        x = MergeInput(name=n, kind=kind, base=b, models=ms, params=params, per_model=per_model, stats=stats,
+                       rows=rows, full_shape=tuple(b.shape), uniform=uniform)
         out[n] = from_canonical(impl.merge(x), layouts[n], base[n].shape).to(base[n].dtype)
     return out
 

@@ -1,5 +1,6 @@
 """The fused C kernels (neuromerge.kernels) against the torch path they replace: bitwise equal outputs, reports and
-statistics, on direct calls and through whole merges; NaN/Inf inputs fall back to the torch path's errors."""
+statistics for Task Arithmetic, TIES and the statistics pass, equal to rounding for NeuroMerging's sweeps, on
+direct calls and through whole merges; NaN/Inf inputs fall back to the torch path's errors."""
 
 from __future__ import annotations
 
@@ -224,11 +225,29 @@ def test_whole_merge_native_equals_torch(tmp_path, make_family, monkeypatch, dty
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
     ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (fast, slow))
-    assert ra["tensors"] == rb["tensors"]
     assert ra["global_statistics"] == rb["global_statistics"]
+    if method != "neuromerging":
+        for k in a:
+            assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+        assert ra["tensors"] == rb["tensors"]
+        return
+    # NeuroMerging's fused sweeps sum inner products in float64 (torch: fp32 einsum): equal up to rounding
+    base_sd = load_file(base / "model.safetensors")
+    for k in a:
+        update = (b[k].float() - base_sd[k].float()).abs().max()
+        gap = (a[k].float() - b[k].float()).abs()
+        if dtype == torch.float32:
+            assert float(gap.max()) <= 1e-5 * float(update) + 1e-7, k
+        else:  # a rounding to the output dtype may flip: at most one unit in the last place, rarely
+            ulp = b[k].float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)
+            assert bool((gap <= ulp * 1.01 + 1e-12).all()), k
+            assert float((gap > 0).float().mean()) < 0.02, k
+    for name, rep in ra["tensors"].items():
+        other = rb["tensors"][name]
+        assert rep.keys() == other.keys()
+        for key, value in rep.items():
+            assert value == pytest.approx(other[key], rel=1e-4, abs=1e-7), (name, key)
 
 
 def test_nonfinite_input_still_raises(tmp_path, make_family) -> None:
@@ -284,3 +303,57 @@ def test_sampled_window_statistics_equal_two_passes(monkeypatch, l1) -> None:
     # without L1 mass: the sample and one full pass; with it (NeuroMerging's λ2 rule) always two full passes
     assert hit_reads == (2 * len(chunks) if l1 else n_sampled + len(chunks))
     assert reads["stored"] == 2 * len(chunks)  # both passes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_neuron_sweeps_equal_the_torch_formulas(dtype) -> None:
+    """``neuro_first``: c_t, Gram matrices of τ⊥ and energies as split_parallel / gram64 compute them (a zero base
+    row included); ``neuro_second``: θ0 + λ2 Σ_t a_t τ⊥_t + λ1 p w0."""
+    from neuromerge.tensors.neurons import gram64, split_parallel
+
+    base, models = _family(dtype, (40, 300))
+    base[3] = 0.0
+    weights, thresholds = [1.0, 0.5, 2.0], [0.0015, 0.0, 0.002]
+    taus = torch.stack([
+        torch.where((m.float() - base.float()).abs() >= thr, m.float() - base.float(), 0.0) * w
+        for m, w, thr in zip(models, weights, thresholds, strict=True)
+    ])
+    coef, orth = split_parallel(taus.double(), base.double())
+    sweep = kernels.neuro_first(base, models, weights, thresholds)
+    assert sweep is not None
+    torch.testing.assert_close(sweep.coef.double(), coef, rtol=1e-5, atol=1e-9)
+    assert bool((sweep.coef[:, 3] == 0).all())
+    torch.testing.assert_close(sweep.gram, gram64(orth), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(sweep.sq_norm, (base.double() ** 2).sum(-1))
+    assert sweep.total_energy == pytest.approx(float((taus.double() ** 2).sum()), rel=1e-9)
+    assert sweep.parallel_energy == pytest.approx(float((coef ** 2 * (base.double() ** 2).sum(-1)).sum()), rel=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    mix, par = torch.randn(3, 40, generator=g), torch.randn(40, generator=g)
+    out, bad = kernels.neuro_second(base, models, weights, thresholds, sweep.coef, mix, par, 0.7, 1.3, torch.float32)
+    orth32 = taus - sweep.coef.unsqueeze(-1) * base.float()
+    expected = base.float() + 1.3 * torch.einsum("tk,tki->ki", mix, orth32) + 0.7 * par.unsqueeze(-1) * base.float()
+    assert bad == 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"lambda1": 0.5}, {"lambda1": 0.5, "parallel_reconstruction": "official"}, {"cum_threshold": 0.6},
+    {"sign_method": "count", "lambda2": 1.5}, {"density": 1.0, "lambda2": 1.0},
+])
+def test_neuromerging_fused_equals_torch(params) -> None:
+    base, models = _family(torch.float32, (64, 200))
+    stats = _thresholds(base, models, 0.3)
+    stats = GlobalStats(stats.thresholds, (0.1, 0.2, 0.15), (1.0, 1.0, 1.0), stats.kept, stats.total)
+    params = {"density": 0.3, **params}
+    m = registry.get("neuromerging")()
+    ref_x = _input("neuromerging", params, [1.0, 0.8, 1.2], base, models, stats=stats)
+    ref = m.merge(ref_x)
+    x = _input("neuromerging", params, [1.0, 0.8, 1.2], base, models, stats=stats)
+    fused = m.merge_fused(x, torch.float32)
+    assert fused is not None
+    update = float((ref - base).abs().max())
+    assert float((fused[0] - ref).abs().max()) <= 1e-5 * update
+    assert x.report.keys() == ref_x.report.keys()
+    for key, value in x.report.items():
+        assert value == pytest.approx(ref_x.report[key], rel=1e-5, abs=1e-9), key

@@ -52,10 +52,15 @@ def read_stored_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None
     bfloat16 or float32 (the fused kernels' inputs), else all as float32. Not checked for NaN/Inf: the kernels
     count them and the caller then reads through :func:`read_all`, which does."""
     names = [(pool.base, plan.name), *zip(pool.models, plan.sources, strict=True)]
-    raw = [to_canonical(ckpt.read(name, rows), plan.layout) for ckpt, name in names]
-    if len({t.dtype for t in raw}) != 1 or raw[0].dtype not in (torch.bfloat16, torch.float32):
-        raw = [t.float() for t in raw]
+    raw = kernel_inputs([to_canonical(ckpt.read(name, rows), plan.layout) for ckpt, name in names])
     return raw[0], raw[1:]
+
+
+def kernel_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as they are when they share bfloat16 or float32 (what the fused kernels read), else as float32."""
+    if len({t.dtype for t in tensors}) != 1 or tensors[0].dtype not in (torch.bfloat16, torch.float32):
+        return [t.float() for t in tensors]
+    return tensors
 
 
 def chunk_rows(plan: TensorPlan, chunk: tuple[int, int]) -> tuple[int, int] | None:

@@ -42,6 +42,12 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_ties.restype = _I64
     lib.nm_ties.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
                             _F32, ctypes.c_int, ctypes.c_int, ctypes.c_int, _F32, _PTR]
+    lib.nm_neuro_first.restype = _I64
+    lib.nm_neuro_first.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                   _PTR]
+    lib.nm_neuro_second.restype = _I64
+    lib.nm_neuro_second.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                    _F32, _F32, _PTR, ctypes.c_int]
     lib.nm_abs_hist.restype = _I64
     lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                 _I64]
@@ -136,6 +142,64 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     return FusedResult(out, int(stats[2]), counts)
 
 
+@dataclass(frozen=True)
+class NeuronSweep:
+    """What :func:`neuro_first` measures of a ``(rows, d)`` chunk: ``coef`` ``c_t^k`` ``(T, rows)`` fp32, the Gram
+    matrices of the orthogonal parts ``(rows, T, T)`` and ``‖w0^k‖²`` ``(rows,)`` (float64), and the float64 sums
+    ``Σ ‖τ'_t‖²`` (``total_energy``) and ``Σ (c_t^k)² ‖w0^k‖²`` (``parallel_energy``)."""
+
+    coef: torch.Tensor
+    gram: torch.Tensor
+    sq_norm: torch.Tensor
+    total_energy: float
+    parallel_energy: float
+
+
+def neuro_first(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+                thresholds: Sequence[float]) -> NeuronSweep | None:
+    """First NeuroMerging sweep over a 2-D chunk: with ``τ'_t = w_t (x_t − b) [|x_t − b| >= thr_t]`` per row,
+    ``c_t = ⟨τ'_t, b⟩ / ‖b‖²`` and the Gram matrix of ``τ'_t − c_t b`` (see ``nm_neuro_first``). None when an input
+    holds NaN/Inf."""
+    lib = _library()
+    assert lib is not None
+    base = base.contiguous()
+    models = [m.contiguous() for m in models]
+    rows, d = base.shape
+    t = len(models)
+    coef = torch.empty(t, rows, dtype=torch.float32)
+    gram = torch.empty(rows, t, t, dtype=torch.float64)
+    sq_norm = torch.empty(rows, dtype=torch.float64)
+    energy = np.zeros(2, np.float64)
+    bad = lib.nm_neuro_first(rows, d, t, base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype],
+                             _floats(weights), _floats(thresholds), coef.data_ptr(), gram.data_ptr(),
+                             sq_norm.data_ptr(), energy.ctypes.data)
+    _check(min(0, int(bad)))
+    if bad:
+        return None
+    return NeuronSweep(coef, gram, sq_norm, float(energy[0]), float(energy[1]))
+
+
+def neuro_second(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+                 thresholds: Sequence[float], coef: torch.Tensor, mix: torch.Tensor, parallel: torch.Tensor | None,
+                 lam1: float, lam2: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Second NeuroMerging sweep: ``θ = b + λ2 Σ_t mix_t (τ'_t − c_t b) [+ λ1 (p b)]`` per row (``mix``, ``coef``:
+    ``(T, rows)`` fp32; ``parallel`` ``p``: ``(rows,)`` fp32), in ``out_dtype``, with its NaN/Inf count."""
+    lib = _library()
+    assert lib is not None
+    base = base.contiguous()
+    models = [m.contiguous() for m in models]
+    rows, d = base.shape
+    out = torch.empty(rows, d, dtype=out_dtype)
+    coef = coef.to(torch.float32).contiguous()
+    mix = mix.to(torch.float32).contiguous()
+    par = (parallel if parallel is not None else torch.zeros(rows)).to(torch.float32).contiguous()
+    bad = lib.nm_neuro_second(rows, d, len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype],
+                              _floats(weights), _floats(thresholds), coef.data_ptr(), mix.data_ptr(), par.data_ptr(),
+                              lam1 if parallel is not None else 0.0, lam2, out.data_ptr(), DTYPE_CODES[out_dtype])
+    _check(min(0, int(bad)))
+    return out, int(bad)
+
+
 Histogram = tuple[np.ndarray, np.ndarray | None]
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
@@ -191,4 +255,7 @@ def add_counts(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray,
     return bad == 0
 
 
-__all__ = ["FusedResult", "abs_histograms", "add_counts", "available", "linear", "supports", "ties"]
+__all__ = [
+    "FusedResult", "NeuronSweep", "abs_histograms", "add_counts", "available", "linear", "neuro_first", "neuro_second",
+    "supports", "ties",
+]

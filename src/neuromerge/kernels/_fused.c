@@ -325,6 +325,139 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
     return 0;
 }
 
+/* sum_i a_i b_i in float64 over 8 interleaved partial sums (lane l takes i = l mod 8), added pairwise at the end:
+ * a fixed order that vectorizes (a single running sum is a chain of dependent adds). */
+static inline __attribute__((always_inline)) double dot64(const float *a, const float *b, int64_t n) {
+    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += (double)a[i + l] * (double)b[i + l];
+    for (int l = 0; i < n; i++, l++) lane[l] += (double)a[i] * (double)b[i];
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* NeuroMerging rows: the weighted trimmed task vectors tau'_t = w_t (x_t - b) [|x_t - b| >= thr_t] of row k of a
+ * (rows x d) chunk, written into y (T x d fp32). Returns NaN/Inf inputs. */
+static inline __attribute__((always_inline)) int64_t neuro_row(int64_t k, int64_t d, int n_models, const void *base,
+                                                                const void *const *models, int in_dtype,
+                                                                const float *weights, const float *thresholds,
+                                                                float *b, float *x, float *y) {
+    int64_t bad = 0;
+    for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
+        int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
+        bad += load_block(base, in_dtype, k * d + s0, m, b + s0);
+    }
+    for (int t = 0; t < n_models; t++) {
+        float *yt = y + (size_t)t * (size_t)d;
+        float w = weights[t], thr = thresholds[t];
+        for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
+            int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
+            bad += load_block(models[t], in_dtype, k * d + s0, m, x);
+            for (int64_t j = 0; j < m; j++) {
+                float tau = x[j] - b[s0 + j];
+                yt[s0 + j] = (fabsf(tau) >= thr ? tau : 0.0f) * w;
+            }
+        }
+    }
+    return bad;
+}
+
+/* NeuroMerging, first sweep over a (rows x d) chunk: per row k, with tau'_t as in neuro_row,
+ * coef[t * rows + k] = c_t = <tau'_t, b> / ||b||^2 (0 when ||b|| = 0; inner products by dot64, c rounded to fp32),
+ * the orthogonal parts o_t = tau'_t - c_t b (fp32) and their Gram matrix gram[(k * T + s) * T + t] = <o_s, o_t>
+ * (float64), sq_norm[k] = ||b||^2 (float64). energy[0] += sum ||tau'_t||^2, energy[1] += sum c_t^2 ||b||^2
+ * (float64). Returns the number of NaN/Inf inputs (negative on a failed allocation). */
+NM_CLONES int64_t nm_neuro_first(int64_t rows, int64_t d, int n_models, const void *base, const void *const *models,
+                                 int in_dtype, const float *weights, const float *thresholds, float *coef,
+                                 double *gram, double *sq_norm, double *energy) {
+    float x[BLOCK];
+    int64_t bad = 0;
+    double total = 0.0, parallel = 0.0;
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    float *b = (float *)malloc(sizeof(float) * (size_t)d);
+    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
+    if (b == NULL || y == NULL) {
+        free(b);
+        free(y);
+        return -2;
+    }
+    for (int64_t k = 0; k < rows; k++) {
+        bad += neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
+        double nb = dot64(b, b, d);
+        sq_norm[k] = nb;
+        for (int t = 0; t < n_models; t++) {
+            float *yt = y + (size_t)t * (size_t)d;
+            double q = dot64(yt, b, d), e = dot64(yt, yt, d);
+            float c = nb > 0.0 ? (float)(q / nb) : 0.0f;
+            coef[(size_t)t * (size_t)rows + (size_t)k] = c;
+            total += e;
+            parallel += (double)c * (double)c * nb;
+            for (int64_t i = 0; i < d; i++) yt[i] = yt[i] - c * b[i]; /* o_t, in place */
+        }
+        double *g = gram + (size_t)k * (size_t)n_models * (size_t)n_models;
+        for (int s = 0; s < n_models; s++) {
+            const float *os = y + (size_t)s * (size_t)d;
+            for (int t = s; t < n_models; t++) {
+                const float *ot = y + (size_t)t * (size_t)d;
+                double acc = dot64(os, ot, d);
+                g[s * n_models + t] = acc;
+                g[t * n_models + s] = acc;
+            }
+        }
+    }
+    free(b);
+    free(y);
+    energy[0] += total;
+    energy[1] += parallel;
+    return bad;
+}
+
+/* NeuroMerging, second sweep: per row k, o_t = tau'_t - coef_t b as in nm_neuro_first, and
+ * theta = b + lam2 (mix_0 o_0 + mix_1 o_1 + ...) [+ lam1 (par[k] b)], written in out_dtype. Returns NaN/Inf outputs
+ * (negative on a failed allocation). */
+NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const void *base, const void *const *models,
+                                  int in_dtype, const float *weights, const float *thresholds, const float *coef,
+                                  const float *mix, const float *par, float lam1, float lam2, void *out,
+                                  int out_dtype) {
+    float x[BLOCK];
+    int64_t bad = 0;
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    float *b = (float *)malloc(sizeof(float) * (size_t)d);
+    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
+    float *acc = (float *)malloc(sizeof(float) * (size_t)d);
+    if (b == NULL || y == NULL || acc == NULL) {
+        free(b);
+        free(y);
+        free(acc);
+        return -2;
+    }
+    for (int64_t k = 0; k < rows; k++) {
+        neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
+        for (int t = 0; t < n_models; t++) {
+            const float *yt = y + (size_t)t * (size_t)d;
+            float c = coef[(size_t)t * (size_t)rows + (size_t)k];
+            float a = mix[(size_t)t * (size_t)rows + (size_t)k];
+            if (t == 0)
+                for (int64_t i = 0; i < d; i++) acc[i] = a * (yt[i] - c * b[i]);
+            else
+                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + a * (yt[i] - c * b[i]);
+        }
+        for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
+        if (lam1 != 0.0f) {
+            float p = par[k];
+            for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + lam1 * (p * b[i]);
+        }
+        for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
+            int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
+            bad += store_block(out, out_dtype, k * d + s0, m, acc + s0);
+        }
+    }
+    free(b);
+    free(y);
+    free(acc);
+    return bad;
+}
+
 /* Per-piece float64 mass accumulation: tmp[bin] += v; after `piece` entries tmp is added to mass and zeroed (the
  * torch path's per-piece bincount, added in order). */
 static inline __attribute__((always_inline)) void mass_add(double *tmp, double *mass, int64_t bins, int64_t *in_piece,

@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from .. import kernels
 from ..errors import ConfigError
 from ..tensors.consensus import SignMethod, ties_merge
-from ..tensors.neurons import Reconstruction, neuron_merge
+from ..tensors.neurons import Reconstruction, merge_coefficients, neuron_merge, orthogonal_mix
 from ._common import TrimScope, trimmed_deltas
 from .base import GlobalStats, MergeInput, MergeMethod, MethodParams
 from .registry import method
@@ -116,6 +117,48 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
         x.report["parallel_energy_share"] = parts.parallel_energy
         out = x.base + lam2 * parts.orthogonal
         return out + p.lambda1 * parts.parallel if p.lambda1 != 0.0 else out
+
+    def fuses(self, params: NeuroMergingParams, per_model: Sequence[NeuroMergingParams]) -> bool:
+        """The fused sweeps trim by given thresholds: global ones (or none, density 1)."""
+        return kernels.available() and (params.scope == "global" or all(p.density >= 1.0 for p in per_model))
+
+    def merge_fused(self, x: MergeInput[NeuroMergingParams], out_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, int] | None:
+        """:meth:`merge` for neuronal tensors in two fused sweeps (:func:`neuromerge.kernels.neuro_first`: the
+        coefficients ``c_t``, the Gram matrices of ``τ⊥`` and the energies; :func:`~neuromerge.kernels.neuro_second`:
+        ``θ0 + λ2 ψ⊥ (+ λ1 ψ∥)``), the per-row eigenproblems and TIES elections in between as in :meth:`merge`
+        (:func:`~neuromerge.tensors.neurons.orthogonal_mix`). The same formulas, but the inner products are summed in
+        float64 in index order rather than by torch's fp32 ``einsum``, so the result agrees with :meth:`merge` to
+        rounding, not bitwise (``tests/engine/test_native_kernels.py``). Point tensors take :meth:`merge`."""
+        p = x.params
+        if x.kind == "point" or x.base.dim() != 2 or not self.fuses(p, x.per_model):
+            return None
+        if not kernels.supports(x.base, x.models):
+            return None
+        densities = [q.density for q in x.per_model]
+        if any(d < 1.0 for d in densities) and x.stats is None:  # pragma: no cover - the engine computes them
+            raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
+        thresholds = [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
+        weights = x.weights
+        sweep = kernels.neuro_first(x.base, x.models, weights, thresholds)
+        if sweep is None:
+            return None
+        lam2 = self._lambda2(x, densities)
+        mix = orthogonal_mix(sweep.gram, p.cum_threshold, p.sign_method).to(torch.float32)
+        parallel = None
+        if p.lambda1 != 0.0:
+            merged = merge_coefficients(sweep.coef, p.sign_method)
+            if p.parallel_reconstruction == "paper":
+                parallel = merged
+            else:
+                norm = sweep.sq_norm.sqrt().to(torch.float32)
+                parallel = torch.where(norm > 0, merged / torch.where(norm > 0, norm, 1.0), 0.0)
+        x.report["parallel_energy_share"] = (
+            sweep.parallel_energy / sweep.total_energy if sweep.total_energy > 0 else 0.0
+        )
+        kernel_dtype = out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32
+        return kernels.neuro_second(x.base, x.models, weights, thresholds, sweep.coef, mix, parallel, p.lambda1, lam2,
+                                    kernel_dtype)
 
     @staticmethod
     def _lambda2(x: MergeInput[NeuroMergingParams], densities: Sequence[float]) -> float:

@@ -130,7 +130,11 @@ def _gram_eigh(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exactly 0) and ``U`` as ``(rows, T, T)`` with column ``j`` the ``j``-th left singular vector, sign-fixed.
     Rows ``t`` of ``U`` whose task has ``τ⊥,t^k = 0`` are set to exactly 0 (their coordinates are 0 in exact
     arithmetic; round-off must not give them a vote in the ``"count"`` sign election)."""
-    gram = gram64(orth)
+    return gram_eigh(gram64(orth))
+
+
+def gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_gram_eigh` from the per-row Gram matrices ``(rows, T, T)`` (float64) themselves."""
     present = torch.diagonal(gram, dim1=-2, dim2=-1) > 0
     eigvals, eigvecs = torch.linalg.eigh(gram)
     eigvals = eigvals.flip(-1).clamp(min=0.0)
@@ -147,13 +151,20 @@ def orthogonal_merge(
     coordinates ``Z = O V``, per-coordinate TIES (row-wise majority for zero signs) and disjoint mean ``z̄_j``,
     cumulative-variance truncation ``η = cum_threshold``, ``ψ⊥ = Σ_j z̄_j v_j`` (computed as ``Oᵀ U w``, see
     the module docstring). Returns ``(rows, in)`` in the dtype of ``orth``."""
-    eigvals, u = _gram_eigh(orth)
+    mix = orthogonal_mix(gram64(orth), cum_threshold, sign_method).to(orth.dtype)
+    return torch.einsum("tk,tki->ki", mix, orth)
+
+
+def orthogonal_mix(gram: torch.Tensor, cum_threshold: float = 1.0, sign_method: SignMethod = "sum") -> torch.Tensor:
+    """The weights ``a_t^k = Σ_j U_tj w_j`` (``(T, rows)``, float64) with ``ψ⊥^k = Σ_t a_t^k τ⊥,t^k``, from the
+    per-row Gram matrices of the orthogonal parts (``(rows, T, T)``, float64): eigenpairs, per-coordinate TIES with
+    the row-wise majority, cumulative-variance truncation (see :func:`orthogonal_merge`)."""
+    eigvals, u = gram_eigh(gram)
     alive = eigvals > 0
     coords = (u * alive.unsqueeze(1).to(u.dtype)).permute(1, 0, 2)  # (T, rows, r): U_tj for live j
     w = disjoint_merge(coords, elect_sign_rowwise(coords, sign_method), "mean")  # z̄_j / s_j
     w = w * cumulative_variance_keep(eigvals, cum_threshold).to(w.dtype)
-    mix = torch.einsum("ktj,kj->tk", u, w).to(orth.dtype)  # (T, rows): a_t = Σ_j U_tj w_j
-    return torch.einsum("tk,tki->ki", mix, orth)
+    return torch.einsum("ktj,kj->tk", u, w)
 
 
 def neuron_merge(
