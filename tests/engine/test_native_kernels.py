@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -147,52 +148,41 @@ def test_kernels_decline_nonfinite_inputs() -> None:
     models[1][3, 4] = float("nan")
     x = _input("task_arithmetic", {}, [1.0] * 3, base, models)
     assert registry.get("task_arithmetic")().merge_fused(x, torch.bfloat16) is None
-    stats = _thresholds(base, [models[0]], 0.5)
-    assert kernels.abs_histograms(base, models[1], high=True, window=(0, 2), with_mass=True, piece=64) is None
-    assert kernels.abs_histograms(base, models[0], high=True, window=(0, 2), with_mass=True, piece=64) is not None
-    assert stats.thresholds[0] > 0
+    h = engine_stats.Histograms.zeros(True, (0, 2), True)
+    assert not kernels.add_histograms(base, models[1], h.high_counts, h.high_mass, h.window, h.low_counts, h.low_mass)
+    assert kernels.add_histograms(base, models[0], h.high_counts, h.high_mass, h.window, h.low_counts, h.low_mass)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("l1", [False, True])
-def test_histograms_equal_torch(dtype, l1) -> None:
-    """Counts and float64 masses (added per piece in the same order) of both levels, bitwise."""
+@pytest.mark.parametrize("high", [False, True])
+def test_histograms_equal_torch(dtype, l1, high) -> None:
+    """Counts and significand sums of both levels, kernel vs torch, added twice into the same arrays."""
     base, models = _family(dtype, (300, 70))
-    ref_high = engine_stats._high_histograms(base.float(), [m.float() for m in models], l1)
-    got_high = engine_stats._stored_histograms(base, models, None, l1)
-    assert got_high is not None
-    bins = []
-    for (rc, rs), hist in zip(ref_high, got_high, strict=True):
-        assert hist is not None
-        assert (rc == hist[0]).all()
-        assert (rs is None) == (hist[1] is None)
-        if rs is not None:
-            assert (rs == hist[1]).all()
-        bins.append(int(rc.argmax()))
-    bins[1] = None
-    piece_before = engine_stats.MASS_PIECE
-    try:  # pieces smaller than the chunk: the per-piece float64 summation order matters
-        engine_stats.MASS_PIECE = 1000
-        ref_low = engine_stats._low_histograms(base.float(), [m.float() for m in models], bins, l1)
-        got_low = engine_stats._stored_histograms(base, models, bins, l1)
-        ref_high = engine_stats._high_histograms(base.float(), [m.float() for m in models], l1)
-        got_high = engine_stats._stored_histograms(base, models, None, l1)
-    finally:
-        engine_stats.MASS_PIECE = piece_before
-    assert got_low is not None and got_high is not None
-    for ref, got in [*zip(ref_low, got_low, strict=True), *zip(ref_high, got_high, strict=True)]:
-        assert (ref is None) == (got is None)
-        if ref is None:
-            continue
-        assert (ref[0] == got[0]).all()
-        if l1:
-            assert (ref[1] == got[1]).all()
-    assert got_low[1] is None and got_low[0][0].sum() > 0
+    bits = (models[0].float() - base.float()).abs().view(torch.int32) >> 16
+    window = (int(bits.flatten().mode().values) - 1, 3)
+    ref = engine_stats.Histograms.zeros(high, window, l1)
+    got = engine_stats.Histograms.zeros(high, window, l1)
+    for m in models[:2]:
+        engine_stats._torch_histograms(base.float(), m.float(), ref)
+        assert kernels.add_histograms(base, m, got.high_counts, got.high_mass, got.window, got.low_counts,
+                                      got.low_mass)
+    for name in ("high_counts", "high_mass", "low_counts", "low_mass"):
+        a, b = getattr(ref, name), getattr(got, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype == np.int64
+            assert (a == b).all(), name
+    assert ref.low_counts is not None and ref.low_counts.sum() > 0
+    if high and l1:  # the significand sums are the exact L1 mass
+        scale = engine_stats._bin_scale(np.arange(engine_stats.HIGH_BINS))
+        exact = sum(float((m.float() - base.float()).abs().double().sum()) for m in models[:2])
+        assert engine_stats._mass(ref.high_mass, scale) == pytest.approx(exact, rel=1e-12)
 
 
 def _merge(tmp: Path, cfg: Path, name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Merge into ``tmp / name``; returns how often each kernel ran."""
-    calls = {"linear": 0, "ties": 0, "abs_histograms": 0, "add_counts": 0}
+    calls = {"linear": 0, "ties": 0, "add_histograms": 0, "neuro_first": 0}
     with monkeypatch.context() as m:
         if not native:
             m.setattr(kernels, "_library", lambda: None)
@@ -220,7 +210,8 @@ def test_whole_merge_native_equals_torch(tmp_path, make_family, monkeypatch, dty
                        dtype={torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype])
     fast_calls = _merge(tmp_path, cfg, "fast", True, monkeypatch)
     assert not any(_merge(tmp_path, cfg, "slow", False, monkeypatch).values())
-    used = {"task_arithmetic": ["linear"], "ties": ["ties", "add_counts"], "neuromerging": ["abs_histograms"]}
+    used = {"task_arithmetic": ["linear"], "ties": ["ties", "add_histograms"],
+            "neuromerging": ["neuro_first", "add_histograms"]}
     assert all(fast_calls[k] > 0 for k in used[method]), fast_calls
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
@@ -300,8 +291,7 @@ def test_sampled_window_statistics_equal_two_passes(monkeypatch, l1) -> None:
     assert hit == ref == miss
     assert ref.thresholds[2] == 0.0 and ref.thresholds[0] > ref.thresholds[1] > 0
     n_sampled = len(range(0, len(chunks), engine_stats.SAMPLE_EVERY))
-    # without L1 mass: the sample and one full pass; with it (NeuroMerging's λ2 rule) always two full passes
-    assert hit_reads == (2 * len(chunks) if l1 else n_sampled + len(chunks))
+    assert hit_reads == n_sampled + len(chunks)  # the sample and one full pass
     assert reads["stored"] == 2 * len(chunks)  # both passes
 
 

@@ -49,8 +49,7 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_neuro_second.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
                                     _F32, _F32, _PTR, ctypes.c_int]
     lib.nm_abs_hist.restype = _I64
-    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
-                                _I64]
+    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
     return lib
 
 
@@ -200,62 +199,37 @@ def neuro_second(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     return out, int(bad)
 
 
-Histogram = tuple[np.ndarray, np.ndarray | None]
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 
 
-def abs_histograms(base: torch.Tensor, model: torch.Tensor, *, high: bool, window: tuple[int, int] | None,
-                   with_mass: bool, piece: int) -> tuple[Histogram | None, Histogram | None] | None:
-    """Histograms of the fp32 bits of ``|x − b|`` for the radix select of :mod:`neuromerge.engine.stats`, in one
-    sweep: with ``high`` by the high 16 bits (2¹⁵ bins); with ``window = (lo, count)``, for each high bin ``lo + i``
-    the entries holding it by their low 16 bits (``count × 2¹⁶`` bins, row ``i``). With ``with_mass`` also the
-    float64 sums of ``|x − b|`` per bin, added per piece of ``piece`` entries as the torch path does. Returns
-    ``(high, low)`` (``(counts, mass or None)`` or None when not asked), or None when an input holds NaN/Inf."""
-    lib = _library()
-    assert lib is not None
-    base, model = base.contiguous(), model.contiguous()
-    hc = np.zeros(HIGH_BINS, np.int64) if high else None
-    hm = np.zeros(HIGH_BINS, np.float64) if high and with_mass else None
-    ht = np.empty(HIGH_BINS, np.float64) if hm is not None else None
-    lo, count = window if window is not None else (0, 0)
-    lc = np.zeros((count, LOW_BINS), np.int64) if count else None
-    lm = np.zeros((count, LOW_BINS), np.float64) if count and with_mass else None
-    lt = np.empty((count, LOW_BINS), np.float64) if lm is not None else None
-    lp = np.zeros(max(1, count), np.int64)
-
-    def ptr(a: np.ndarray | None) -> int | None:
-        return None if a is None else a.ctypes.data
-
-    bad = lib.nm_abs_hist(base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype], ptr(hc), ptr(hm),
-                          ptr(ht), lo, count, ptr(lc), ptr(lm), ptr(lt), ptr(lp), piece)
-    if bad:
+def _int64_array(a: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
+    if a is None:
         return None
-    return (None if hc is None else (hc, hm)), (None if lc is None else (lc, lm))
+    assert a.dtype == np.int64 and a.shape == shape and a.flags.c_contiguous, (a.dtype, a.shape)
+    return a.ctypes.data
 
 
-def add_counts(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray, window: tuple[int, int] | None,
-               low_counts: np.ndarray | None) -> bool:
-    """Add the high-bit counts of ``|x − b|`` to ``high_counts`` (2¹⁵ int64) and, with ``window = (lo, count)``, the
-    low-bit counts of the entries in high bins ``lo .. lo + count − 1`` to ``low_counts`` (``(count, 2¹⁶)`` int64),
-    in place. False when an input holds NaN/Inf (the arrays then hold partial counts)."""
+def add_histograms(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray | None,
+                   high_mass: np.ndarray | None, window: tuple[int, int] | None, low_counts: np.ndarray | None,
+                   low_mass: np.ndarray | None) -> bool:
+    """Add the histograms of the fp32 bits of ``|x − b|`` to the given int64 arrays (see ``nm_abs_hist``): by the
+    high 16 bits (``(2¹⁵,)``), and for the high bins ``window = (lo, count)`` by the low 16 bits (``(count, 2¹⁶)``);
+    ``*_mass`` are sums of 24-bit significands. False when an input holds NaN/Inf (the arrays are then spoilt)."""
     lib = _library()
     assert lib is not None
-    assert high_counts.dtype == np.int64 and high_counts.shape == (HIGH_BINS,) and high_counts.flags.c_contiguous
     lo, count = window if window is not None else (0, 0)
-    if count:
-        assert low_counts is not None and low_counts.dtype == np.int64 and low_counts.shape == (count, LOW_BINS)
-        assert low_counts.flags.c_contiguous
     base, model = base.contiguous(), model.contiguous()
-    pieces = np.zeros(max(1, count), np.int64)
-    bad = lib.nm_abs_hist(base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype],
-                          high_counts.ctypes.data, None, None, lo, count,
-                          None if not count or low_counts is None else low_counts.ctypes.data, None, None,
-                          pieces.ctypes.data, 1)
+    bad = lib.nm_abs_hist(
+        base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype],
+        _int64_array(high_counts, (HIGH_BINS,)), _int64_array(high_mass, (HIGH_BINS,)), lo, count,
+        _int64_array(low_counts, (count, LOW_BINS)) if count else None,
+        _int64_array(low_mass, (count, LOW_BINS)) if count else None,
+    )
     return bad == 0
 
 
 __all__ = [
-    "FusedResult", "NeuronSweep", "abs_histograms", "add_counts", "available", "linear", "neuro_first", "neuro_second",
-    "supports", "ties",
+    "FusedResult", "NeuronSweep", "add_histograms", "available", "linear", "neuro_first", "neuro_second", "supports",
+    "ties",
 ]

@@ -458,83 +458,59 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
     return bad;
 }
 
-/* Per-piece float64 mass accumulation: tmp[bin] += v; after `piece` entries tmp is added to mass and zeroed (the
- * torch path's per-piece bincount, added in order). */
-static inline __attribute__((always_inline)) void mass_add(double *tmp, double *mass, int64_t bins, int64_t *in_piece,
-                                                           int64_t piece, int64_t bin, float v) {
-    tmp[bin] += (double)v;
-    if (++*in_piece == piece) {
-        for (int64_t i = 0; i < bins; i++) mass[i] += tmp[i];
-        memset(tmp, 0, sizeof(double) * (size_t)bins);
-        *in_piece = 0;
-    }
-}
-
 #define HIGH_BINS 32768
 #define LOW_BINS 65536
 
-/* Histograms of the fp32 bits of |x - b| for the statistics pass's radix select.
- * high_counts (may be NULL): by the high 16 bits (HIGH_BINS bins for finite values).
+/* Histograms of the fp32 bits of |x - b| for the statistics pass's radix select (neuromerge/engine/stats.py), added
+ * into the given arrays:
+ * high_counts (may be NULL): by the high 16 bits (HIGH_BINS bins);
  * low_counts (when win_n > 0): for each high bin h in [win_lo, win_lo + win_n), the entries whose high bits are h,
- * by their low 16 bits, at low_counts[(h - win_lo) * LOW_BINS + low].
- * With *_mass not NULL also the float64 sum of |x - b| per bin, added per piece of `piece` entries (counted per
- * histogram: all entries for the high one, the bin's own entries for each low one) through the matching *_tmp
- * (HIGH_BINS, resp. win_n * LOW_BINS doubles; low_pieces: win_n counters), as the torch path.
- * Returns the number of NaN/Inf inputs. */
+ * by their low 16 bits, at low_counts[(h - win_lo) * LOW_BINS + low];
+ * high_mass / low_mass (may be NULL): per bin, the int64 sum of the entries' 24-bit significands (an exact L1 mass:
+ * every entry of a high bin has the same exponent).
+ * Returns the number of NaN/Inf inputs (their entries are counted too: the caller then discards the arrays). */
 NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t *high_counts,
-                              double *high_mass, double *high_tmp, int64_t win_lo, int64_t win_n,
-                              int64_t *low_counts, double *low_mass, double *low_tmp, int64_t *low_pieces,
-                              int64_t piece) {
+                              int64_t *high_mass, int64_t win_lo, int64_t win_n, int64_t *low_counts,
+                              int64_t *low_mass) {
     float b[BLOCK], x[BLOCK];
     uint32_t key[BLOCK];
-    int64_t bad = 0, high_piece = 0;
-    if (high_mass) memset(high_tmp, 0, sizeof(double) * HIGH_BINS);
-    if (win_n > 0 && low_mass) {
-        memset(low_tmp, 0, sizeof(double) * LOW_BINS * (size_t)win_n);
-        for (int64_t w = 0; w < win_n; w++) low_pieces[w] = 0;
-    }
+    int64_t bad = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
         bad += load_block(model, in_dtype, start, m, x);
-        for (int64_t j = 0; j < m; j++) {
-            x[j] = fabsf(x[j] - b[j]);
-            key[j] = f32_to_bits(x[j]);
-        }
-        if (high_counts && high_mass) {
+        for (int64_t j = 0; j < m; j++) key[j] = f32_to_bits(fabsf(x[j] - b[j]));
+        if (high_mass || low_mass) {
             for (int64_t j = 0; j < m; j++) {
                 uint32_t h = key[j] >> 16;
-                high_counts[h]++;
-                mass_add(high_tmp, high_mass, HIGH_BINS, &high_piece, piece, h, x[j]);
+                int64_t sig = (int64_t)((key[j] & 0x7FFFFFu) | (key[j] >= 0x800000u ? 0x800000u : 0u));
+                uint64_t w = (uint64_t)((int64_t)h - win_lo);
+                if (high_counts) {
+                    high_counts[h]++;
+                    if (high_mass) high_mass[h] += sig;
+                }
+                if (w < (uint64_t)win_n) {
+                    size_t at = (size_t)w * LOW_BINS + (key[j] & 0xFFFFu);
+                    low_counts[at]++;
+                    if (low_mass) low_mass[at] += sig;
+                }
             }
-        } else if (high_counts && win_n > 0 && !low_mass) {
-            /* the common case of the counting pass: both histograms in one loop */
+        } else if (high_counts && win_n > 0) {
             for (int64_t j = 0; j < m; j++) {
                 uint32_t h = key[j] >> 16;
                 uint64_t w = (uint64_t)((int64_t)h - win_lo);
                 high_counts[h]++;
                 if (w < (uint64_t)win_n) low_counts[w * LOW_BINS + (key[j] & 0xFFFFu)]++;
             }
-            continue;
         } else if (high_counts) {
             for (int64_t j = 0; j < m; j++) high_counts[key[j] >> 16]++;
-        }
-        if (win_n <= 0) continue;
-        for (int64_t j = 0; j < m; j++) {
-            uint64_t w = (uint64_t)((int64_t)(key[j] >> 16) - win_lo);
-            if (w >= (uint64_t)win_n) continue;
-            uint32_t l = key[j] & 0xFFFFu;
-            low_counts[w * LOW_BINS + l]++;
-            if (low_mass)
-                mass_add(low_tmp + w * LOW_BINS, low_mass + w * LOW_BINS, LOW_BINS, &low_pieces[w], piece, l, x[j]);
+        } else if (win_n > 0) {
+            for (int64_t j = 0; j < m; j++) {
+                uint64_t w = (uint64_t)((int64_t)(key[j] >> 16) - win_lo);
+                if (w < (uint64_t)win_n) low_counts[w * LOW_BINS + (key[j] & 0xFFFFu)]++;
+            }
         }
     }
-    if (high_mass && high_piece > 0)
-        for (int64_t i = 0; i < HIGH_BINS; i++) high_mass[i] += high_tmp[i];
-    if (win_n > 0 && low_mass)
-        for (int64_t w = 0; w < win_n; w++)
-            if (low_pieces[w] > 0)
-                for (int64_t i = 0; i < LOW_BINS; i++) low_mass[w * LOW_BINS + i] += low_tmp[w * LOW_BINS + i];
     return bad;
 }
 
