@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, kernels
 from ..methods import GlobalStats
 from .plan import MergePlan
 
@@ -41,6 +41,7 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
         "output_bytes": plan.output_bytes(),
         "estimated_peak_working_set_bytes": plan.peak_memory_estimate(threads),
         "threads": threads,
+        "fused_kernels": kernels.available(),  # the compiled kernels were there for the methods that have them
         "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
         "output": plan.lora.summary() if plan.lora is not None else {"format": "full"},
         "warnings": plan.warnings,
