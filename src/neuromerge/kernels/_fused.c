@@ -23,10 +23,10 @@
 #define NM_BF16 1
 #define MAX_MODELS 256
 
-/* x86-64: an AVX2 build of each kernel chosen at load time, the baseline (SSE2) one otherwise. AVX2 has no FMA, and
- * -ffp-contract=off forbids contraction anyway, so both round identically. */
+/* x86-64: AVX-512 (BW) and AVX2 builds of each kernel, the best the CPU has chosen at load time, the baseline (SSE2)
+ * one otherwise. -ffp-contract=off forbids fused multiply-adds in every build, so all of them round identically. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NM_CLONES __attribute__((target_clones("avx2", "default")))
+#define NM_CLONES __attribute__((target_clones("avx512bw", "avx2", "default")))
 #else
 #define NM_CLONES
 #endif
