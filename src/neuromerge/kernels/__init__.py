@@ -40,8 +40,8 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_linear.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _F32,
                               ctypes.c_int, _F32, _I64, _I64, _I64, _PTR]
     lib.nm_ties.restype = _I64
-    lib.nm_ties.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
-                            _F32, ctypes.c_int, ctypes.c_int, ctypes.c_int, _F32, _PTR]
+    lib.nm_ties.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _F32,
+                            ctypes.c_int, ctypes.c_int, ctypes.c_int, _F32, _PTR]
     lib.nm_neuro_first.restype = _I64
     lib.nm_neuro_first.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
                                    _PTR]
@@ -131,7 +131,7 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     fill = 0 if zero_sign is None else (1 if zero_sign > 0 else -1)
     _check(lib.nm_ties(
         base.numel(), len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype], out.data_ptr(),
-        None, DTYPE_CODES[out_dtype], _floats(weights), _floats(thresholds), lam, int(sign_count), fill,
+        DTYPE_CODES[out_dtype], _floats(weights), _floats(thresholds), lam, int(sign_count), fill,
         div_mode, min_w, stats.ctypes.data,
     ))
     counts = {"conflicts": int(stats[0]), "fill_entries": int(stats[3]),

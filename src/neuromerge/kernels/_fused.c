@@ -170,12 +170,12 @@ NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const voi
  * fill: +1 or -1, or 0 for the majority rule: sign(sum of the elections over the chunk), +1 when that is >= 0,
  * known only at the end. The chunk is then computed with +1; the entries where the fill can matter (a zero election
  * with a non-zero tau'_t, or a zero base entry, whose sign the +-0 of the merged update decides) are also computed
- * with -1 and kept aside, and written over out when the majority turns out negative. alt is unused.
+ * with -1 and kept aside, and written over out when the majority turns out negative.
  * div_mode: 0 = dis-sum, 1 = dis-mean with div clamped to min_w (all weights > 0), 2 = dis-mean with div 0 -> 1.
  * stats: [0] conflicts (min_t p_t < 0), [1] NaN/Inf inputs, [2] NaN/Inf in out, [3] entries computed with -1,
  * [4] unused, [5] sum of sign(score), [6 + t] nonzero entries of tau^_t. */
 NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void *const *models, int in_dtype, void *out,
-                          void *alt, int out_dtype, const float *weights, const float *thresholds, float lam,
+                          int out_dtype, const float *weights, const float *thresholds, float lam,
                           int sign_count, int fill, int div_mode, float min_w, int64_t *stats) {
     float b[BLOCK], x[BLOCK], score[BLOCK], res[BLOCK], anynz[BLOCK];
     float g[BLOCK], tot[BLOCK], div[BLOCK], lowest[BLOCK];
