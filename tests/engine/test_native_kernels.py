@@ -30,8 +30,21 @@ def test_kernels_are_built() -> None:
         pytest.fail("NEUROMERGE_NATIVE=0: the fused kernels are disabled, their tests would compare nothing")
     assert kernels.available(), (
         "neuromerge.kernels._fused was not built: the extension is optional, so pip skips it quietly when the C "
-        "compiler fails; `python setup.py build_ext --inplace` shows why"
+        "compiler fails (a stale build of other signatures is refused too); `python setup.py build_ext --inplace` "
+        "shows why"
     )
+
+
+def test_a_stale_library_is_refused(monkeypatch) -> None:
+    """A library of other signatures (a failed rebuild left the old one) is not called: the torch path runs."""
+    kernels._library.cache_clear()
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
+    try:
+        assert not kernels.available()
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
+    assert kernels.available()
 
 
 def _family(dtype: torch.dtype, shape: tuple[int, ...], n: int = 3, seed: int = 0, flip: bool = False

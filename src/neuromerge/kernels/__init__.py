@@ -19,6 +19,8 @@ from functools import cache
 import numpy as np
 import torch
 
+#: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
+ABI = 2
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -36,6 +38,13 @@ def _library() -> ctypes.CDLL | None:
     except ImportError:
         return None
     lib = ctypes.CDLL(_fused.__file__)
+    abi = getattr(lib, "nm_abi", None)
+    if abi is None:
+        return None
+    abi.restype = _I64
+    abi.argtypes = []
+    if abi() != ABI:  # a stale build (the last rebuild failed): its signatures may differ from the calls below
+        return None
     lib.nm_linear.restype = _I64
     lib.nm_linear.argtypes = [_I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _F32,
                               ctypes.c_int, _F32, _I64, _I64, _I64, _PTR]

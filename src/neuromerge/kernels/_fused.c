@@ -515,6 +515,11 @@ NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, in
     return bad;
 }
 
+/* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
+ * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
+#define NM_ABI 2
+int64_t nm_abi(void) { return NM_ABI; }
+
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
  * which neuromerge.kernels loads with ctypes. */
 static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_fused", "fused merge kernels (see ctypes)", -1,
