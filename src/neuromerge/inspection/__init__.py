@@ -1,7 +1,7 @@
 """``neuromerge inspect``: see the interference between experts before choosing a merge.
 
 Over the pool a merge config names (the same validation as ``merge``: :func:`neuromerge.engine.run.prepare`),
-stream one tensor row chunk at a time exactly like the merge engine (two passes for the exact global trim
+stream one tensor row chunk at a time exactly like the merge engine (one or two passes for the exact global trim
 thresholds, :func:`neuromerge.engine.stats.global_thresholds`, then one pass of small float64 sums,
 :mod:`.stats`), and report per tensor, block, component and for the whole model: pairwise cosine similarity of the
 task vectors, trimmed-sign conflicts, the share of update energy parallel / orthogonal to the pre-trained neurons

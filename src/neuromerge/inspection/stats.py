@@ -182,7 +182,7 @@ class Collected:
 
 def collect(plan: MergePlan, density: float, *, executor: ThreadPoolExecutor,
             progress: Callable[[Iterable, int, str], Iterable]) -> Collected:
-    """Two streamed passes of :func:`global_thresholds` (exact global top-``density`` thresholds per expert),
+    """The streamed passes of :func:`global_thresholds` (exact global top-``density`` thresholds per expert),
     then one pass computing :func:`chunk_sums` of every (tensor, chunk) of the plan, summed per tensor in plan
     order. At most one chunk of every model per worker is in memory."""
     jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
