@@ -240,7 +240,7 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
         if fused is not None:
             merged, nonfinite = fused
             if nonfinite and not plan.config.allow_nonfinite:
-                raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
+                raise _nonfinite_output(method_name, tp.name)
             writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype), rows)
             return tp.name, int(merged.numel()), dict(x.report)
     base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
@@ -259,7 +259,7 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
         raise NeuromergeError(f"{method_name} returned shape {list(merged.shape)} for {tp.name!r}, "
                               f"expected {list(base.shape)}")
     if not plan.config.allow_nonfinite and not all_finite(merged):
-        raise NeuromergeError(f"{method_name} produced NaN/Inf in {tp.name!r}; check the method parameters")
+        raise _nonfinite_output(method_name, tp.name)
     if isinstance(writer, LoraSink):  # fp32 rows: ΔW = merged − base is formed before any rounding to the dtype
         writer.add(tp.name, from_canonical(merged, tp.layout, storage_shape).to(device="cpu", dtype=torch.float32),
                    from_canonical(base_rows, tp.layout, storage_shape).cpu(), rows)
@@ -267,6 +267,10 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
         writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu"),
                      rows)
     return tp.name, int(merged.numel()), dict(x.report)
+
+
+def _nonfinite_output(method_name: str, tensor: str) -> NeuromergeError:
+    return NeuromergeError(f"{method_name} produced NaN/Inf in {tensor!r}; check the method parameters")
 
 
 def _copy_jobs(plan: MergePlan) -> list[tuple[str, TensorPlan, tuple[int, int]]]:

@@ -24,6 +24,12 @@ ABI = 2
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes for a requested output ``dtype``: itself when the kernels write it, else float32
+    (the caller converts, as the torch path converts its fp32 result)."""
+    return dtype if dtype in DTYPE_CODES else torch.float32
+
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 _F32 = ctypes.c_float
@@ -239,6 +245,6 @@ def add_histograms(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndar
 
 
 __all__ = [
-    "FusedResult", "NeuronSweep", "add_histograms", "available", "linear", "neuro_first", "neuro_second", "supports",
-    "ties",
+    "FusedResult", "NeuronSweep", "add_histograms", "available", "linear", "neuro_first", "neuro_second",
+    "output_dtype", "supports", "ties",
 ]

@@ -13,19 +13,29 @@ from .base import MergeInput
 TrimScope = Literal["global", "tensor"]
 
 
+def global_trim_thresholds(x: MergeInput, densities: Sequence[float]) -> list[float]:
+    """``thr_t`` of every model for a global trim: the statistics pass's threshold, or 0 (keep everything) for a
+    model of density 1."""
+    if any(d < 1.0 for d in densities) and x.stats is None:  # pragma: no cover - the engine computes them
+        raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
+    return [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
+
+
+def fused_trim_applies(scope: TrimScope, densities: Sequence[float]) -> bool:
+    """Whether a fused kernel, which trims by given thresholds, can take this trim: a global one, or none."""
+    return scope == "global" or all(d >= 1.0 for d in densities)
+
+
 def trimmed_deltas(x: MergeInput, densities: Sequence[float], scope: TrimScope) -> list[torch.Tensor]:
     """``τ̂_t = τ_t ⊙ [|τ_t| >= thr_t]`` with ``thr_t`` the *global* threshold of model ``t`` from the statistics
-    pass (``scope="global"``) or the top-k threshold of this tensor alone (``scope="tensor"``)."""
+    pass (``scope="global"``, :func:`global_trim_thresholds`) or the top-k threshold of this tensor alone
+    (``scope="tensor"``)."""
+    thresholds = global_trim_thresholds(x, densities) if scope == "global" else None
     out = []
     for t, (delta, density) in enumerate(zip(x.deltas, densities, strict=True)):
         if density >= 1.0:
             out.append(delta)
             continue
-        if scope == "global":
-            if x.stats is None:  # pragma: no cover - the engine computes stats when global_densities asks
-                raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
-            thr = x.stats.thresholds[t]
-        else:
-            thr = magnitude_threshold(delta, density)
+        thr = thresholds[t] if thresholds is not None else magnitude_threshold(delta, density)
         out.append(trim(delta, thr))
     return out

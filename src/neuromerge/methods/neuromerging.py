@@ -21,7 +21,7 @@ from .. import kernels
 from ..errors import ConfigError
 from ..tensors.consensus import SignMethod, ties_merge
 from ..tensors.neurons import Reconstruction, merge_coefficients, neuron_merge, orthogonal_mix
-from ._common import TrimScope, trimmed_deltas
+from ._common import TrimScope, fused_trim_applies, global_trim_thresholds, trimmed_deltas
 from .base import GlobalStats, MergeInput, MergeMethod, MethodParams
 from .registry import method
 
@@ -120,7 +120,7 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
 
     def fuses(self, params: NeuroMergingParams, per_model: Sequence[NeuroMergingParams]) -> bool:
         """The fused sweeps trim by given thresholds: global ones (or none, density 1)."""
-        return kernels.available() and (params.scope == "global" or all(p.density >= 1.0 for p in per_model))
+        return kernels.available() and fused_trim_applies(params.scope, [p.density for p in per_model])
 
     def merge_fused(self, x: MergeInput[NeuroMergingParams], out_dtype: torch.dtype
                     ) -> tuple[torch.Tensor, int] | None:
@@ -136,9 +136,7 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
         if not kernels.supports(x.base, x.models):
             return None
         densities = [q.density for q in x.per_model]
-        if any(d < 1.0 for d in densities) and x.stats is None:  # pragma: no cover - the engine computes them
-            raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
-        thresholds = [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
+        thresholds = global_trim_thresholds(x, densities)
         weights = x.weights
         sweep = kernels.neuro_first(x.base, x.models, weights, thresholds)
         if sweep is None:
@@ -156,9 +154,8 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
         x.report["parallel_energy_share"] = (
             sweep.parallel_energy / sweep.total_energy if sweep.total_energy > 0 else 0.0
         )
-        kernel_dtype = out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32
         return kernels.neuro_second(x.base, x.models, weights, thresholds, sweep.coef, mix, parallel, p.lambda1, lam2,
-                                    kernel_dtype)
+                                    kernels.output_dtype(out_dtype))
 
     @staticmethod
     def _lambda2(x: MergeInput[NeuroMergingParams], densities: Sequence[float]) -> float:

@@ -196,7 +196,7 @@ class TaskArithmetic(TaskVectorMerge[LinearCombineParams]):
         weights = x.weights
         res = kernels.linear(
             x.base, x.models, weights, x.params.lam, normalize_by=weight_sum(weights) if x.params.normalize else None,
-            out_dtype=out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32,
+            out_dtype=kernels.output_dtype(out_dtype),
             row_len=x.base.numel() // max(1, rows), sample_first=first, sample_stride=step,
         )
         if res.out is None:

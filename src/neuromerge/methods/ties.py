@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from .. import kernels
-from ._common import TrimScope, trimmed_deltas
+from ._common import TrimScope, fused_trim_applies, global_trim_thresholds, trimmed_deltas
 from .base import MergeInput
 from .registry import method
 from .task_arithmetic import ConsensusCombineParams, TaskVectorMerge, require_whole_tensor
@@ -75,7 +75,7 @@ class Ties(TaskVectorMerge[TiesParams]):
 
     def fuses(self, params: TiesParams, per_model: Sequence[TiesParams]) -> bool:
         """The fused kernel trims by given thresholds: global ones from the statistics pass (or none, density 1)."""
-        return kernels.available() and (params.scope == "global" or all(p.density >= 1.0 for p in per_model))
+        return kernels.available() and fused_trim_applies(params.scope, [p.density for p in per_model])
 
     def merge_fused(self, x: MergeInput[TiesParams], out_dtype: torch.dtype) -> tuple[torch.Tensor, int] | None:
         """:meth:`merge` in one pass (:func:`neuromerge.kernels.ties`)."""
@@ -84,14 +84,11 @@ class Ties(TaskVectorMerge[TiesParams]):
             require_whole_tensor(x, f"{self.name} with {reason}")
         if not self.fuses(p, x.per_model) or not kernels.supports(x.base, x.models):
             return None
-        densities = [m.density for m in x.per_model]
-        if any(d < 1.0 for d in densities) and x.stats is None:  # pragma: no cover - the engine computes them
-            raise RuntimeError(f"{x.name}: global trim requested but no statistics were computed")
-        thresholds = [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
+        thresholds = global_trim_thresholds(x, [m.density for m in x.per_model])
         res = kernels.ties(
             x.base, x.models, x.weights, thresholds, p.lam, sign_count=p.sign_method == "count",
             zero_sign=None if p.zero_sign == "majority" else 1.0, variant=p.variant,
-            out_dtype=out_dtype if out_dtype in kernels.DTYPE_CODES else torch.float32,
+            out_dtype=kernels.output_dtype(out_dtype),
         )
         if res.out is None:
             return None
