@@ -127,8 +127,14 @@ def _thresholds(base: torch.Tensor, models: list[torch.Tensor], keep: float) -> 
     ([1.0, 1.0, 1.0], {"density": 1.0}),
 ])
 def test_ties_kernel_equals_torch(dtype, flip, weights, params) -> None:
-    """Majority fill of both signs (``flip`` makes the chunk's majority negative), variants, weights, no trim."""
+    """Majority fill of both signs (``flip`` makes the chunk's majority negative), variants, weights, no trim; base
+    entries of +0 and −0 (where the fill decides the sign of a zero output) with unchanged or changed experts."""
     base, models = _family(dtype, (64, 50), flip=flip)
+    zeros = torch.tensor([0.0, -0.0] * 6, dtype=dtype)
+    base.view(-1)[:12] = zeros
+    for m in models:
+        m.view(-1)[:8] = zeros[:8]  # τ = 0 everywhere: the fill decides −0's sign
+        m.view(-1)[8:12] = 0.01  # kept entries over a zero base
     stats = _thresholds(base, models, 0.2)
     per_model_density = params.pop("density", 0.2)
     params = {**params, "density": per_model_density}
@@ -164,36 +170,47 @@ def test_kernels_decline_nonfinite_inputs() -> None:
     models[1][3, 4] = float("nan")
     x = _input("task_arithmetic", {}, [1.0] * 3, base, models)
     assert registry.get("task_arithmetic")().merge_fused(x, torch.bfloat16) is None
-    h = engine_stats.Histograms.zeros(True, (0, 2), True)
-    assert not kernels.add_histograms(base, models[1], h.high_counts, h.high_mass, h.window, h.low_counts, h.low_mass)
-    assert kernels.add_histograms(base, models[0], h.high_counts, h.high_mass, h.window, h.low_counts, h.low_mass)
+    for window in (None, (0, 2)):
+        bad, good = engine_stats.Histograms.zeros(True, window, True), engine_stats.Histograms.zeros(True, window, True)
+        assert not engine_stats._kernel_histograms(base, models[1], bad)
+        assert engine_stats._kernel_histograms(base, models[0], good)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("l1", [False, True])
-@pytest.mark.parametrize("high", [False, True])
-def test_histograms_equal_torch(dtype, l1, high) -> None:
-    """Counts and significand sums of both levels, kernel vs torch, added twice into the same arrays."""
+@pytest.mark.parametrize(("high", "window"), [(True, None), (True, "narrow"), (False, "narrow"), (False, "wide")])
+def test_histograms_equal_torch(dtype, l1, high, window) -> None:
+    """Counts and significand sums of the high histograms, the window's low histograms and the counts above it,
+    kernel vs torch, added twice into the same arrays; and what they count, against the keys themselves."""
     base, models = _family(dtype, (300, 70))
-    bits = (models[0].float() - base.float()).abs().view(torch.int32) >> 16
-    window = (int(bits.flatten().mode().values) - 1, 3)
-    ref = engine_stats.Histograms.zeros(high, window, l1)
-    got = engine_stats.Histograms.zeros(high, window, l1)
+    keys = torch.cat([(m.float() - base.float()).abs().reshape(-1).view(torch.int32).long() for m in models[:2]])
+    mode = int((keys >> 16).mode().values)
+    bins = {None: None, "narrow": (mode - 1, 3), "wide": (mode - 200, 400)}[window]
+    ref = engine_stats.Histograms.zeros(high, bins, l1)
+    got = engine_stats.Histograms.zeros(high, bins, l1)
     for m in models[:2]:
         engine_stats._torch_histograms(base.float(), m.float(), ref)
-        assert kernels.add_histograms(base, m, got.high_counts, got.high_mass, got.window, got.low_counts,
-                                      got.low_mass)
-    for name in ("high_counts", "high_mass", "low_counts", "low_mass"):
+        assert engine_stats._kernel_histograms(base, m, got)
+    for name in ("high_counts", "high_mass", "low_counts", "low_mass", "counts"):
         a, b = getattr(ref, name), getattr(got, name)
         assert (a is None) == (b is None), name
         if a is not None:
             assert a.dtype == b.dtype == np.int64
             assert (a == b).all(), name
-    assert ref.low_counts is not None and ref.low_counts.sum() > 0
-    if high and l1:  # the significand sums are the exact L1 mass
-        scale = engine_stats._bin_scale(np.arange(engine_stats.HIGH_BINS))
-        exact = sum(float((m.float() - base.float()).abs().double().sum()) for m in models[:2])
-        assert engine_stats._mass(ref.high_mass, scale) == pytest.approx(exact, rel=1e-12)
+    if high:
+        assert ref.high_counts is not None and (ref.high_counts == np.bincount(keys >> 16, minlength=1 << 15)).all()
+        if l1:  # the significand sums are the exact L1 mass
+            exact = sum(float((m.float() - base.float()).abs().double().sum()) for m in models[:2])
+            by_exponent = ref.high_mass.reshape(engine_stats.EXPONENTS, -1).sum(axis=1)
+            assert engine_stats._exponent_mass(by_exponent) == pytest.approx(exact, rel=1e-12)
+    if bins is not None:
+        lo, count = bins
+        inside = keys[(keys >= lo << 16) & (keys < (lo + count) << 16)] - (lo << 16)
+        assert ref.low_counts is not None and inside.numel() > 0
+        assert (ref.low_counts.reshape(-1) == np.bincount(inside, minlength=count << 16)).all()
+        if not high:
+            assert ref.counts is not None
+            assert list(ref.counts) == [int((keys >= (lo + count) << 16).sum()), keys.numel()]
 
 
 def _merge(tmp: Path, cfg: Path, name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -279,9 +296,8 @@ def _chunks(n_jobs: int = 40) -> tuple[list[tuple[torch.Tensor, list[torch.Tenso
 
 @pytest.mark.parametrize("l1", [False, True])
 def test_sampled_window_statistics_equal_two_passes(monkeypatch, l1) -> None:
-    """The first pass's window of low-bit counts (predicted from every 8th chunk) gives the same statistics as the
-    torch path's two passes, and saves the second read when the prediction holds; a misprediction only costs the
-    second read."""
+    """The window of low-bit counts (its bins predicted from every 8th chunk) gives the same statistics as the torch
+    path's two passes after one read when the prediction holds; a misprediction costs the two passes after all."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks, densities = _chunks()
@@ -308,7 +324,26 @@ def test_sampled_window_statistics_equal_two_passes(monkeypatch, l1) -> None:
     assert ref.thresholds[2] == 0.0 and ref.thresholds[0] > ref.thresholds[1] > 0
     n_sampled = len(range(0, len(chunks), engine_stats.SAMPLE_EVERY))
     assert hit_reads == n_sampled + len(chunks)  # the sample and one full pass
-    assert reads["stored"] == 2 * len(chunks)  # both passes
+    # a miss: without L1 mass the window pass, then the high and low passes; with it, the high pass and the low one
+    assert reads["stored"] == (2 if l1 else 3) * len(chunks)
+
+
+def test_window_covers_the_sample_ranks_margin() -> None:
+    """The predicted window holds the bins of the sample's ranks k ± max(4√k, 2 % k) plus one bin on each side, is
+    capped at MAX_WINDOW bins around the sample's own bin, and is None for a trim that keeps everything or nothing."""
+    rng = np.random.default_rng(0)
+    keys = (np.abs(rng.normal(0, 0.01, 200_000)).astype(np.float32).view(np.int32) >> 16).astype(np.int64)
+    counts = np.bincount(keys, minlength=engine_stats.HIGH_BINS)
+    ranked = np.sort(keys)[::-1]  # high bin of the r-th largest entry: ranked[r - 1]
+    k = int(0.2 * keys.size)
+    margin = max(4 * k**0.5, 0.02 * k)
+    lo, count = engine_stats._window(counts, 0.2)
+    assert lo == ranked[int(k + margin) - 1] - 1 and lo + count - 1 == ranked[int(k - margin) - 1] + 1
+    spread = np.bincount(np.arange(engine_stats.HIGH_BINS) % 3000, minlength=engine_stats.HIGH_BINS)  # flat
+    lo, count = engine_stats._window(spread, 0.5)
+    b, _ = engine_stats._select(spread, int(0.5 * spread.sum()))
+    assert count == engine_stats.MAX_WINDOW and lo <= b < lo + count
+    assert engine_stats._window(counts, 1.0) is None and engine_stats._window(counts, 1e-9) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

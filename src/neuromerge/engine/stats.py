@@ -1,24 +1,28 @@
 """Statistics pass: exact *global* per-model top-k thresholds without concatenating a model.
 
-The magnitude ``|τ|`` of an fp32 value is a non-negative float whose IEEE-754 bit pattern, read as an int32, is
-monotone in the value. A two-level radix select finds the ``k``-th largest magnitude exactly:
+The magnitude ``|τ|`` of an fp32 value is a non-negative float whose IEEE-754 bit pattern (its *key*), read as an
+int32, is monotone in the value. A two-level radix select finds the ``k``-th largest magnitude exactly:
 
 1. a streamed pass builds, per model, a 2¹⁵-bin histogram of the high 16 bits; the bin holding the ``k``-th
    largest entry follows from cumulative counts;
 2. the low 16 bits of the entries in that bin (2¹⁶ bins) pin the threshold down to the exact float.
 
-Step 2 needs a second read of every chunk — unless the first pass already counted that bin's low bits. So when a
-model's trim is partial, the high histograms of every :data:`SAMPLE_EVERY`-th chunk first predict its threshold bin,
-and the first pass also counts the low bits of the :data:`WINDOW` bins on either side of the prediction. When the
-true bin is inside the window (the usual case) there is no second read; otherwise the second pass runs. The
+That is two reads of every chunk and a histogram update per entry. When a model's trim is partial (and there are
+enough chunks), the high histograms of every :data:`SAMPLE_EVERY`-th chunk first predict its threshold bin, and the
+first full pass also counts the low bits of the entries in a few high bins around the prediction (those the
+sample's ranks ``k`` ± a margin fall into, see :func:`_window`). Without L1 mass that *window* pass needs no high
+histogram at all: the entries above the window are counted by a vectorized comparison, and only the few entries
+inside it are scattered. When the ``k``-th largest entry lies inside the window (the usual case) that is the exact
+answer after one read. Otherwise the two passes run after all (three reads without L1 mass, two with it). The
 prediction only decides how many reads it takes, never the result.
 
-**L1 mass** (NeuroMerging's σ) is kept exactly, as integers: all entries of one high bin share their exponent, so
-the bin's mass is ``S · 2^(e − 150)`` with ``S`` the int64 sum of the entries' 24-bit significands. Integer sums do
-not depend on the order of the additions, so every histogram is added into per-thread arrays (no per-chunk
-histograms are allocated, returned and summed) and the result is bitwise the same for any number of threads, any
-chunking, and with or without the fused kernels (:mod:`neuromerge.kernels`, which fill the same arrays; the torch
-path is the fallback and the reference). The float64 masses are formed once at the end, bin by bin in order.
+**L1 mass** (NeuroMerging's σ) is kept exactly, as integers: all entries of one high bin share their exponent
+``e``, so the bin's mass is ``S · 2^(max(e, 1) − 150)`` with ``S`` the int64 sum of the entries' 24-bit
+significands. Integer sums do not depend on the order of the additions, so every histogram is added into
+per-thread arrays (no per-chunk histograms are allocated, returned and summed) and the result is bitwise the same
+for any number of threads, any chunking, either number of reads, and with or without the fused kernels
+(:mod:`neuromerge.kernels`, which fill the same arrays; the torch path is the fallback and the reference). The
+float64 masses are formed once at the end from the per-exponent sums, exponent by exponent in order.
 
 Memory is a few histograms per model and thread, whatever the model size. Entries ``>=`` the threshold are kept
 (ties kept), ``k = floor(density · N)``.
@@ -44,39 +48,49 @@ LOW_BINS = 1 << 16
 #: every SAMPLE_EVERY-th chunk predicts the threshold bins (when there are at least MIN_SAMPLED_CHUNKS such chunks)
 SAMPLE_EVERY = 8
 MIN_SAMPLED_CHUNKS = 4
-#: high bins on each side of the predicted one whose low bits the first pass also counts
-WINDOW = 2
+#: the window covers the sample's ranks k ± max(RANK_SIGMAS · √k, RANK_SPREAD · k) (k: the sample's kept count;
+#: sampling noise, and chunks that are not alike), plus WINDOW_PAD high bins on either side, at most MAX_WINDOW bins
+RANK_SIGMAS = 4.0
+RANK_SPREAD = 0.02
+WINDOW_PAD = 1
+MAX_WINDOW = 64
 
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
-#: (first high bin, number of bins) whose low bits a pass counts
+#: (first high bin, number of bins) whose entries a pass counts by their low 16 bits
 Window = tuple[int, int]
+#: exponents of fp32 (the key's bits 23..30)
+EXPONENTS = 256
 
 
 @dataclass
 class Histograms:
-    """One model's histograms of ``|τ|``: ``high_*`` by the high 16 bits (None when not built), ``low_*`` by the low
-    16 bits of the entries in the high bins ``window`` (rows of ``(count, 2¹⁶)``); ``*_counts`` entry counts,
-    ``*_mass`` int64 sums of the 24-bit significands (None without L1 mass)."""
+    """One model's histograms of ``|τ|`` in one pass: ``high_counts`` by the high 16 bits and ``high_mass`` the int64
+    sums of the 24-bit significands per bin (when ``high``); ``low_counts`` / ``low_mass`` by the low 16 bits of the
+    entries in the high bins ``window`` (rows of ``(count, 2¹⁶)``); without the high histograms, ``counts`` = (entries
+    above the window, all entries). The masses are None without L1 mass; with neither, the model is not counted in
+    this pass."""
 
-    high_counts: np.ndarray | None
-    high_mass: np.ndarray | None
-    window: Window | None
-    low_counts: np.ndarray | None
-    low_mass: np.ndarray | None
+    high_counts: np.ndarray | None = None
+    high_mass: np.ndarray | None = None
+    window: Window | None = None
+    low_counts: np.ndarray | None = None
+    low_mass: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, high: bool, window: Window | None, l1: bool) -> Histograms:
-        n = window[1] if window else 0
-        return cls(
-            np.zeros(HIGH_BINS, np.int64) if high else None,
-            np.zeros(HIGH_BINS, np.int64) if high and l1 else None,
-            window,
-            np.zeros((n, LOW_BINS), np.int64) if n else None,
-            np.zeros((n, LOW_BINS), np.int64) if n and l1 else None,
-        )
+        h = cls(window=window)
+        if high:
+            h.high_counts = np.zeros(HIGH_BINS, np.int64)
+            h.high_mass = np.zeros(HIGH_BINS, np.int64) if l1 else None
+        if window is not None:
+            h.low_counts = np.zeros((window[1], LOW_BINS), np.int64)
+            h.low_mass = np.zeros((window[1], LOW_BINS), np.int64) if l1 else None
+            h.counts = None if high else np.zeros(2, np.int64)
+        return h
 
     def add(self, other: Histograms) -> None:
-        for name in ("high_counts", "high_mass", "low_counts", "low_mass"):
+        for name in ("high_counts", "high_mass", "low_counts", "low_mass", "counts"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine is not None:
                 mine += theirs
@@ -93,41 +107,60 @@ def _significands(bits: torch.Tensor) -> torch.Tensor:
     return ((bits & 0x7FFFFF) | torch.where(exponent_bits > 0, 1 << 23, 0)).long()
 
 
+def _sums(index: torch.Tensor, values: torch.Tensor, size: int) -> np.ndarray:
+    """Exact int64 sums of ``values`` per ``index`` (``size`` bins)."""
+    return torch.zeros(size, dtype=torch.int64).index_add_(0, index, values).numpy()
+
+
 def _torch_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> None:
     """Add the histograms of ``|model − base|`` (fp32) to ``into`` (the torch path; the kernels' reference)."""
     bits = torch.sub(model, base).abs_().reshape(-1).view(torch.int32)
-    high = (bits >> 16).long()
     l1 = into.high_mass is not None or into.low_mass is not None
     sig = _significands(bits) if l1 else None
     if into.high_counts is not None:
+        high = (bits >> 16).long()
         into.high_counts += torch.bincount(high, minlength=HIGH_BINS).numpy()
         if into.high_mass is not None:
             assert sig is not None
-            into.high_mass += torch.zeros(HIGH_BINS, dtype=torch.int64).index_add_(0, high, sig).numpy()
-    if into.window is not None and into.low_counts is not None:
+            into.high_mass += _sums(high, sig, HIGH_BINS)
+    if into.window is not None:
+        assert into.low_counts is not None
         lo, count = into.window
-        sel = (high >= lo) & (high < lo + count)
-        index = (high[sel] - lo) * LOW_BINS + (bits[sel] & 0xFFFF).long()
-        into.low_counts += torch.bincount(index, minlength=count * LOW_BINS).numpy().reshape(count, LOW_BINS)
+        offset = bits.long() - (lo << 16)
+        inside = (offset >= 0) & (offset < count * LOW_BINS)
+        into.low_counts += torch.bincount(offset[inside], minlength=count * LOW_BINS).numpy().reshape(count, -1)
         if into.low_mass is not None:
             assert sig is not None
-            mass = torch.zeros(count * LOW_BINS, dtype=torch.int64).index_add_(0, index, sig[sel])
-            into.low_mass += mass.numpy().reshape(count, LOW_BINS)
+            into.low_mass += _sums(offset[inside], sig[inside], count * LOW_BINS).reshape(count, -1)
+        if into.counts is not None:
+            into.counts += (int((offset >= count * LOW_BINS).sum()), bits.numel())
 
 
-def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None, high: bool,
+def _kernel_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> bool:
+    """Add the histograms with the fused kernels; False when an input holds NaN/Inf."""
+    if into.high_counts is None and into.window is None:
+        return True
+    return kernels.add_histograms(base, model, into.high_counts, into.high_mass, into.window, into.low_counts,
+                                  into.low_mass, into.counts)
+
+
+def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None, high: Sequence[bool],
                     windows: Sequence[Window | None], l1: bool, executor: ThreadPoolExecutor,
                     progress: Callable[[Iterable], Iterable]) -> list[Histograms]:
-    """One streamed read of every chunk, adding each model's histograms into per-thread arrays, then summed.
-    ``read_stored`` (the checkpoints' dtype) feeds the fused kernel; without it ``read`` (fp32) feeds torch."""
+    """One streamed read of every chunk, adding each model's histograms (see :meth:`Histograms.zeros`) into
+    per-thread arrays, then summed. ``read_stored`` (the checkpoints' dtype) feeds the fused kernel; without it
+    ``read`` (fp32) feeds torch."""
     local = threading.local()
     lock = threading.Lock()
     per_thread: list[list[Histograms]] = []
 
+    def fresh() -> list[Histograms]:
+        return [Histograms.zeros(h, w, l1) for h, w in zip(high, windows, strict=True)]
+
     def run(job: int) -> None:
         acc = getattr(local, "acc", None)
         if acc is None:
-            acc = local.acc = [Histograms.zeros(high, w, l1) for w in windows]
+            acc = local.acc = fresh()
             with lock:
                 per_thread.append(acc)
         if read_stored is not None:
@@ -135,8 +168,7 @@ def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkRe
             if not kernels.supports(base, models):
                 raise _KernelDeclined
             for h, m in zip(acc, models, strict=True):
-                if not kernels.add_histograms(base, m, h.high_counts, h.high_mass, h.window, h.low_counts,
-                                              h.low_mass):
+                if not _kernel_histograms(base, m, h):
                     raise _KernelDeclined
             return
         base, models = read(job)
@@ -145,7 +177,7 @@ def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkRe
 
     for _ in progress(executor.map(run, jobs)):
         pass
-    total = [Histograms.zeros(high, w, l1) for w in windows]
+    total = fresh()
     for acc in per_thread:
         for t, h in zip(total, acc, strict=True):
             t.add(h)
@@ -163,40 +195,94 @@ def _bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
-def _bin_scale(high_bins: np.ndarray) -> np.ndarray:
-    """``2^(max(e, 1) − 150)`` of each high bin (exponent ``e = bin >> 7``); NaN/Inf bins (e = 255) are infinite."""
-    exponent = np.maximum(high_bins >> 7, 1)
-    return np.where(exponent == 255, np.inf, np.ldexp(1.0, (exponent - 150).astype(np.int32)))
-
-
-def _mass(significands: np.ndarray, scale: np.ndarray | float) -> float:
-    """Σ over bins of ``S · scale`` in float64 (bins without entries contribute nothing, even at scale ∞)."""
-    with np.errstate(invalid="ignore"):  # 0 · ∞ of empty NaN/Inf bins, masked below
+def _exponent_mass(significands: np.ndarray) -> float:
+    """``Σ_e S_e · 2^(max(e, 1) − 150)`` in float64 over the per-exponent significand sums ``S`` (exponent 255, NaN
+    or Inf entries, is infinite; exponents without entries contribute nothing)."""
+    e = np.arange(EXPONENTS)
+    scale = np.where(e == 255, np.inf, np.ldexp(1.0, np.maximum(e, 1) - 150))
+    with np.errstate(invalid="ignore"):  # 0 · ∞
         values = significands.astype(np.float64) * scale
     return float(np.where(significands > 0, values, 0.0).sum())
 
 
+def _window(counts: np.ndarray, density: float) -> Window | None:
+    """The high bins where a sample's histogram ``counts`` places the ``k``-th largest entry of the whole: those of
+    the sample's ranks ``k ± max(RANK_SIGMAS · √k, RANK_SPREAD · k)``, padded by :data:`WINDOW_PAD` bins, at most
+    :data:`MAX_WINDOW` bins around the sample's own bin. None when the trim keeps everything or nothing."""
+    n = int(counts.sum())
+    k = kept_count(n, density)
+    if k == 0 or k >= n:
+        return None
+    margin = math.ceil(max(RANK_SIGMAS * math.sqrt(k), RANK_SPREAD * k))
+    top, _ = _select(counts, max(1, k - margin))
+    bottom, _ = _select(counts, min(n, k + margin))
+    b, _ = _select(counts, k)
+    lo = max(0, bottom - WINDOW_PAD, b - MAX_WINDOW // 2)
+    hi = min(HIGH_BINS, top + WINDOW_PAD + 1, lo + MAX_WINDOW)
+    return lo, hi - lo
+
+
 def _predicted_windows(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None,
                        densities: Sequence[float], executor: ThreadPoolExecutor) -> list[Window | None]:
-    """Each partially trimmed model's threshold bin as the high histograms of every :data:`SAMPLE_EVERY`-th chunk
-    predict it, widened by :data:`WINDOW` bins on each side (None for the others, or for all when there are too few
-    chunks to sample)."""
+    """Each partially trimmed model's window (:func:`_window`) as the high histograms of every
+    :data:`SAMPLE_EVERY`-th chunk predict it (None for the others, or for all when there are too few chunks to
+    sample)."""
     sample = list(jobs)[::SAMPLE_EVERY]
     if len(sample) < MIN_SAMPLED_CHUNKS or all(d >= 1.0 for d in densities):
         return [None] * len(densities)
-    hists = _histogram_pass(sample, read, read_stored, True, [None] * len(densities), False, executor, iter)
-    windows: list[Window | None] = []
+    n_models = len(densities)
+    hists = _histogram_pass(sample, read, read_stored, [True] * n_models, [None] * n_models, False, executor, iter)
+    windows = []
     for h, density in zip(hists, densities, strict=True):
         assert h.high_counts is not None
-        n = int(h.high_counts.sum())
-        k = kept_count(n, density)
-        if k == 0 or k >= n:
-            windows.append(None)
-            continue
-        b, _ = _select(h.high_counts, k)
-        lo = max(0, b - WINDOW)
-        windows.append((lo, min(HIGH_BINS, b + WINDOW + 1) - lo))
+        windows.append(_window(h.high_counts, density))
     return windows
+
+
+@dataclass
+class _Selection:
+    """A model's exact statistics as integers: the threshold's key (None: keep everything or nothing), the kept
+    count, and per-exponent significand sums of the entries below the threshold and of all entries."""
+
+    key: int | None
+    kept: int
+    below: np.ndarray
+    total: np.ndarray
+
+
+def _from_high(h: Histograms, k: int, n: int, low: tuple[np.ndarray, np.ndarray | None] | None) -> _Selection:
+    """Statistics from high histograms and, for a partial trim, the low row of the threshold's bin."""
+    assert h.high_counts is not None
+    by_exponent = (h.high_mass if h.high_mass is not None else np.zeros(HIGH_BINS, np.int64)).reshape(EXPONENTS, -1)
+    total = by_exponent.sum(axis=1)
+    if k == 0 or k >= n:
+        return _Selection(None, n if k >= n else 0, np.zeros(EXPONENTS, np.int64) if k >= n else total, total)
+    assert low is not None
+    b, rank = _select(h.high_counts, k)
+    low_c, low_m = low
+    position, _ = _select(low_c, rank)
+    lower_bins = by_exponent.copy()
+    lower_bins.reshape(-1)[b:] = 0
+    below = lower_bins.sum(axis=1)
+    if low_m is not None:
+        below[b >> 7] += low_m[:position].sum()
+    return _Selection((b << 16) | position, int(h.high_counts[b + 1:].sum()) + int(low_c[position:].sum()), below,
+                      total)
+
+
+def _from_window(h: Histograms, k: int) -> _Selection | None:
+    """Statistics (without L1 mass) from a window pass; None when the ``k``-th largest entry lies outside the
+    window."""
+    assert h.window is not None and h.low_counts is not None and h.counts is not None
+    above, n = int(h.counts[0]), int(h.counts[1])
+    none = np.zeros(EXPONENTS, np.int64)
+    if k == 0 or k >= n:
+        return _Selection(None, n if k >= n else 0, none, none)
+    inside = h.low_counts.reshape(-1)
+    if not above < k <= above + int(inside.sum()):
+        return None
+    position, _ = _select(inside, k - above)
+    return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), none, none)
 
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
@@ -219,22 +305,31 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
                        progress: Callable[[Iterable], Iterable], l1: bool) -> GlobalStats:
     n_models = len(densities)
     windows = _predicted_windows(jobs, read, read_stored, densities, executor)
-    first = _histogram_pass(jobs, read, read_stored, True, windows, l1, executor, progress)
-    high_c = [h.high_counts for h in first]
-    totals = [int(c.sum()) for c in high_c]  # type: ignore[union-attr]
-    ks = [kept_count(n, d) for n, d in zip(totals, densities, strict=True)]
+    # L1 mass needs every entry's bin: with it, the window's low bits are counted beside the high histograms
+    high = [w is None or l1 for w in windows]
+    first = _histogram_pass(jobs, read, read_stored, high, windows, l1, executor, progress)
+    selections: list[_Selection | None] = [None] * n_models
+    for t, h in enumerate(first):
+        if not high[t]:
+            assert h.counts is not None
+            selections[t] = _from_window(h, kept_count(int(h.counts[1]), densities[t]))
+    misses = [not high[t] and selections[t] is None for t in range(n_models)]
+    if any(misses):  # the window missed: the high histograms after all
+        again = _histogram_pass(jobs, read, read_stored, misses, [None] * n_models, l1, executor, progress)
+        for t in range(n_models):
+            if misses[t]:
+                first[t], high[t] = again[t], True
 
-    # the bin of each partially trimmed model, and its low histograms: from the window, else from a second pass
-    bins: list[int | None] = [None] * n_models
-    ranks = [0] * n_models
+    # the low row of each partially trimmed model's bin: from the window, else from one more pass
+    ns = [int(h.high_counts.sum()) if h.high_counts is not None else 0 for h in first]
+    ks = [kept_count(n, d) for n, d in zip(ns, densities, strict=True)]
     low: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * n_models
     missing: list[Window | None] = [None] * n_models
     for t, h in enumerate(first):
-        if ks[t] == 0 or ks[t] >= totals[t]:
+        if not high[t] or not 0 < ks[t] < ns[t]:
             continue
         assert h.high_counts is not None
-        bins[t], ranks[t] = _select(h.high_counts, ks[t])
-        b = bins[t]
+        b, _ = _select(h.high_counts, ks[t])
         if h.window is not None and h.window[0] <= b < h.window[0] + h.window[1]:
             assert h.low_counts is not None
             row = b - h.window[0]
@@ -242,29 +337,25 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
         else:
             missing[t] = (b, 1)
     if any(w is not None for w in missing):
-        second = _histogram_pass(jobs, read, read_stored, False, missing, l1, executor, progress)
+        second = _histogram_pass(jobs, read, read_stored, [False] * n_models, missing, l1, executor, progress)
         for t, h in enumerate(second):
             if missing[t] is not None:
                 assert h.low_counts is not None
                 low[t] = (h.low_counts[0], None if h.low_mass is None else h.low_mass[0])
-
-    scale = _bin_scale(np.arange(HIGH_BINS))
-    thresholds, removed, total_l1, kept = [], [], [], []
     for t, h in enumerate(first):
-        total_l1.append(_mass(h.high_mass, scale) if h.high_mass is not None else 0.0)
-        b = bins[t]
-        if b is None:
-            everything = ks[t] >= totals[t]
-            thresholds.append(0.0 if everything else math.inf)
-            removed.append(0.0 if everything else total_l1[t])
-            kept.append(totals[t] if everything else 0)
-            continue
-        low_c, low_m = low[t]  # type: ignore[misc]
-        position, _ = _select(low_c, ranks[t])
-        thresholds.append(_bits_to_float((b << 16) | position))
-        if h.high_mass is not None and low_m is not None:
-            removed.append(_mass(h.high_mass[:b], scale[:b]) + _mass(low_m[:position], float(scale[b])))
-        kept.append(int(high_c[t][b + 1:].sum()) + int(low_c[position:].sum()))  # type: ignore[index]
+        if high[t]:
+            selections[t] = _from_high(h, ks[t], ns[t], low[t])
+
+    thresholds, removed, total_l1, kept, totals = [], [], [], [], []
+    for t, sel in enumerate(selections):
+        assert sel is not None
+        h = first[t]
+        n = ns[t] if high[t] else int(h.counts[1])  # type: ignore[index]
+        totals.append(n)
+        kept.append(sel.kept)
+        thresholds.append((0.0 if sel.kept == n else math.inf) if sel.key is None else _bits_to_float(sel.key))
+        removed.append(_exponent_mass(sel.below))
+        total_l1.append(_exponent_mass(sel.total))
     if not l1:
         return GlobalStats(tuple(thresholds), (), (), tuple(kept), tuple(totals))
     return GlobalStats(tuple(thresholds), tuple(removed), tuple(total_l1), tuple(kept), tuple(totals))

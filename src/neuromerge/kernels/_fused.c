@@ -17,8 +17,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define BLOCK 1024
+/* TIES keeps ~10 + n_models arrays of a block: a smaller one stays in L1 */
+#define TB 128
 #define NM_F32 0
 #define NM_BF16 1
 #define MAX_MODELS 256
@@ -42,6 +47,11 @@ static inline __attribute__((always_inline)) uint32_t f32_to_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
+}
+
+/* the 24-bit significand of a non-negative fp32 bit pattern k (the value is significand * 2^(max(e, 1) - 150)) */
+static inline __attribute__((always_inline)) int64_t sig24(uint32_t k) {
+    return (int64_t)((k & 0x7FFFFFu) | (k >= 0x800000u ? 0x800000u : 0u));
 }
 
 /* fp32 copy of entries [start, start + m) of p; returns how many of them are NaN/Inf */
@@ -162,6 +172,31 @@ NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const voi
     return 0;
 }
 
+/* The positions j < m with flag[j] != 0 appended to idx, *n counting them. With SSE2: a mask per 16 entries from
+ * vector comparisons, then only its set bits are visited (the flags are rare); elsewhere a plain scan. */
+static inline __attribute__((always_inline)) void nonzero_positions(const int32_t *flag, int64_t m, int32_t *idx,
+                                                                    int32_t *n) {
+    int32_t c = *n;
+    int64_t j = 0;
+#if defined(__SSE2__)
+    const __m128i zero = _mm_setzero_si128();
+    for (; j + 16 <= m; j += 16) {
+        uint32_t mask = 0;
+        for (int g = 0; g < 4; g++) {
+            __m128i f = _mm_loadu_si128((const __m128i *)(flag + j + 4 * g));
+            mask |= (uint32_t)(~_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(f, zero))) & 0xF) << (4 * g);
+        }
+        while (mask) {
+            idx[c++] = (int32_t)j + __builtin_ctz(mask);
+            mask &= mask - 1;
+        }
+    }
+#endif
+    for (; j < m; j++)
+        if (flag[j]) idx[c++] = (int32_t)j;
+    *n = c;
+}
+
 /* TIES on one chunk: trim tau_t = x_t - b to |tau_t| >= thr_t, weight tau'_t = w_t tau^_t, elect
  * gamma = sign(score) with score = tau'_0 + tau'_1 + ... (sign_count: sum of sign(tau'_t)), a zero election taking
  * the fill sign; disjoint merge with p_t = tau'_t gamma: tot = 0 + relu(p_0) + relu(p_1) + ...,
@@ -170,7 +205,7 @@ NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const voi
  *
  * fill: +1 or -1, or 0 for the majority rule: sign(sum of the elections over the chunk), +1 when that is >= 0,
  * known only at the end. The chunk is then computed with +1; the entries where the fill can matter (a zero election
- * with a non-zero tau'_t, or a zero base entry, whose sign the +-0 of the merged update decides) are also computed
+ * with a non-zero tau'_t, or a -0 base entry, whose output is -0 or +0 as the merged update is) are also computed
  * with -1 and kept aside, and written over out when the majority turns out negative.
  * div_mode: 0 = dis-sum, 1 = dis-mean with div clamped to min_w (all weights > 0), 2 = dis-mean with div 0 -> 1.
  * stats: [0] conflicts (min_t p_t < 0), [1] NaN/Inf inputs, [2] NaN/Inf in out, [3] entries computed with -1,
@@ -178,24 +213,25 @@ NM_CLONES int64_t nm_linear(int64_t n, int n_models, const void *base, const voi
 NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void *const *models, int in_dtype, void *out,
                           int out_dtype, const float *weights, const float *thresholds, float lam,
                           int sign_count, int fill, int div_mode, float min_w, int64_t *stats) {
-    float b[BLOCK], x[BLOCK], score[BLOCK], res[BLOCK], anynz[BLOCK];
-    float g[BLOCK], tot[BLOCK], div[BLOCK], lowest[BLOCK];
+    float b[TB], x[TB], score[TB], res[TB], anynz[TB];
+    float g[TB], tot[TB], div[TB], lowest[TB];
+    int32_t matters[TB];
     int64_t conflicts = 0, bad_in = 0, election = 0;
     int64_t kept[MAX_MODELS];
-    int64_t n_blocks = (n + BLOCK - 1) / BLOCK;
+    int64_t n_blocks = (n + TB - 1) / TB;
     float *tp, *alt_val = NULL;
     int64_t *alt_pos = NULL, n_alt = 0, cap_alt = 0, bad_out = 0;
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
-    tp = (float *)malloc(sizeof(float) * BLOCK * (size_t)n_models);
+    tp = (float *)malloc(sizeof(float) * TB * (size_t)n_models);
     if (tp == NULL) return -2;
     for (int t = 0; t < n_models; t++) kept[t] = 0;
     for (int64_t blk = 0; blk < n_blocks; blk++) {
-        int64_t start = blk * BLOCK;
-        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        int64_t start = blk * TB;
+        int64_t m = n - start < TB ? n - start : TB;
         bad_in += load_block(base, in_dtype, start, m, b);
         for (int64_t j = 0; j < m; j++) anynz[j] = 0.0f;
         for (int t = 0; t < n_models; t++) {
-            float *y = tp + (size_t)t * BLOCK;
+            float *y = tp + (size_t)t * TB;
             float w = weights[t], thr = thresholds[t];
             int32_t k = 0;
             bad_in += load_block(models[t], in_dtype, start, m, x);
@@ -223,7 +259,10 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
             int32_t e = 0;
             for (int64_t j = 0; j < m; j++) {
                 e += (score[j] > 0.0f) - (score[j] < 0.0f);
-                fill_matters |= (score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f));
+                /* a zero election over a non-zero tau'_t, or over a -0 base (the output's sign of zero: b + (+-0)
+                 * is +0 unless both are -0) */
+                matters[j] = (score[j] == 0.0f) & ((anynz[j] != 0.0f) | (f32_to_bits(b[j]) == 0x80000000u));
+                fill_matters |= matters[j];
             }
             election += e;
         }
@@ -234,7 +273,7 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
             div[j] = 0.0f;
         }
         for (int t = 0; t < n_models; t++) {
-            const float *y = tp + (size_t)t * BLOCK;
+            const float *y = tp + (size_t)t * TB;
             float w = weights[t];
             if (t == 0)
                 for (int64_t j = 0; j < m; j++) lowest[j] = y[j] * g[j];
@@ -261,17 +300,10 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
         if (fill == 0 && fill_matters) {
             /* the same operations with the fill -1, only where it can change the result (a few entries per block),
              * kept as (position, value) until the chunk's majority is known */
-            int32_t idx[BLOCK], n_idx = 0;
-            for (int64_t s0 = 0; s0 < m; s0 += 64) { /* vectorized test per 64 entries, scan only the hits */
-                int64_t s1 = s0 + 64 < m ? s0 + 64 : m;
-                int32_t any = 0;
-                for (int64_t j = s0; j < s1; j++) any |= (score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f));
-                if (!any) continue;
-                for (int64_t j = s0; j < s1; j++)
-                    if ((score[j] == 0.0f) & ((anynz[j] != 0.0f) | (b[j] == 0.0f))) idx[n_idx++] = (int32_t)j;
-            }
+            int32_t idx[TB], n_idx = 0;
+            nonzero_positions(matters, m, idx, &n_idx);
             if (n_alt + n_idx > cap_alt) {
-                int64_t cap = 2 * (n_alt + n_idx) + BLOCK;
+                int64_t cap = 2 * (n_alt + n_idx) + TB;
                 int64_t *pos = (int64_t *)realloc(alt_pos, sizeof(int64_t) * (size_t)cap);
                 if (pos != NULL) alt_pos = pos;
                 float *val = (float *)realloc(alt_val, sizeof(float) * (size_t)cap);
@@ -288,7 +320,7 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
                 int32_t j = idx[q];
                 float t_sum = 0.0f, d_sum = 0.0f;
                 for (int t = 0; t < n_models; t++) {
-                    float p = tp[(size_t)t * BLOCK + j] * -1.0f;
+                    float p = tp[(size_t)t * TB + j] * -1.0f;
                     float a = p > 0.0f ? p : 0.0f;
                     t_sum = t_sum + a;
                     d_sum = d_sum + (a > 0.0f ? weights[t] : 0.0f);
@@ -459,65 +491,82 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
     return bad;
 }
 
-#define HIGH_BINS 32768
-#define LOW_BINS 65536
+/* The statistics pass's histograms (neuromerge/engine/stats.py) of key = the fp32 bits of |x - b|, an int32 monotone
+ * in the magnitude, added into the given arrays. They return the number of NaN/Inf inputs (their entries are counted
+ * too: the caller then discards the arrays).
+ *
+ * A window is the high bins [lo_key >> 16, hi_key >> 16): its entries are counted by their low bits at
+ * low_counts[key - lo_key] and their 24-bit significands summed at low_mass[key - lo_key] (when not NULL). A window
+ * holds a few percent of the entries, so they are found with vector comparisons and only they are scattered. */
 
-/* Histograms of the fp32 bits of |x - b| for the statistics pass's radix select (neuromerge/engine/stats.py), added
- * into the given arrays:
- * high_counts (may be NULL): by the high 16 bits (HIGH_BINS bins);
- * low_counts (when win_n > 0): for each high bin h in [win_lo, win_lo + win_n), the entries whose high bits are h,
- * by their low 16 bits, at low_counts[(h - win_lo) * LOW_BINS + low];
- * high_mass / low_mass (may be NULL): per bin, the int64 sum of the entries' 24-bit significands (an exact L1 mass:
- * every entry of a high bin has the same exponent).
- * Returns the number of NaN/Inf inputs (their entries are counted too: the caller then discards the arrays). */
+static inline __attribute__((always_inline)) void window_scatter(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
+                                                                 int32_t *inside, int32_t *idx, int64_t *low_counts,
+                                                                 int64_t *low_mass) {
+    int32_t in = 0;
+    for (int64_t j = 0; j < m; j++) inside[j] = (key[j] >= lo) & (key[j] < hi);
+    nonzero_positions(inside, m, idx, &in);
+    for (int32_t q = 0; q < in; q++) {
+        uint32_t off = (uint32_t)(key[idx[q]] - lo);
+        low_counts[off]++;
+        if (low_mass) low_mass[off] += sig24((uint32_t)key[idx[q]]);
+    }
+}
+
+/* By the high 16 bits (2^15 bins): high_counts, and (when not NULL) high_mass, the int64 sum of the entries'
+ * significands per bin (an exact L1 mass: every entry of a high bin has the same exponent); and, when
+ * hi_key > lo_key, the window's low histograms. */
 NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t *high_counts,
-                              int64_t *high_mass, int64_t win_lo, int64_t win_n, int64_t *low_counts,
+                              int64_t *high_mass, int64_t lo_key, int64_t hi_key, int64_t *low_counts,
                               int64_t *low_mass) {
     float b[BLOCK], x[BLOCK];
-    uint32_t key[BLOCK];
+    int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
     int64_t bad = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
         bad += load_block(model, in_dtype, start, m, x);
-        for (int64_t j = 0; j < m; j++) key[j] = f32_to_bits(fabsf(x[j] - b[j]));
-        if (high_mass || low_mass) {
+        for (int64_t j = 0; j < m; j++) key[j] = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
+        if (high_mass) {
             for (int64_t j = 0; j < m; j++) {
-                uint32_t h = key[j] >> 16;
-                int64_t sig = (int64_t)((key[j] & 0x7FFFFFu) | (key[j] >= 0x800000u ? 0x800000u : 0u));
-                uint64_t w = (uint64_t)((int64_t)h - win_lo);
-                if (high_counts) {
-                    high_counts[h]++;
-                    if (high_mass) high_mass[h] += sig;
-                }
-                if (w < (uint64_t)win_n) {
-                    size_t at = (size_t)w * LOW_BINS + (key[j] & 0xFFFFu);
-                    low_counts[at]++;
-                    if (low_mass) low_mass[at] += sig;
-                }
-            }
-        } else if (high_counts && win_n > 0) {
-            for (int64_t j = 0; j < m; j++) {
-                uint32_t h = key[j] >> 16;
-                uint64_t w = (uint64_t)((int64_t)h - win_lo);
+                uint32_t h = (uint32_t)key[j] >> 16;
                 high_counts[h]++;
-                if (w < (uint64_t)win_n) low_counts[w * LOW_BINS + (key[j] & 0xFFFFu)]++;
+                high_mass[h] += sig24((uint32_t)key[j]);
             }
-        } else if (high_counts) {
-            for (int64_t j = 0; j < m; j++) high_counts[key[j] >> 16]++;
-        } else if (win_n > 0) {
-            for (int64_t j = 0; j < m; j++) {
-                uint64_t w = (uint64_t)((int64_t)(key[j] >> 16) - win_lo);
-                if (w < (uint64_t)win_n) low_counts[w * LOW_BINS + (key[j] & 0xFFFFu)]++;
-            }
+        } else {
+            for (int64_t j = 0; j < m; j++) high_counts[(uint32_t)key[j] >> 16]++;
         }
+        if (hi_key > lo_key)
+            window_scatter(key, m, (int32_t)lo_key, (int32_t)hi_key, inside, idx, low_counts, low_mass);
     }
+    return bad;
+}
+
+/* Around a predicted threshold, without the full histogram: the window's low histograms, counts[0] += the entries
+ * above the window (key >= hi_key, a vectorized comparison) and counts[1] += all entries. */
+NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, int in_dtype, int64_t lo_key,
+                                int64_t hi_key, int64_t *low_counts, int64_t *low_mass, int64_t *counts) {
+    float b[BLOCK], x[BLOCK];
+    int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
+    int64_t bad = 0, above = 0;
+    const int32_t hi = (int32_t)hi_key;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        bad += load_block(base, in_dtype, start, m, b);
+        bad += load_block(model, in_dtype, start, m, x);
+        for (int64_t j = 0; j < m; j++) key[j] = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
+        int32_t a = 0;
+        for (int64_t j = 0; j < m; j++) a += key[j] >= hi;
+        above += a;
+        window_scatter(key, m, (int32_t)lo_key, hi, inside, idx, low_counts, low_mass);
+    }
+    counts[0] += above;
+    counts[1] += n;
     return bad;
 }
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 2
+#define NM_ABI 3
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
