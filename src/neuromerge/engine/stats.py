@@ -8,21 +8,22 @@ int32, is monotone in the value. A two-level radix select finds the ``k``-th lar
 2. the low 16 bits of the entries in that bin (2¹⁶ bins) pin the threshold down to the exact float.
 
 That is two reads of every chunk and a histogram update per entry. When a model's trim is partial (and there are
-enough chunks), the high histograms of every :data:`SAMPLE_EVERY`-th chunk first predict its threshold bin, and the
-first full pass also counts the low bits of the entries in a few high bins around the prediction (those the
-sample's ranks ``k`` ± a margin fall into, see :func:`_window`). Without L1 mass that *window* pass needs no high
-histogram at all: the entries above the window are counted by a vectorized comparison, and only the few entries
-inside it are scattered. When the ``k``-th largest entry lies inside the window (the usual case) that is the exact
-answer after one read. Otherwise the two passes run after all (three reads without L1 mass, two with it). The
-prediction only decides how many reads it takes, never the result.
+enough chunks), the high histograms of every :data:`SAMPLE_EVERY`-th chunk first predict its threshold bin, and one
+*window* pass replaces both: it counts by their low bits only the entries of a few high bins around the prediction
+(those the sample's ranks ``k`` ± a margin fall into, see :func:`_window`), and the entries above them with a
+vectorized comparison. When the ``k``-th largest entry lies inside the window (the usual case) that is the exact
+answer after one read; otherwise the two passes run after all (three reads). The prediction only decides how many
+reads it takes, never the result.
 
-**L1 mass** (NeuroMerging's σ) is kept exactly, as integers: all entries of one high bin share their exponent
-``e``, so the bin's mass is ``S · 2^(max(e, 1) − 150)`` with ``S`` the int64 sum of the entries' 24-bit
-significands. Integer sums do not depend on the order of the additions, so every histogram is added into
-per-thread arrays (no per-chunk histograms are allocated, returned and summed) and the result is bitwise the same
+**L1 mass** (NeuroMerging's σ) is kept exactly, as integers: a significand sum ``S`` in the exponent slot ``s``
+stands for ``S · 2^(max(s, 1) − 150)``, and an entry is its 24-bit significand in the slot of its exponent. The
+high histograms sum the significands per bin (all entries of a bin share the exponent); the window pass sums the
+entries below and above the window per block, exactly, in int64 (``nm_abs_window``), and the window's own entries
+have the mass count · value. Integer sums do not depend on the order of the additions, so every histogram is added
+into per-thread arrays (no per-chunk histograms are allocated, returned and summed), and a mass is the same number
 for any number of threads, any chunking, either number of reads, and with or without the fused kernels
-(:mod:`neuromerge.kernels`, which fill the same arrays; the torch path is the fallback and the reference). The
-float64 masses are formed once at the end from the per-exponent sums, exponent by exponent in order.
+(:mod:`neuromerge.kernels`; the torch path is the fallback and the reference). It is rounded to float64 once, at
+the end, from the exact integer (:func:`_exponent_mass`).
 
 Memory is a few histograms per model and thread, whatever the model size. Entries ``>=`` the threshold are kept
 (ties kept), ``k = floor(density · N)``.
@@ -58,24 +59,26 @@ MAX_WINDOW = 64
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
 #: (first high bin, number of bins) whose entries a pass counts by their low 16 bits
 Window = tuple[int, int]
-#: exponents of fp32 (the key's bits 23..30)
+#: exponent slots of an exact L1 mass: a significand sum ``S`` in slot ``s`` stands for ``S · 2^(max(s, 1) − 150)``
+#: (an entry is its 24-bit significand in the slot of its exponent; slot 255 holds NaN/Inf)
 EXPONENTS = 256
 
 
 @dataclass
 class Histograms:
-    """One model's histograms of ``|τ|`` in one pass: ``high_counts`` by the high 16 bits and ``high_mass`` the int64
-    sums of the 24-bit significands per bin (when ``high``); ``low_counts`` / ``low_mass`` by the low 16 bits of the
-    entries in the high bins ``window`` (rows of ``(count, 2¹⁶)``); without the high histograms, ``counts`` = (entries
-    above the window, all entries). The masses are None without L1 mass; with neither, the model is not counted in
-    this pass."""
+    """One model's histograms of ``|τ|`` in one pass: with ``high``, ``high_counts`` by the high 16 bits and
+    ``high_mass`` the int64 sums of the 24-bit significands per bin; with a ``window`` of high bins, ``low_counts``
+    the entries in it by their low 16 bits (rows of ``(count, 2¹⁶)``; their mass is count · value); without the high
+    histograms, also ``counts`` = (entries above the window, all entries) and ``mass`` the exact L1 masses of the
+    entries below / above the window by exponent slot ``(2, 256)``. The masses are None without L1 mass; with
+    neither kind, the model is not counted in this pass."""
 
     high_counts: np.ndarray | None = None
     high_mass: np.ndarray | None = None
     window: Window | None = None
     low_counts: np.ndarray | None = None
-    low_mass: np.ndarray | None = None
     counts: np.ndarray | None = None
+    mass: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, high: bool, window: Window | None, l1: bool) -> Histograms:
@@ -85,12 +88,13 @@ class Histograms:
             h.high_mass = np.zeros(HIGH_BINS, np.int64) if l1 else None
         if window is not None:
             h.low_counts = np.zeros((window[1], LOW_BINS), np.int64)
-            h.low_mass = np.zeros((window[1], LOW_BINS), np.int64) if l1 else None
-            h.counts = None if high else np.zeros(2, np.int64)
+            if not high:
+                h.counts = np.zeros(2, np.int64)
+                h.mass = np.zeros((2, EXPONENTS), np.int64) if l1 else None
         return h
 
     def add(self, other: Histograms) -> None:
-        for name in ("high_counts", "high_mass", "low_counts", "low_mass", "counts"):
+        for name in ("high_counts", "high_mass", "low_counts", "counts", "mass"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine is not None:
                 mine += theirs
@@ -115,25 +119,24 @@ def _sums(index: torch.Tensor, values: torch.Tensor, size: int) -> np.ndarray:
 def _torch_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> None:
     """Add the histograms of ``|model − base|`` (fp32) to ``into`` (the torch path; the kernels' reference)."""
     bits = torch.sub(model, base).abs_().reshape(-1).view(torch.int32)
-    l1 = into.high_mass is not None or into.low_mass is not None
-    sig = _significands(bits) if l1 else None
     if into.high_counts is not None:
         high = (bits >> 16).long()
         into.high_counts += torch.bincount(high, minlength=HIGH_BINS).numpy()
         if into.high_mass is not None:
-            assert sig is not None
-            into.high_mass += _sums(high, sig, HIGH_BINS)
+            into.high_mass += _sums(high, _significands(bits), HIGH_BINS)
     if into.window is not None:
         assert into.low_counts is not None
         lo, count = into.window
         offset = bits.long() - (lo << 16)
         inside = (offset >= 0) & (offset < count * LOW_BINS)
         into.low_counts += torch.bincount(offset[inside], minlength=count * LOW_BINS).numpy().reshape(count, -1)
-        if into.low_mass is not None:
-            assert sig is not None
-            into.low_mass += _sums(offset[inside], sig[inside], count * LOW_BINS).reshape(count, -1)
         if into.counts is not None:
-            into.counts += (int((offset >= count * LOW_BINS).sum()), bits.numel())
+            above = offset >= count * LOW_BINS
+            into.counts += (int(above.sum()), bits.numel())
+            if into.mass is not None:
+                outside = ~inside
+                slot = above[outside].long() * EXPONENTS + (bits[outside] >> 23).clamp(min=1).long()
+                into.mass += _sums(slot, _significands(bits[outside]), 2 * EXPONENTS).reshape(2, -1)
 
 
 def _kernel_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> bool:
@@ -141,7 +144,7 @@ def _kernel_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms
     if into.high_counts is None and into.window is None:
         return True
     return kernels.add_histograms(base, model, into.high_counts, into.high_mass, into.window, into.low_counts,
-                                  into.low_mass, into.counts)
+                                  into.counts, into.mass)
 
 
 def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None, high: Sequence[bool],
@@ -195,14 +198,30 @@ def _bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
-def _exponent_mass(significands: np.ndarray) -> float:
-    """``Σ_e S_e · 2^(max(e, 1) − 150)`` in float64 over the per-exponent significand sums ``S`` (exponent 255, NaN
-    or Inf entries, is infinite; exponents without entries contribute nothing)."""
-    e = np.arange(EXPONENTS)
-    scale = np.where(e == 255, np.inf, np.ldexp(1.0, np.maximum(e, 1) - 150))
-    with np.errstate(invalid="ignore"):  # 0 · ∞
-        values = significands.astype(np.float64) * scale
-    return float(np.where(significands > 0, values, 0.0).sum())
+def _exponent_mass(slots: np.ndarray) -> float:
+    """The L1 mass ``Σ_s S_s · 2^(max(s, 1) − 150)`` of exponent-slot significand sums ``S`` (int64), added exactly
+    (as an integer) and rounded once to float64: equal sums in any distribution over the slots give the same float.
+    Infinite when slot 255 (NaN/Inf entries) holds any."""
+    if slots[255] > 0:
+        return math.inf
+    exact = sum(int(v) << (max(e, 1) - 1) for e, v in enumerate(slots.tolist()) if v)  # units of 2^-149
+    return math.ldexp(float(exact), -149)
+
+
+def _window_mass(window: Window, low_counts: np.ndarray, stop: int | None = None) -> np.ndarray:
+    """Exponent-slot significand sums of the window's entries (those of its first ``stop`` keys): each row is one
+    high bin, whose entries share an exponent; an entry's significand follows from its key."""
+    lo, count = window
+    slots = np.zeros(EXPONENTS, np.int64)
+    for row in range(count):
+        n = LOW_BINS if stop is None else max(0, min(LOW_BINS, stop - row * LOW_BINS))
+        if n == 0:
+            continue
+        high = lo + row
+        implicit = 1 << 23 if high >> 7 > 0 else 0
+        significand = ((high & 0x7F) << 16 | np.arange(n, dtype=np.int64)) | implicit
+        slots[max(high >> 7, 1)] += int(low_counts[row, :n] @ significand)
+    return slots
 
 
 def _window(counts: np.ndarray, density: float) -> Window | None:
@@ -242,7 +261,7 @@ def _predicted_windows(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
 @dataclass
 class _Selection:
     """A model's exact statistics as integers: the threshold's key (None: keep everything or nothing), the kept
-    count, and per-exponent significand sums of the entries below the threshold and of all entries."""
+    count, and the exponent-slot significand sums of the entries below the threshold and of all entries."""
 
     key: int | None
     kept: int
@@ -250,39 +269,39 @@ class _Selection:
     total: np.ndarray
 
 
-def _from_high(h: Histograms, k: int, n: int, low: tuple[np.ndarray, np.ndarray | None] | None) -> _Selection:
-    """Statistics from high histograms and, for a partial trim, the low row of the threshold's bin."""
+def _from_high(h: Histograms, k: int, n: int, low_counts: np.ndarray | None) -> _Selection:
+    """Statistics from high histograms and, for a partial trim, the low counts of the threshold's bin."""
     assert h.high_counts is not None
     by_exponent = (h.high_mass if h.high_mass is not None else np.zeros(HIGH_BINS, np.int64)).reshape(EXPONENTS, -1)
     total = by_exponent.sum(axis=1)
     if k == 0 or k >= n:
         return _Selection(None, n if k >= n else 0, np.zeros(EXPONENTS, np.int64) if k >= n else total, total)
-    assert low is not None
+    assert low_counts is not None
     b, rank = _select(h.high_counts, k)
-    low_c, low_m = low
-    position, _ = _select(low_c, rank)
+    position, _ = _select(low_counts, rank)
     lower_bins = by_exponent.copy()
     lower_bins.reshape(-1)[b:] = 0
     below = lower_bins.sum(axis=1)
-    if low_m is not None:
-        below[b >> 7] += low_m[:position].sum()
-    return _Selection((b << 16) | position, int(h.high_counts[b + 1:].sum()) + int(low_c[position:].sum()), below,
-                      total)
+    if h.high_mass is not None:
+        below += _window_mass((b, 1), low_counts[None], position)
+    kept = int(h.high_counts[b + 1:].sum()) + int(low_counts[position:].sum())
+    return _Selection((b << 16) | position, kept, below, total)
 
 
 def _from_window(h: Histograms, k: int) -> _Selection | None:
-    """Statistics (without L1 mass) from a window pass; None when the ``k``-th largest entry lies outside the
-    window."""
+    """Statistics from a window pass; None when the ``k``-th largest entry lies outside the window."""
     assert h.window is not None and h.low_counts is not None and h.counts is not None
     above, n = int(h.counts[0]), int(h.counts[1])
-    none = np.zeros(EXPONENTS, np.int64)
+    mass = h.mass if h.mass is not None else np.zeros((2, EXPONENTS), np.int64)
+    total = mass[0] + mass[1] + (_window_mass(h.window, h.low_counts) if h.mass is not None else 0)
     if k == 0 or k >= n:
-        return _Selection(None, n if k >= n else 0, none, none)
+        return _Selection(None, n if k >= n else 0, np.zeros(EXPONENTS, np.int64) if k >= n else total, total)
     inside = h.low_counts.reshape(-1)
     if not above < k <= above + int(inside.sum()):
         return None
     position, _ = _select(inside, k - above)
-    return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), none, none)
+    below = mass[0] + (_window_mass(h.window, h.low_counts, position) if h.mass is not None else 0)
+    return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), below, total)
 
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
@@ -305,8 +324,7 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
                        progress: Callable[[Iterable], Iterable], l1: bool) -> GlobalStats:
     n_models = len(densities)
     windows = _predicted_windows(jobs, read, read_stored, densities, executor)
-    # L1 mass needs every entry's bin: with it, the window's low bits are counted beside the high histograms
-    high = [w is None or l1 for w in windows]
+    high = [w is None for w in windows]
     first = _histogram_pass(jobs, read, read_stored, high, windows, l1, executor, progress)
     selections: list[_Selection | None] = [None] * n_models
     for t, h in enumerate(first):
@@ -320,37 +338,26 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
             if misses[t]:
                 first[t], high[t] = again[t], True
 
-    # the low row of each partially trimmed model's bin: from the window, else from one more pass
+    # the low counts of each partially trimmed model's bin, from one more pass
     ns = [int(h.high_counts.sum()) if h.high_counts is not None else 0 for h in first]
     ks = [kept_count(n, d) for n, d in zip(ns, densities, strict=True)]
-    low: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * n_models
-    missing: list[Window | None] = [None] * n_models
+    rows: list[Window | None] = [None] * n_models
     for t, h in enumerate(first):
-        if not high[t] or not 0 < ks[t] < ns[t]:
-            continue
-        assert h.high_counts is not None
-        b, _ = _select(h.high_counts, ks[t])
-        if h.window is not None and h.window[0] <= b < h.window[0] + h.window[1]:
-            assert h.low_counts is not None
-            row = b - h.window[0]
-            low[t] = (h.low_counts[row], None if h.low_mass is None else h.low_mass[row])
-        else:
-            missing[t] = (b, 1)
-    if any(w is not None for w in missing):
-        second = _histogram_pass(jobs, read, read_stored, [False] * n_models, missing, l1, executor, progress)
-        for t, h in enumerate(second):
-            if missing[t] is not None:
-                assert h.low_counts is not None
-                low[t] = (h.low_counts[0], None if h.low_mass is None else h.low_mass[0])
+        if high[t] and 0 < ks[t] < ns[t]:
+            assert h.high_counts is not None
+            rows[t] = (_select(h.high_counts, ks[t])[0], 1)
+    second: list[Histograms] = []
+    if any(r is not None for r in rows):  # the bins' masses follow from their counts: no L1 arrays
+        second = _histogram_pass(jobs, read, read_stored, [False] * n_models, rows, False, executor, progress)
     for t, h in enumerate(first):
         if high[t]:
-            selections[t] = _from_high(h, ks[t], ns[t], low[t])
+            low = second[t].low_counts if rows[t] is not None else None
+            selections[t] = _from_high(h, ks[t], ns[t], None if low is None else low[0])
 
     thresholds, removed, total_l1, kept, totals = [], [], [], [], []
     for t, sel in enumerate(selections):
         assert sel is not None
-        h = first[t]
-        n = ns[t] if high[t] else int(h.counts[1])  # type: ignore[index]
+        n = ns[t] if high[t] else int(first[t].counts[1])  # type: ignore[index]
         totals.append(n)
         kept.append(sel.kept)
         thresholds.append((0.0 if sel.kept == n else math.inf) if sel.key is None else _bits_to_float(sel.key))

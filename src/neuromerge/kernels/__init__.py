@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 #: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
-ABI = 3
+ABI = 4
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -64,7 +64,7 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_neuro_second.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
                                     _F32, _F32, _PTR, ctypes.c_int]
     lib.nm_abs_hist.restype = _I64
-    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
+    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _I64, _I64, _PTR]
     lib.nm_abs_window.restype = _I64
     lib.nm_abs_window.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, _PTR]
     return lib
@@ -229,25 +229,25 @@ def _int64_array(a: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
 
 def add_histograms(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray | None,
                    high_mass: np.ndarray | None, window: tuple[int, int] | None, low_counts: np.ndarray | None,
-                   low_mass: np.ndarray | None, counts: np.ndarray | None) -> bool:
-    """Add the histograms of the fp32 bits ``k`` of ``|x − b|`` to the given int64 arrays (``*_mass``: sums of the
-    24-bit significands; may be None). With ``high_counts``: by the high 16 bits (``(2¹⁵,)``, ``nm_abs_hist``);
-    without: ``counts`` ``(2,)`` += (entries above the window, all entries) (``nm_abs_window``). For the high bins
-    ``window = (lo, count)``: by the low 16 bits (``(count, 2¹⁶)``). False when an input holds NaN/Inf (the arrays
-    are then spoilt)."""
+                   counts: np.ndarray | None, mass: np.ndarray | None) -> bool:
+    """Add the histograms of the fp32 bits ``k`` of ``|x − b|`` to the given int64 arrays (may be None). With
+    ``high_counts``: by the high 16 bits (``(2¹⁵,)``; ``high_mass``: sums of the 24-bit significands;
+    ``nm_abs_hist``). Without: ``counts`` ``(2,)`` += (entries above the window, all entries), ``mass`` ``(2, 256)``
+    the exact L1 masses of the entries below / above the window as significand sums per exponent slot
+    (``nm_abs_window``). For the high bins ``window = (lo, count)``: the entries by their key (``(count, 2¹⁶)``).
+    False when an input holds NaN/Inf (the arrays are then spoilt)."""
     lib = _library()
     assert lib is not None
     lo, count = window if window is not None else (0, 0)
     base, model = base.contiguous(), model.contiguous()
     head = (base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype])
-    low = (lo << 16, (lo + count) << 16, _int64_array(low_counts, (count, LOW_BINS)) if count else None,
-           _int64_array(low_mass, (count, LOW_BINS)) if count else None)
+    low = (lo << 16, (lo + count) << 16, _int64_array(low_counts, (count, LOW_BINS)) if count else None)
     if high_counts is not None:
         bad = lib.nm_abs_hist(*head, _int64_array(high_counts, (HIGH_BINS,)), _int64_array(high_mass, (HIGH_BINS,)),
                               *low)
     else:
         assert count and counts is not None
-        bad = lib.nm_abs_window(*head, *low, _int64_array(counts, (2,)))
+        bad = lib.nm_abs_window(*head, *low, _int64_array(counts, (2,)), _int64_array(mass, (2, 256)))
     return bad == 0
 
 

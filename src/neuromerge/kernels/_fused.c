@@ -495,29 +495,66 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
  * in the magnitude, added into the given arrays. They return the number of NaN/Inf inputs (their entries are counted
  * too: the caller then discards the arrays).
  *
- * A window is the high bins [lo_key >> 16, hi_key >> 16): its entries are counted by their low bits at
- * low_counts[key - lo_key] and their 24-bit significands summed at low_mass[key - lo_key] (when not NULL). A window
- * holds a few percent of the entries, so they are found with vector comparisons and only they are scattered. */
+ * A window is the high bins [lo_key >> 16, hi_key >> 16): its entries are counted by their key at
+ * low_counts[key - lo_key] (their L1 mass is count * value). A window holds a few percent of the entries, so they are
+ * found with vector comparisons and only they are scattered.
+ *
+ * L1 masses are exact integers: a significand sum S in slot s stands for S * 2^(max(s, 1) - 150) (an entry is its
+ * 24-bit significand in the slot of its exponent e = key >> 23). */
 
 static inline __attribute__((always_inline)) void window_scatter(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
-                                                                 int32_t *inside, int32_t *idx, int64_t *low_counts,
-                                                                 int64_t *low_mass) {
+                                                                 int32_t *inside, int32_t *idx, int64_t *low_counts) {
     int32_t in = 0;
     for (int64_t j = 0; j < m; j++) inside[j] = (key[j] >= lo) & (key[j] < hi);
     nonzero_positions(inside, m, idx, &in);
-    for (int32_t q = 0; q < in; q++) {
-        uint32_t off = (uint32_t)(key[idx[q]] - lo);
-        low_counts[off]++;
-        if (low_mass) low_mass[off] += sig24((uint32_t)key[idx[q]]);
+    for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
+}
+
+/* The exact L1 masses of a block's entries below (key < lo) and above (key >= hi) the window, added to
+ * mass[s] and mass[256 + s]. When the block's non-zero exponents span at most 19 (and stay below 200), every entry
+ * is its significand shifted by its exponent's distance from the smallest one, e0: below 2^43, so the two int64 sums
+ * (vectorized) are exact, and each is split over the slots e0 and e0 + 24. Other blocks (tiny and large values
+ * together) add each entry to its own slot. */
+static inline __attribute__((always_inline)) void block_mass(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
+                                                             int64_t *mass) {
+    int32_t emax = 1, emin = 255;
+    for (int64_t j = 0; j < m; j++) {
+        int32_t e = key[j] >> 23;
+        e = e > 1 ? e : 1;
+        emax = e > emax ? e : emax;
+        int32_t nz = key[j] != 0 ? e : 255;
+        emin = nz < emin ? nz : emin;
+    }
+    if (emin == 255) return; /* all zero */
+    if (emax - emin <= 19 && emax < 200) {
+        int64_t below = 0, above = 0;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t k = (uint32_t)key[j];
+            int32_t e = (int32_t)(k >> 23);
+            int32_t shift = (e > 1 ? e : 1) - emin;
+            int64_t v = sig24(k) << (shift > 0 ? shift : 0); /* a zero entry (shift < 0) is 0 */
+            below += key[j] < lo ? v : 0;
+            above += key[j] >= hi ? v : 0;
+        }
+        mass[emin] += below & 0xFFFFFF;
+        mass[emin + 24] += below >> 24;
+        mass[256 + emin] += above & 0xFFFFFF;
+        mass[256 + emin + 24] += above >> 24;
+        return;
+    }
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t k = (uint32_t)key[j];
+        int32_t e = (int32_t)(k >> 23);
+        if (key[j] < lo) mass[e > 1 ? e : 1] += sig24(k);
+        else if (key[j] >= hi) mass[256 + (e > 1 ? e : 1)] += sig24(k);
     }
 }
 
 /* By the high 16 bits (2^15 bins): high_counts, and (when not NULL) high_mass, the int64 sum of the entries'
  * significands per bin (an exact L1 mass: every entry of a high bin has the same exponent); and, when
- * hi_key > lo_key, the window's low histograms. */
+ * hi_key > lo_key, the window's counts. */
 NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t *high_counts,
-                              int64_t *high_mass, int64_t lo_key, int64_t hi_key, int64_t *low_counts,
-                              int64_t *low_mass) {
+                              int64_t *high_mass, int64_t lo_key, int64_t hi_key, int64_t *low_counts) {
     float b[BLOCK], x[BLOCK];
     int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
     int64_t bad = 0;
@@ -535,20 +572,20 @@ NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, in
         } else {
             for (int64_t j = 0; j < m; j++) high_counts[(uint32_t)key[j] >> 16]++;
         }
-        if (hi_key > lo_key)
-            window_scatter(key, m, (int32_t)lo_key, (int32_t)hi_key, inside, idx, low_counts, low_mass);
+        if (hi_key > lo_key) window_scatter(key, m, (int32_t)lo_key, (int32_t)hi_key, inside, idx, low_counts);
     }
     return bad;
 }
 
-/* Around a predicted threshold, without the full histogram: the window's low histograms, counts[0] += the entries
- * above the window (key >= hi_key, a vectorized comparison) and counts[1] += all entries. */
+/* Around a predicted threshold, without the full histogram: the window's counts, counts[0] += the entries above the
+ * window (key >= hi_key, a vectorized comparison), counts[1] += all entries, and (when not NULL) the exact L1
+ * masses of the entries below and above the window in mass (2 x 256 slots). */
 NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, int in_dtype, int64_t lo_key,
-                                int64_t hi_key, int64_t *low_counts, int64_t *low_mass, int64_t *counts) {
+                                int64_t hi_key, int64_t *low_counts, int64_t *counts, int64_t *mass) {
     float b[BLOCK], x[BLOCK];
     int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
     int64_t bad = 0, above = 0;
-    const int32_t hi = (int32_t)hi_key;
+    const int32_t lo = (int32_t)lo_key, hi = (int32_t)hi_key;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
@@ -557,7 +594,8 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
         int32_t a = 0;
         for (int64_t j = 0; j < m; j++) a += key[j] >= hi;
         above += a;
-        window_scatter(key, m, (int32_t)lo_key, hi, inside, idx, low_counts, low_mass);
+        window_scatter(key, m, lo, hi, inside, idx, low_counts);
+        if (mass) block_mass(key, m, lo, hi, mass);
     }
     counts[0] += above;
     counts[1] += n;
@@ -566,7 +604,7 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 3
+#define NM_ABI 4
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
