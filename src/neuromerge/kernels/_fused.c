@@ -502,10 +502,11 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
  * L1 masses are exact integers: a significand sum S in slot s stands for S * 2^(max(s, 1) - 150) (an entry is its
  * 24-bit significand in the slot of its exponent e = key >> 23). */
 
-static inline __attribute__((always_inline)) void window_scatter(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
-                                                                 int32_t *inside, int32_t *idx, int64_t *low_counts) {
+/* Count the window's entries (inside[j] != 0) at low_counts[key - lo]. */
+static inline __attribute__((always_inline)) void window_scatter(const int32_t *key, int64_t m, int32_t lo,
+                                                                 const int32_t *inside, int32_t *idx,
+                                                                 int64_t *low_counts) {
     int32_t in = 0;
-    for (int64_t j = 0; j < m; j++) inside[j] = (key[j] >= lo) & (key[j] < hi);
     nonzero_positions(inside, m, idx, &in);
     for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
 }
@@ -572,7 +573,11 @@ NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, in
         } else {
             for (int64_t j = 0; j < m; j++) high_counts[(uint32_t)key[j] >> 16]++;
         }
-        if (hi_key > lo_key) window_scatter(key, m, (int32_t)lo_key, (int32_t)hi_key, inside, idx, low_counts);
+        if (hi_key > lo_key) {
+            const int32_t lo = (int32_t)lo_key, hi = (int32_t)hi_key;
+            for (int64_t j = 0; j < m; j++) inside[j] = (key[j] >= lo) & (key[j] < hi);
+            window_scatter(key, m, lo, inside, idx, low_counts);
+        }
     }
     return bad;
 }
@@ -590,11 +595,15 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
         bad += load_block(model, in_dtype, start, m, x);
-        for (int64_t j = 0; j < m; j++) key[j] = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
         int32_t a = 0;
-        for (int64_t j = 0; j < m; j++) a += key[j] >= hi;
+        for (int64_t j = 0; j < m; j++) {
+            int32_t k = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
+            key[j] = k;
+            a += k >= hi;
+            inside[j] = (k >= lo) & (k < hi);
+        }
         above += a;
-        window_scatter(key, m, lo, hi, inside, idx, low_counts);
+        window_scatter(key, m, lo, inside, idx, low_counts);
         if (mass) block_mass(key, m, lo, hi, mass);
     }
     counts[0] += above;
