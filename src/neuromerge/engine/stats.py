@@ -54,7 +54,7 @@ MIN_SAMPLED_CHUNKS = 4
 RANK_SIGMAS = 4.0
 RANK_SPREAD = 0.02
 WINDOW_PAD = 1
-MAX_WINDOW = 64
+MAX_WINDOW = 32
 
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
 #: (first high bin, number of bins) whose entries a pass counts by their low 16 bits
