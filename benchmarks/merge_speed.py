@@ -5,7 +5,8 @@ Prints ONE JSON object to stdout (progress goes to stderr). See benchmarks/READM
 The family (a base + 3 experts, bf16, Llama architecture) is written once under ``--workdir`` straight to
 safetensors shards, one tensor at a time from seeded generators, without building a transformers model; it is
 reused when present. Each measured run is a separate child process: wall time is the best of ``--repeat``,
-peak RSS is ``ru_maxrss`` from ``os.wait4`` of that child (the largest over the repeats is reported).
+peak RSS is ``ru_maxrss`` from ``os.wait4`` of that child (the largest over the repeats is reported). The repeats go
+round-robin over the runs, so a slow spell of a shared machine is spread over all of them.
 
     python benchmarks/merge_speed.py                      # ~334M params per model (hidden 1024, 16 layers)
     python benchmarks/merge_speed.py --hidden 2048        # the "double" variant (~1.2B params)
@@ -285,32 +286,55 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def measure(cmd: list[str], out: Path, repeat: int, make_out: bool = False) -> dict[str, Any]:
-    """Best wall time over ``repeat`` runs of ``cmd`` as a child process and its peak RSS (``ru_maxrss``,
-    KiB on Linux; the largest over the repeats). ``out`` is removed before every run (and created empty when
-    ``make_out``) and at the end. A failing run gives ``{"error": <stderr tail>}``."""
-    walls: list[float] = []
-    rss_kib = 0
+def run_once(cmd: list[str], out: Path, make_out: bool = False) -> tuple[float, int] | str:
+    """One run of ``cmd`` as a child process: (wall seconds, peak RSS in KiB from ``os.wait4``), or the stderr tail
+    of a failing run. ``out`` is removed before (created empty when ``make_out``) and after the run."""
+    shutil.rmtree(out, ignore_errors=True)
+    if make_out:
+        out.mkdir(parents=True)
     try:
-        for _ in range(repeat):
-            shutil.rmtree(out, ignore_errors=True)
-            if make_out:
-                out.mkdir(parents=True)
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
-            assert proc.stderr is not None
-            with proc.stderr:
-                err = proc.stderr.read()
-            _, status, usage = os.wait4(proc.pid, 0)
-            walls.append(time.perf_counter() - t0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                return {"error": f"exit {proc.returncode}: " + err.decode(errors="replace")[-2000:]}
-            rss_kib = max(rss_kib, usage.ru_maxrss)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+        assert proc.stderr is not None
+        with proc.stderr:
+            err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            return f"exit {code}: " + err.decode(errors="replace")[-2000:]
+        return wall, usage.ru_maxrss
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": round(min(walls), 3), "wall_s_all": [round(w, 3) for w in walls],
-            "peak_rss_mb": round(rss_kib / 1024, 1)}
+
+
+def measure(cmds: dict[str, tuple[list[str], Path, bool]], repeat: int) -> dict[str, dict[str, Any]]:
+    """Best wall time over ``repeat`` runs of each command and its peak RSS (the largest over the repeats). The
+    repeats go round-robin over the commands (round 1 runs every command once, then round 2, …), so that a slow
+    or fast spell of this shared machine does not fall on one tool's runs only. A failing command gives
+    ``{"error": <stderr tail>}`` and is not run again."""
+    walls: dict[str, list[float]] = {name: [] for name in cmds}
+    rss: dict[str, int] = dict.fromkeys(cmds, 0)
+    errors: dict[str, str] = {}
+    for round_ in range(repeat):
+        for name, (cmd, out, make_out) in cmds.items():
+            if name in errors:
+                continue
+            got = run_once(cmd, out, make_out)
+            if isinstance(got, str):
+                errors[name] = got
+                print(f"[bench] {name} failed: {got[-300:]}", file=sys.stderr)
+                continue
+            walls[name].append(got[0])
+            rss[name] = max(rss[name], got[1])
+            print(f"[bench] round {round_ + 1}/{repeat} {name}: {got[0]:.3f} s", file=sys.stderr)
+    return {
+        name: {"error": errors[name]} if name in errors else {
+            "wall_s": round(min(walls[name]), 3), "wall_s_all": [round(w, 3) for w in walls[name]],
+            "peak_rss_mb": round(rss[name] / 1024, 1),
+        }
+        for name in cmds
+    }
 
 
 def ratio(runs: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
@@ -381,19 +405,17 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = root / "runs"
     run_dir.mkdir(exist_ok=True)
-    runs: dict[str, dict[str, Any]] = {}
     plan = list(configs(base, experts, methods, not args.skip_mergekit).items())
     plan += [] if args.skip_floor else [("floor", None)]
+    cmds: dict[str, tuple[list[str], Path, bool]] = {}
     for name, cfg in plan:
         config_path = None
         if cfg is not None:
             config_path = run_dir / f"{name}.yaml"
             config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        out = run_dir / f"out_{name}"
-        cmd = commands(name, config_path, out, args.threads, [base, *experts], out_bytes)
-        print(f"[bench] {name} ×{args.repeat}", file=sys.stderr)
-        runs[name] = measure(cmd, out, args.repeat, make_out=cfg is None)
-        print(f"[bench] {name}: {runs[name]}", file=sys.stderr)
+        cmds[name] = (commands(name, config_path, run_dir / f"out_{name}", args.threads, [base, *experts], out_bytes),
+                      run_dir / f"out_{name}", cfg is None)
+    runs = measure(cmds, args.repeat)
 
     baseline = json.loads(args.rss_baseline.read_text()) if args.rss_baseline else None
     result = {
