@@ -14,6 +14,10 @@ import typer
 
 from .errors import NeuromergeError
 
+#: default ``--chunk-mb``: ``engine.plan.DEFAULT_CHUNK_ELEMENTS`` fp32 entries (not imported here: it would import torch
+#: for ``--help``)
+CHUNK_MB = 2
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-grained model merging, one tensor at a time.")
 
@@ -43,7 +47,7 @@ def merge(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
     = False,
-    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 8,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = CHUNK_MB,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
     output_format: Annotated[str | None, typer.Option(
         "--output-format", help="full (a model folder) or lora (a PEFT adapter; every model must be a LoRA "
@@ -222,7 +226,7 @@ def inspect(
     quick: Annotated[bool, typer.Option("--quick", help="the suite's quick budget (with --suite)")] = False,
     seed: Annotated[int, typer.Option(help="the suite's expert seed (with --suite)")] = 0,
     threads: Annotated[int | None, typer.Option(help="worker threads (default: CPU cores)", min=1)] = None,
-    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = 8,
+    chunk_mb: Annotated[int, typer.Option(help="row-chunk budget per model copy, MiB of fp32", min=1)] = CHUNK_MB,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch HF ids missing from the cache")]
     = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,

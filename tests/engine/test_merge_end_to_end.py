@@ -278,3 +278,10 @@ def test_console_entry_point_exits_with_the_command_status(make_family, tmp_path
     bad = subprocess.run([*cmd, str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o2")], capture_output=True,
                          text=True, timeout=300, check=False)
     assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "o2").exists()
+
+
+def test_cli_chunk_default_is_the_engine_default() -> None:
+    from neuromerge.cli import CHUNK_MB
+    from neuromerge.engine.plan import DEFAULT_CHUNK_ELEMENTS
+
+    assert CHUNK_MB * 2**20 // 4 == DEFAULT_CHUNK_ELEMENTS

@@ -1,7 +1,7 @@
 """Keep freed chunk buffers inside the process (glibc ``mallopt``), so row chunks reuse memory instead of
 page-faulting fresh pages from the kernel for every temporary.
 
-A merge allocates and frees tensors of the same few sizes (one row chunk, ≤ 8 MiB in fp32 by default)
+A merge allocates and frees tensors of the same few sizes (one row chunk, ≤ 2 MiB in fp32 by default)
 thousands of times. glibc serves allocations above ``M_MMAP_THRESHOLD`` with a fresh ``mmap`` and returns them
 on ``free``; touching the new pages then costs more than the arithmetic (measured: ``np.abs`` of a 16 MiB array
 11 ms → 3 ms). Raising the threshold to its maximum (32 MiB) and the trim threshold keeps those buffers in the
