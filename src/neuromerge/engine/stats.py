@@ -41,11 +41,10 @@ import numpy as np
 import torch
 
 from .. import kernels
+from ..kernels import EXPONENT_SLOTS, HIGH_BINS, LOW_BINS
 from ..methods import GlobalStats
 from ..tensors.selection import kept_count
 
-HIGH_BINS = 1 << 15
-LOW_BINS = 1 << 16
 #: every SAMPLE_EVERY-th chunk predicts the threshold bins (when there are at least MIN_SAMPLED_CHUNKS such chunks)
 SAMPLE_EVERY = 8
 MIN_SAMPLED_CHUNKS = 4
@@ -59,19 +58,18 @@ MAX_WINDOW = 32
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
 #: (first high bin, number of bins) whose entries a pass counts by their low 16 bits
 Window = tuple[int, int]
-#: exponent slots of an exact L1 mass: a significand sum ``S`` in slot ``s`` stands for ``S · 2^(max(s, 1) − 150)``
-#: (an entry is its 24-bit significand in the slot of its exponent; slot 255 holds NaN/Inf)
-EXPONENTS = 256
+# EXPONENT_SLOTS (kernels): a significand sum ``S`` in slot ``s`` of an exact L1 mass stands for
+# ``S · 2^(max(s, 1) − 150)`` (an entry is its 24-bit significand in the slot of its exponent; slot 255 holds NaN/Inf)
 
 
 @dataclass
 class Histograms:
-    """One model's histograms of ``|τ|`` in one pass: with ``high``, ``high_counts`` by the high 16 bits and
-    ``high_mass`` the int64 sums of the 24-bit significands per bin; with a ``window`` of high bins, ``low_counts``
-    the entries in it by their low 16 bits (rows of ``(count, 2¹⁶)``; their mass is count · value); without the high
-    histograms, also ``counts`` = (entries above the window, all entries) and ``mass`` the exact L1 masses of the
-    entries below / above the window by exponent slot ``(2, 256)``. The masses are None without L1 mass; with
-    neither kind, the model is not counted in this pass."""
+    """One model's histograms of ``|τ|`` in one pass, of one of two kinds. *High*: ``high_counts`` by the high 16
+    bits and ``high_mass`` the int64 sums of the 24-bit significands per bin. *Window* (a ``window`` of high bins):
+    ``low_counts`` the entries in it by their low 16 bits (rows of ``(count, 2¹⁶)``; their mass is count · value),
+    ``counts`` = (entries above the window, all entries) and ``mass`` the exact L1 masses of the entries below /
+    above the window by exponent slot ``(2, 256)``. The masses are None without L1 mass; with neither kind, the
+    model is not counted in this pass."""
 
     high_counts: np.ndarray | None = None
     high_mass: np.ndarray | None = None
@@ -82,16 +80,13 @@ class Histograms:
 
     @classmethod
     def zeros(cls, high: bool, window: Window | None, l1: bool) -> Histograms:
-        h = cls(window=window)
-        if high:
-            h.high_counts = np.zeros(HIGH_BINS, np.int64)
-            h.high_mass = np.zeros(HIGH_BINS, np.int64) if l1 else None
+        assert not (high and window), "a pass counts a model by high bins or by a window, not both"
         if window is not None:
-            h.low_counts = np.zeros((window[1], LOW_BINS), np.int64)
-            if not high:
-                h.counts = np.zeros(2, np.int64)
-                h.mass = np.zeros((2, EXPONENTS), np.int64) if l1 else None
-        return h
+            return cls(window=window, low_counts=np.zeros((window[1], LOW_BINS), np.int64),
+                       counts=np.zeros(2, np.int64), mass=np.zeros((2, EXPONENT_SLOTS), np.int64) if l1 else None)
+        if high:
+            return cls(np.zeros(HIGH_BINS, np.int64), np.zeros(HIGH_BINS, np.int64) if l1 else None)
+        return cls()
 
     def add(self, other: Histograms) -> None:
         for name in ("high_counts", "high_mass", "low_counts", "counts", "mass"):
@@ -119,32 +114,33 @@ def _sums(index: torch.Tensor, values: torch.Tensor, size: int) -> np.ndarray:
 def _torch_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> None:
     """Add the histograms of ``|model − base|`` (fp32) to ``into`` (the torch path; the kernels' reference)."""
     bits = torch.sub(model, base).abs_().reshape(-1).view(torch.int32)
-    if into.high_counts is not None:
+    if into.window is not None:
+        assert into.low_counts is not None and into.counts is not None
+        lo, count = into.window
+        offset = bits.long() - (lo << 16)
+        inside = (offset >= 0) & (offset < count * LOW_BINS)
+        above = offset >= count * LOW_BINS
+        into.low_counts += torch.bincount(offset[inside], minlength=count * LOW_BINS).numpy().reshape(count, -1)
+        into.counts += (int(above.sum()), bits.numel())
+        if into.mass is not None:
+            outside = ~inside
+            slot = above[outside].long() * EXPONENT_SLOTS + (bits[outside] >> 23).clamp(min=1).long()
+            into.mass += _sums(slot, _significands(bits[outside]), 2 * EXPONENT_SLOTS).reshape(2, -1)
+    elif into.high_counts is not None:
         high = (bits >> 16).long()
         into.high_counts += torch.bincount(high, minlength=HIGH_BINS).numpy()
         if into.high_mass is not None:
             into.high_mass += _sums(high, _significands(bits), HIGH_BINS)
-    if into.window is not None:
-        assert into.low_counts is not None
-        lo, count = into.window
-        offset = bits.long() - (lo << 16)
-        inside = (offset >= 0) & (offset < count * LOW_BINS)
-        into.low_counts += torch.bincount(offset[inside], minlength=count * LOW_BINS).numpy().reshape(count, -1)
-        if into.counts is not None:
-            above = offset >= count * LOW_BINS
-            into.counts += (int(above.sum()), bits.numel())
-            if into.mass is not None:
-                outside = ~inside
-                slot = above[outside].long() * EXPONENTS + (bits[outside] >> 23).clamp(min=1).long()
-                into.mass += _sums(slot, _significands(bits[outside]), 2 * EXPONENTS).reshape(2, -1)
 
 
 def _kernel_histograms(base: torch.Tensor, model: torch.Tensor, into: Histograms) -> bool:
     """Add the histograms with the fused kernels; False when an input holds NaN/Inf."""
-    if into.high_counts is None and into.window is None:
-        return True
-    return kernels.add_histograms(base, model, into.high_counts, into.high_mass, into.window, into.low_counts,
-                                  into.counts, into.mass)
+    if into.window is not None:
+        assert into.low_counts is not None and into.counts is not None
+        return kernels.add_window_histograms(base, model, into.window, into.low_counts, into.counts, into.mass)
+    if into.high_counts is not None:
+        return kernels.add_high_histograms(base, model, into.high_counts, into.high_mass)
+    return True
 
 
 def _histogram_pass(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None, high: Sequence[bool],
@@ -212,7 +208,7 @@ def _window_mass(window: Window, low_counts: np.ndarray, stop: int | None = None
     """Exponent-slot significand sums of the window's entries (those of its first ``stop`` keys): each row is one
     high bin, whose entries share an exponent; an entry's significand follows from its key."""
     lo, count = window
-    slots = np.zeros(EXPONENTS, np.int64)
+    slots = np.zeros(EXPONENT_SLOTS, np.int64)
     for row in range(count):
         n = LOW_BINS if stop is None else max(0, min(LOW_BINS, stop - row * LOW_BINS))
         if n == 0:
@@ -261,21 +257,34 @@ def _predicted_windows(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
 @dataclass
 class _Selection:
     """A model's exact statistics as integers: the threshold's key (None: keep everything or nothing), the kept
-    count, and the exponent-slot significand sums of the entries below the threshold and of all entries."""
+    count of its ``entries``, and the exponent-slot significand sums of the entries below the threshold and of all
+    entries."""
 
     key: int | None
     kept: int
+    entries: int
     below: np.ndarray
     total: np.ndarray
 
+    @classmethod
+    def whole(cls, k: int, n: int, total: np.ndarray) -> _Selection | None:
+        """A trim of ``k`` of ``n`` entries that keeps everything or nothing (no threshold to find), else None."""
+        if 0 < k < n:
+            return None
+        everything = k >= n
+        return cls(None, n if everything else 0, n, np.zeros(EXPONENT_SLOTS, np.int64) if everything else total, total)
 
-def _from_high(h: Histograms, k: int, n: int, low_counts: np.ndarray | None) -> _Selection:
+
+def _from_high(h: Histograms, k: int, low_counts: np.ndarray | None) -> _Selection:
     """Statistics from high histograms and, for a partial trim, the low counts of the threshold's bin."""
     assert h.high_counts is not None
-    by_exponent = (h.high_mass if h.high_mass is not None else np.zeros(HIGH_BINS, np.int64)).reshape(EXPONENTS, -1)
+    n = int(h.high_counts.sum())
+    mass = h.high_mass if h.high_mass is not None else np.zeros(HIGH_BINS, np.int64)
+    by_exponent = mass.reshape(EXPONENT_SLOTS, -1)
     total = by_exponent.sum(axis=1)
-    if k == 0 or k >= n:
-        return _Selection(None, n if k >= n else 0, np.zeros(EXPONENTS, np.int64) if k >= n else total, total)
+    whole = _Selection.whole(k, n, total)
+    if whole is not None:
+        return whole
     assert low_counts is not None
     b, rank = _select(h.high_counts, k)
     position, _ = _select(low_counts, rank)
@@ -285,23 +294,24 @@ def _from_high(h: Histograms, k: int, n: int, low_counts: np.ndarray | None) -> 
     if h.high_mass is not None:
         below += _window_mass((b, 1), low_counts[None], position)
     kept = int(h.high_counts[b + 1:].sum()) + int(low_counts[position:].sum())
-    return _Selection((b << 16) | position, kept, below, total)
+    return _Selection((b << 16) | position, kept, n, below, total)
 
 
 def _from_window(h: Histograms, k: int) -> _Selection | None:
     """Statistics from a window pass; None when the ``k``-th largest entry lies outside the window."""
     assert h.window is not None and h.low_counts is not None and h.counts is not None
     above, n = int(h.counts[0]), int(h.counts[1])
-    mass = h.mass if h.mass is not None else np.zeros((2, EXPONENTS), np.int64)
+    mass = h.mass if h.mass is not None else np.zeros((2, EXPONENT_SLOTS), np.int64)
     total = mass[0] + mass[1] + (_window_mass(h.window, h.low_counts) if h.mass is not None else 0)
-    if k == 0 or k >= n:
-        return _Selection(None, n if k >= n else 0, np.zeros(EXPONENTS, np.int64) if k >= n else total, total)
+    whole = _Selection.whole(k, n, total)
+    if whole is not None:
+        return whole
     inside = h.low_counts.reshape(-1)
     if not above < k <= above + int(inside.sum()):
         return None
     position, _ = _select(inside, k - above)
     below = mass[0] + (_window_mass(h.window, h.low_counts, position) if h.mass is not None else 0)
-    return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), below, total)
+    return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), n, below, total)
 
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
@@ -352,17 +362,15 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
     for t, h in enumerate(first):
         if high[t]:
             low = second[t].low_counts if rows[t] is not None else None
-            selections[t] = _from_high(h, ks[t], ns[t], None if low is None else low[0])
+            selections[t] = _from_high(h, ks[t], None if low is None else low[0])
 
-    thresholds, removed, total_l1, kept, totals = [], [], [], [], []
-    for t, sel in enumerate(selections):
-        assert sel is not None
-        n = ns[t] if high[t] else int(first[t].counts[1])  # type: ignore[index]
-        totals.append(n)
-        kept.append(sel.kept)
-        thresholds.append((0.0 if sel.kept == n else math.inf) if sel.key is None else _bits_to_float(sel.key))
-        removed.append(_exponent_mass(sel.below))
-        total_l1.append(_exponent_mass(sel.total))
+    done = [sel for sel in selections if sel is not None]
+    assert len(done) == n_models
+    thresholds = tuple(
+        (0.0 if sel.kept == sel.entries else math.inf) if sel.key is None else _bits_to_float(sel.key) for sel in done
+    )
+    kept, totals = tuple(sel.kept for sel in done), tuple(sel.entries for sel in done)
     if not l1:
-        return GlobalStats(tuple(thresholds), (), (), tuple(kept), tuple(totals))
-    return GlobalStats(tuple(thresholds), tuple(removed), tuple(total_l1), tuple(kept), tuple(totals))
+        return GlobalStats(thresholds, (), (), kept, totals)
+    return GlobalStats(thresholds, tuple(_exponent_mass(sel.below) for sel in done),
+                       tuple(_exponent_mass(sel.total) for sel in done), kept, totals)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 #: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
-ABI = 4
+ABI = 5
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -64,7 +64,7 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_neuro_second.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
                                     _F32, _F32, _PTR, ctypes.c_int]
     lib.nm_abs_hist.restype = _I64
-    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _I64, _I64, _PTR]
+    lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR]
     lib.nm_abs_window.restype = _I64
     lib.nm_abs_window.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, _PTR]
     return lib
@@ -216,8 +216,10 @@ def neuro_second(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     return out, int(bad)
 
 
+#: the statistics histograms' layout: bins of the high 16 bits of a key, of the low 16 bits, and exponent slots
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
+EXPONENT_SLOTS = 256
 
 
 def _int64_array(a: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
@@ -227,31 +229,44 @@ def _int64_array(a: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
     return a.ctypes.data
 
 
-def add_histograms(base: torch.Tensor, model: torch.Tensor, high_counts: np.ndarray | None,
-                   high_mass: np.ndarray | None, window: tuple[int, int] | None, low_counts: np.ndarray | None,
-                   counts: np.ndarray | None, mass: np.ndarray | None) -> bool:
-    """Add the histograms of the fp32 bits ``k`` of ``|x − b|`` to the given int64 arrays (may be None). With
-    ``high_counts``: by the high 16 bits (``(2¹⁵,)``; ``high_mass``: sums of the 24-bit significands;
-    ``nm_abs_hist``). Without: ``counts`` ``(2,)`` += (entries above the window, all entries), ``mass`` ``(2, 256)``
-    the exact L1 masses of the entries below / above the window as significand sums per exponent slot
-    (``nm_abs_window``). For the high bins ``window = (lo, count)``: the entries by their key (``(count, 2¹⁶)``).
-    False when an input holds NaN/Inf (the arrays are then spoilt)."""
+def _abs_inputs(base: torch.Tensor, model: torch.Tensor) -> tuple[int, int, int, int]:
+    """The histogram kernels' leading arguments; ``base`` and ``model`` must be contiguous, and the caller keeps
+    them alive through the call (the kernel gets bare pointers)."""
+    assert base.is_contiguous() and model.is_contiguous()
+    return base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype]
+
+
+def add_high_histograms(base: torch.Tensor, model: torch.Tensor, counts: np.ndarray, mass: np.ndarray | None
+                        ) -> bool:
+    """Add the histograms of the fp32 bits of ``|x − b|`` by their high 16 bits (``(2¹⁵,)`` int64 arrays) to
+    ``counts`` and, when given, the sums of the 24-bit significands to ``mass`` (``nm_abs_hist``). False when an
+    input holds NaN/Inf (the arrays are then spoilt)."""
     lib = _library()
     assert lib is not None
-    lo, count = window if window is not None else (0, 0)
     base, model = base.contiguous(), model.contiguous()
-    head = (base.numel(), base.data_ptr(), model.data_ptr(), DTYPE_CODES[base.dtype])
-    low = (lo << 16, (lo + count) << 16, _int64_array(low_counts, (count, LOW_BINS)) if count else None)
-    if high_counts is not None:
-        bad = lib.nm_abs_hist(*head, _int64_array(high_counts, (HIGH_BINS,)), _int64_array(high_mass, (HIGH_BINS,)),
-                              *low)
-    else:
-        assert count and counts is not None
-        bad = lib.nm_abs_window(*head, *low, _int64_array(counts, (2,)), _int64_array(mass, (2, 256)))
+    bad = lib.nm_abs_hist(*_abs_inputs(base, model), _int64_array(counts, (HIGH_BINS,)),
+                          _int64_array(mass, (HIGH_BINS,)))
+    return bad == 0
+
+
+def add_window_histograms(base: torch.Tensor, model: torch.Tensor, window: tuple[int, int], low_counts: np.ndarray,
+                          counts: np.ndarray, mass: np.ndarray | None) -> bool:
+    """Add, for the fp32 bits ``k`` of ``|x − b|`` and the high bins ``window = (lo, count)`` (``nm_abs_window``):
+    the window's entries by their key to ``low_counts`` (``(count, 2¹⁶)``), (entries above the window, all entries)
+    to ``counts`` (``(2,)``) and, when given, the exact L1 masses of the entries below / above the window as
+    significand sums per exponent slot to ``mass`` (``(2, 256)``). False when an input holds NaN/Inf (the arrays
+    are then spoilt)."""
+    lib = _library()
+    assert lib is not None
+    lo, count = window
+    base, model = base.contiguous(), model.contiguous()
+    bad = lib.nm_abs_window(*_abs_inputs(base, model), lo << 16, (lo + count) << 16,
+                            _int64_array(low_counts, (count, LOW_BINS)), _int64_array(counts, (2,)),
+                            _int64_array(mass, (2, EXPONENT_SLOTS)))
     return bad == 0
 
 
 __all__ = [
-    "FusedResult", "NeuronSweep", "add_histograms", "available", "linear", "neuro_first", "neuro_second",
-    "output_dtype", "supports", "ties",
+    "FusedResult", "NeuronSweep", "add_high_histograms", "add_window_histograms", "available", "linear",
+    "neuro_first", "neuro_second", "output_dtype", "supports", "ties",
 ]

@@ -502,15 +502,6 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
  * L1 masses are exact integers: a significand sum S in slot s stands for S * 2^(max(s, 1) - 150) (an entry is its
  * 24-bit significand in the slot of its exponent e = key >> 23). */
 
-/* Count the window's entries (inside[j] != 0) at low_counts[key - lo]. */
-static inline __attribute__((always_inline)) void window_scatter(const int32_t *key, int64_t m, int32_t lo,
-                                                                 const int32_t *inside, int32_t *idx,
-                                                                 int64_t *low_counts) {
-    int32_t in = 0;
-    nonzero_positions(inside, m, idx, &in);
-    for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
-}
-
 /* The exact L1 masses of a block's entries below (key < lo) and above (key >= hi) the window, added to
  * mass[s] and mass[256 + s]. When the block's non-zero exponents span at most 19 (and stay below 200), every entry
  * is its significand shifted by its exponent's distance from the smallest one, e0: below 2^43, so the two int64 sums
@@ -552,12 +543,11 @@ static inline __attribute__((always_inline)) void block_mass(const int32_t *key,
 }
 
 /* By the high 16 bits (2^15 bins): high_counts, and (when not NULL) high_mass, the int64 sum of the entries'
- * significands per bin (an exact L1 mass: every entry of a high bin has the same exponent); and, when
- * hi_key > lo_key, the window's counts. */
+ * significands per bin (an exact L1 mass: every entry of a high bin has the same exponent). */
 NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, int in_dtype, int64_t *high_counts,
-                              int64_t *high_mass, int64_t lo_key, int64_t hi_key, int64_t *low_counts) {
+                              int64_t *high_mass) {
     float b[BLOCK], x[BLOCK];
-    int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
+    int32_t key[BLOCK];
     int64_t bad = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
@@ -572,11 +562,6 @@ NM_CLONES int64_t nm_abs_hist(int64_t n, const void *base, const void *model, in
             }
         } else {
             for (int64_t j = 0; j < m; j++) high_counts[(uint32_t)key[j] >> 16]++;
-        }
-        if (hi_key > lo_key) {
-            const int32_t lo = (int32_t)lo_key, hi = (int32_t)hi_key;
-            for (int64_t j = 0; j < m; j++) inside[j] = (key[j] >= lo) & (key[j] < hi);
-            window_scatter(key, m, lo, inside, idx, low_counts);
         }
     }
     return bad;
@@ -603,7 +588,9 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
             inside[j] = (k >= lo) & (k < hi);
         }
         above += a;
-        window_scatter(key, m, lo, inside, idx, low_counts);
+        int32_t in = 0;
+        nonzero_positions(inside, m, idx, &in);
+        for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
         if (mass) block_mass(key, m, lo, hi, mass);
     }
     counts[0] += above;
@@ -613,7 +600,7 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 4
+#define NM_ABI 5
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
