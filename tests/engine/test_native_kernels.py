@@ -253,7 +253,7 @@ def test_window_masses_of_mixed_magnitudes() -> None:
 
 def _merge(tmp: Path, cfg: Path, name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Merge into ``tmp / name``; returns how often each kernel ran."""
-    calls = {"linear": 0, "ties": 0, "add_high_histograms": 0, "add_window_histograms": 0, "neuro_first": 0}
+    calls = {"linear": 0, "ties": 0, "add_high_histograms": 0, "add_window_histograms": 0, "neuro_rows": 0}
     with monkeypatch.context() as m:
         if not native:
             m.setattr(kernels, "_library", lambda: None)
@@ -282,7 +282,7 @@ def test_whole_merge_native_equals_torch(tmp_path, make_family, monkeypatch, dty
     fast_calls = _merge(tmp_path, cfg, "fast", True, monkeypatch)
     assert not any(_merge(tmp_path, cfg, "slow", False, monkeypatch).values())
     used = {"task_arithmetic": ["linear"], "ties": ["ties", "add_high_histograms", "add_window_histograms"],
-            "neuromerging": ["neuro_first", "add_high_histograms", "add_window_histograms"]}
+            "neuromerging": ["neuro_rows", "add_high_histograms", "add_window_histograms"]}
     assert all(fast_calls[k] > 0 for k in used[method]), fast_calls
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
@@ -413,6 +413,56 @@ def test_neuron_sweeps_equal_the_torch_formulas(dtype) -> None:
     expected = base.float() + 1.3 * torch.einsum("tk,tki->ki", mix, orth32) + 0.7 * par.unsqueeze(-1) * base.float()
     assert bad == 0
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("cum_threshold", [1.0, 0.6])
+@pytest.mark.parametrize("sign_method", ["sum", "count"])
+def test_orthogonal_mix_kernel_equals_torch(t, cum_threshold, sign_method) -> None:
+    """``nm_orthogonal_mix`` (Jacobi eigenpairs, the elections in C) against ``neurons.orthogonal_mix`` (LAPACK,
+    torch), with an all-zero row, a task with τ⊥ = 0 and a rank-deficient row among random Gram matrices."""
+    from neuromerge.tensors.neurons import orthogonal_mix
+
+    g = torch.Generator().manual_seed(t)
+    orth = torch.randn(120, t, 40, dtype=torch.float64, generator=g)
+    orth[3] = 0.0
+    orth[5, 0] = 0.0
+    if t > 1:
+        orth[7, 1] = 2.0 * orth[7, 0]
+    gram = orth @ orth.transpose(1, 2)
+    ref = orthogonal_mix(gram, cum_threshold, sign_method)
+    got = kernels.orthogonal_mix(gram, cum_threshold, sign_method == "count")
+    assert got is not None and got.shape == ref.shape == (t, 120)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert bool((got[:, 3] == 0).all()) and float(got[0, 5]) == 0.0
+    assert float(ref.abs().max()) > 0.1  # the comparison is not between zeros
+
+
+def test_orthogonal_mix_kernel_declines_more_models_than_it_holds() -> None:
+    gram = torch.eye(kernels.MIX_MAX + 1, dtype=torch.float64).expand(4, -1, -1)
+    assert kernels.orthogonal_mix(gram, 1.0, False) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("cum_threshold", "sign_count"), [(1.0, False), (0.6, True)])
+def test_neuro_rows_is_the_two_sweeps_in_one(dtype, cum_threshold, sign_count) -> None:
+    """``nm_neuro_rows`` (λ1 = 0, one sweep per row) gives the bytes and energies of ``neuro_first`` →
+    ``orthogonal_mix`` → ``neuro_second``; a NaN input makes it decline (the torch path then reports it)."""
+    base, models = _family(dtype, (48, 260))
+    base[2] = 0.0
+    weights, thresholds = [1.0, 0.5, 2.0], [0.0015, 0.0, 0.002]
+    sweep = kernels.neuro_first(base, models, weights, thresholds)
+    assert sweep is not None
+    mix = kernels.orthogonal_mix(sweep.gram, cum_threshold, sign_count)
+    assert mix is not None
+    two, bad = kernels.neuro_second(base, models, weights, thresholds, sweep.coef, mix.float(), None, 0.0, 1.4, dtype)
+    one = kernels.neuro_rows(base, models, weights, thresholds, cum_threshold, sign_count, 1.4, dtype)
+    assert one is not None and bad == one.bad == 0
+    assert torch.equal(one.out.view(INT_VIEW[dtype]), two.view(INT_VIEW[dtype]))
+    assert not torch.equal(one.out, base)
+    assert (one.total_energy, one.parallel_energy) == (sweep.total_energy, sweep.parallel_energy)
+    models[1][5, 7] = float("nan")
+    assert kernels.neuro_rows(base, models, weights, thresholds, cum_threshold, sign_count, 1.4, dtype) is None
 
 
 @pytest.mark.parametrize("params", [

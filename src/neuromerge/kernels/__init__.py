@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 #: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
-ABI = 5
+ABI = 6
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -63,6 +63,11 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_neuro_second.restype = _I64
     lib.nm_neuro_second.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR,
                                     _F32, _F32, _PTR, ctypes.c_int]
+    lib.nm_orthogonal_mix.restype = _I64
+    lib.nm_orthogonal_mix.argtypes = [_I64, ctypes.c_int, _PTR, ctypes.c_double, ctypes.c_int, _PTR]
+    lib.nm_neuro_rows.restype = _I64
+    lib.nm_neuro_rows.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_double,
+                                  ctypes.c_int, _F32, _PTR, ctypes.c_int, _PTR, _PTR]
     lib.nm_abs_hist.restype = _I64
     lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR]
     lib.nm_abs_window.restype = _I64
@@ -216,6 +221,61 @@ def neuro_second(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     return out, int(bad)
 
 
+
+#: the most models the C per-row eigenproblem takes (``MIX_MAX`` in ``_fused.c``); more go through torch
+MIX_MAX = 16
+
+
+def orthogonal_mix(gram: torch.Tensor, cum_threshold: float, sign_count: bool) -> torch.Tensor | None:
+    """:func:`neuromerge.tensors.neurons.orthogonal_mix` in C (``nm_orthogonal_mix``: Jacobi eigenpairs of each
+    ``T × T`` Gram matrix, the same selection and elections): the mix ``(T, rows)`` float64, or None for more than
+    :data:`MIX_MAX` models. The eigenvectors come from another algorithm than torch's LAPACK call, so the mix agrees
+    with the reference to rounding."""
+    lib = _library()
+    assert lib is not None
+    rows, t, _ = gram.shape
+    if not 1 <= t <= MIX_MAX:
+        return None
+    gram = gram.to(torch.float64).contiguous()
+    mix = torch.empty(t, rows, dtype=torch.float64)
+    _check(lib.nm_orthogonal_mix(rows, t, gram.data_ptr(), cum_threshold, int(sign_count), mix.data_ptr()))
+    return mix
+
+
+@dataclass(frozen=True)
+class NeuronRows:
+    """What :func:`neuro_rows` returns: the merged chunk, its NaN/Inf count, and the energies (as in
+    :class:`NeuronSweep`)."""
+
+    out: torch.Tensor
+    bad: int
+    total_energy: float
+    parallel_energy: float
+
+
+def neuro_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+               thresholds: Sequence[float], cum_threshold: float, sign_count: bool, lam2: float,
+               out_dtype: torch.dtype) -> NeuronRows | None:
+    """NeuroMerging with ``λ1 = 0`` in one sweep (``nm_neuro_rows``): per row the split of :func:`neuro_first`, the mix
+    of :func:`orthogonal_mix` and the output of :func:`neuro_second`, ``θ = b + λ2 Σ_t a_t τ⊥_t``, while the row is
+    in cache. None when an input holds NaN/Inf or there are more than :data:`MIX_MAX` models."""
+    lib = _library()
+    assert lib is not None
+    if not 1 <= len(models) <= MIX_MAX:
+        return None
+    base = base.contiguous()
+    models = [m.contiguous() for m in models]
+    rows, d = base.shape
+    out = torch.empty(rows, d, dtype=out_dtype)
+    energy = np.zeros(2, np.float64)
+    stats = np.zeros(2, np.int64)
+    _check(lib.nm_neuro_rows(rows, d, len(models), base.data_ptr(), _pointers(models), DTYPE_CODES[base.dtype],
+                             _floats(weights), _floats(thresholds), cum_threshold, int(sign_count), lam2,
+                             out.data_ptr(), DTYPE_CODES[out_dtype], energy.ctypes.data, stats.ctypes.data))
+    if stats[0]:
+        return None
+    return NeuronRows(out, int(stats[1]), float(energy[0]), float(energy[1]))
+
 #: the statistics histograms' layout: bins of the high 16 bits of a key, of the low 16 bits, and exponent slots
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
@@ -268,5 +328,5 @@ def add_window_histograms(base: torch.Tensor, model: torch.Tensor, window: tuple
 
 __all__ = [
     "FusedResult", "NeuronSweep", "add_high_histograms", "add_window_histograms", "available", "linear",
-    "neuro_first", "neuro_second", "output_dtype", "supports", "ties",
+    "neuro_first", "neuro_rows", "neuro_second", "orthogonal_mix", "output_dtype", "supports", "ties",
 ]

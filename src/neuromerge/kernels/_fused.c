@@ -395,17 +395,49 @@ static inline __attribute__((always_inline)) int64_t neuro_row(int64_t k, int64_
     return bad;
 }
 
-/* NeuroMerging, first sweep over a (rows x d) chunk: per row k, with tau'_t as in neuro_row,
- * coef[t * rows + k] = c_t = <tau'_t, b> / ||b||^2 (0 when ||b|| = 0; inner products by dot64, c rounded to fp32),
- * the orthogonal parts o_t = tau'_t - c_t b (fp32) and their Gram matrix gram[(k * T + s) * T + t] = <o_s, o_t>
- * (float64), sq_norm[k] = ||b||^2 (float64). energy[0] += sum ||tau'_t||^2, energy[1] += sum c_t^2 ||b||^2
- * (float64). Returns the number of NaN/Inf inputs (negative on a failed allocation). */
+/* One row k of NeuroMerging's split (tau'_t as in neuro_row): c[t] = c_t = <tau'_t, b> / ||b||^2 (0 when ||b|| = 0;
+ * inner products by dot64, c rounded to fp32), the orthogonal parts o_t = tau'_t - c_t b (fp32) in y, their Gram matrix
+ * g[s * T + t] = <o_s, o_t> (float64), *nb = ||b||^2 (float64); energy[0] += sum ||tau'_t||^2,
+ * energy[1] += sum c_t^2 ||b||^2. Returns the number of NaN/Inf inputs. */
+static inline __attribute__((always_inline)) int64_t neuro_split_row(int64_t k, int64_t d, int n_models,
+                                                                      const void *base, const void *const *models,
+                                                                      int in_dtype, const float *weights,
+                                                                      const float *thresholds, float *b, float *x,
+                                                                      float *y, float *c, double *g, double *nb,
+                                                                      double *energy) {
+    int64_t bad = neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
+    double n2 = dot64(b, b, d);
+    *nb = n2;
+    for (int t = 0; t < n_models; t++) {
+        float *yt = y + (size_t)t * (size_t)d;
+        double q = dot64(yt, b, d), e = dot64(yt, yt, d);
+        float ct = n2 > 0.0 ? (float)(q / n2) : 0.0f;
+        c[t] = ct;
+        energy[0] += e;
+        energy[1] += (double)ct * (double)ct * n2;
+        for (int64_t i = 0; i < d; i++) yt[i] = yt[i] - ct * b[i]; /* o_t, in place */
+    }
+    for (int s = 0; s < n_models; s++) {
+        const float *os = y + (size_t)s * (size_t)d;
+        for (int t = s; t < n_models; t++) {
+            const float *ot = y + (size_t)t * (size_t)d;
+            double acc = dot64(os, ot, d);
+            g[s * n_models + t] = acc;
+            g[t * n_models + s] = acc;
+        }
+    }
+    return bad;
+}
+
+/* NeuroMerging, first sweep over a (rows x d) chunk: per row k, neuro_split_row, with c_t at coef[t * rows + k] and the
+ * Gram matrix at gram[(k * T + s) * T + t], sq_norm[k] = ||b||^2; energy[0..1] as there. Returns the number of
+ * NaN/Inf inputs (negative on a failed allocation). */
 NM_CLONES int64_t nm_neuro_first(int64_t rows, int64_t d, int n_models, const void *base, const void *const *models,
                                  int in_dtype, const float *weights, const float *thresholds, float *coef,
                                  double *gram, double *sq_norm, double *energy) {
-    float x[BLOCK];
+    float x[BLOCK], c[MAX_MODELS];
     int64_t bad = 0;
-    double total = 0.0, parallel = 0.0;
+    double sums[2] = {0.0, 0.0};
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
     float *b = (float *)malloc(sizeof(float) * (size_t)d);
     float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
@@ -415,34 +447,202 @@ NM_CLONES int64_t nm_neuro_first(int64_t rows, int64_t d, int n_models, const vo
         return -2;
     }
     for (int64_t k = 0; k < rows; k++) {
-        bad += neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
-        double nb = dot64(b, b, d);
-        sq_norm[k] = nb;
-        for (int t = 0; t < n_models; t++) {
-            float *yt = y + (size_t)t * (size_t)d;
-            double q = dot64(yt, b, d), e = dot64(yt, yt, d);
-            float c = nb > 0.0 ? (float)(q / nb) : 0.0f;
-            coef[(size_t)t * (size_t)rows + (size_t)k] = c;
-            total += e;
-            parallel += (double)c * (double)c * nb;
-            for (int64_t i = 0; i < d; i++) yt[i] = yt[i] - c * b[i]; /* o_t, in place */
-        }
         double *g = gram + (size_t)k * (size_t)n_models * (size_t)n_models;
-        for (int s = 0; s < n_models; s++) {
-            const float *os = y + (size_t)s * (size_t)d;
-            for (int t = s; t < n_models; t++) {
-                const float *ot = y + (size_t)t * (size_t)d;
-                double acc = dot64(os, ot, d);
-                g[s * n_models + t] = acc;
-                g[t * n_models + s] = acc;
+        bad += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y, c, g,
+                               sq_norm + k, sums);
+        for (int t = 0; t < n_models; t++) coef[(size_t)t * (size_t)rows + (size_t)k] = c[t];
+    }
+    free(b);
+    free(y);
+    energy[0] += sums[0];
+    energy[1] += sums[1];
+    return bad;
+}
+
+/* The mix a_t = sum_j U_tj w_j of one row (tensors/neurons.py, orthogonal_mix, the reference) from its Gram matrix g of
+ * the orthogonal parts (T x T, float64, T <= MIX_MAX): G = U S^2 U^T by cyclic Jacobi rotations (Golub & Van Loan
+ * 8.5; the threshold rule of Numerical Recipes' jacobi), eigenpairs in descending order, S^2 clamped at 0 and those at
+ * or below GRAM_RTOL * s_1^2 set to 0, rows t of U with g_tt = 0 set to 0, each column's sign fixed so that its first
+ * largest-magnitude entry is positive; coordinates U_tj of live j TIES-merged per j (elected sign of their sum, or of
+ * their signs' sum with sign_count; zero -> the majority over j, +1 on a tie; disjoint mean w_j), w_j kept for the
+ * first min(#{j: cv_j < eta} + 1, T) coordinates (cv: cumulative share of S^2) when eta < 1. */
+#define MIX_MAX 16
+#define GRAM_RTOL 1e-12
+static void orthogonal_mix_row(int n, const double *g, double eta, int sign_count, double *a) {
+    double A[MIX_MAX * MIX_MAX], V[MIX_MAX * MIX_MAX], ev[MIX_MAX], U[MIX_MAX * MIX_MAX], w[MIX_MAX];
+    int order[MIX_MAX];
+    for (int i = 0; i < n * n; i++) A[i] = g[i];
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) V[i * n + j] = i == j ? 1.0 : 0.0;
+    for (int sweep = 0; sweep < 64; sweep++) {
+        double off = 0.0;
+        for (int p = 0; p < n; p++)
+            for (int q = p + 1; q < n; q++) off += fabs(A[p * n + q]);
+        if (off == 0.0) break;
+        for (int p = 0; p < n; p++) {
+            for (int q = p + 1; q < n; q++) {
+                double apq = A[p * n + q], app = A[p * n + p], aqq = A[q * n + q];
+                double big = 100.0 * fabs(apq);
+                if (sweep > 3 && fabs(app) + big == fabs(app) && fabs(aqq) + big == fabs(aqq)) {
+                    A[p * n + q] = A[q * n + p] = 0.0;
+                    continue;
+                }
+                if (apq == 0.0) continue;
+                double h = aqq - app, t;
+                if (fabs(h) + big == fabs(h)) {
+                    t = apq / h;
+                } else {
+                    double theta = 0.5 * h / apq;
+                    t = 1.0 / (fabs(theta) + sqrt(1.0 + theta * theta));
+                    if (theta < 0.0) t = -t;
+                }
+                double cs = 1.0 / sqrt(t * t + 1.0), sn = t * cs, tau = sn / (1.0 + cs);
+                A[p * n + p] = app - t * apq;
+                A[q * n + q] = aqq + t * apq;
+                A[p * n + q] = A[q * n + p] = 0.0;
+                for (int r = 0; r < n; r++) {
+                    if (r != p && r != q) {
+                        double arp = A[r * n + p], arq = A[r * n + q];
+                        A[r * n + p] = A[p * n + r] = arp - sn * (arq + tau * arp);
+                        A[r * n + q] = A[q * n + r] = arq + sn * (arp - tau * arq);
+                    }
+                    double vrp = V[r * n + p], vrq = V[r * n + q];
+                    V[r * n + p] = vrp - sn * (vrq + tau * vrp);
+                    V[r * n + q] = vrq + sn * (vrp - tau * vrq);
+                }
             }
+        }
+    }
+    for (int j = 0; j < n; j++) order[j] = j;
+    for (int j = 1; j < n; j++) /* descending eigenvalues, stable */
+        for (int i = j; i > 0 && A[order[i] * n + order[i]] > A[order[i - 1] * n + order[i - 1]]; i--) {
+            int tmp = order[i];
+            order[i] = order[i - 1];
+            order[i - 1] = tmp;
+        }
+    for (int j = 0; j < n; j++) {
+        double e = A[order[j] * n + order[j]];
+        ev[j] = e > 0.0 ? e : 0.0;
+    }
+    double top = ev[0];
+    for (int j = 0; j < n; j++) {
+        if (!(ev[j] > GRAM_RTOL * top)) ev[j] = 0.0;
+        int pivot = 0;
+        double most = -1.0;
+        for (int t = 0; t < n; t++) {
+            double u = g[t * n + t] > 0.0 ? V[t * n + order[j]] : 0.0;
+            U[t * n + j] = u;
+            if (fabs(u) > most) {
+                most = fabs(u);
+                pivot = t;
+            }
+        }
+        if (U[pivot * n + j] < 0.0)
+            for (int t = 0; t < n; t++) U[t * n + j] = -U[t * n + j];
+    }
+    double votes = 0.0, elected[MIX_MAX];
+    for (int j = 0; j < n; j++) {
+        double score = 0.0;
+        if (ev[j] > 0.0)
+            for (int t = 0; t < n; t++) {
+                double u = U[t * n + j];
+                score += sign_count ? (double)((u > 0.0) - (u < 0.0)) : u;
+            }
+        elected[j] = (double)((score > 0.0) - (score < 0.0));
+        votes += elected[j];
+    }
+    double majority = votes >= 0.0 ? 1.0 : -1.0;
+    int rank = n;
+    if (eta < 1.0) {
+        double total = 0.0, cum = 0.0;
+        int below = 0;
+        for (int j = 0; j < n; j++) total += ev[j];
+        for (int j = 0; j < n; j++) {
+            cum += ev[j];
+            below += total > 0.0 && cum / total < eta;
+        }
+        rank = below + 1 < n ? below + 1 : n;
+    }
+    for (int j = 0; j < n; j++) {
+        double sign = elected[j] != 0.0 ? elected[j] : majority, sum = 0.0;
+        int agree = 0;
+        if (ev[j] > 0.0 && j < rank)
+            for (int t = 0; t < n; t++) {
+                double u = U[t * n + j];
+                if (u != 0.0 && (u > 0.0) == (sign > 0.0)) {
+                    sum += u;
+                    agree++;
+                }
+            }
+        w[j] = agree > 0 ? sum / (double)agree : 0.0;
+    }
+    for (int t = 0; t < n; t++) {
+        double acc = 0.0;
+        for (int j = 0; j < n; j++) acc += U[t * n + j] * w[j];
+        a[t] = acc;
+    }
+}
+
+/* orthogonal_mix_row for each of `rows` Gram matrices gram[(k * T + s) * T + t]; mix[t * rows + k] = a_t (float64).
+ * -1 when T is outside 1..MIX_MAX. */
+NM_CLONES int64_t nm_orthogonal_mix(int64_t rows, int n_models, const double *gram, double eta, int sign_count,
+                                    double *mix) {
+    double a[MIX_MAX];
+    if (n_models < 1 || n_models > MIX_MAX) return -1;
+    for (int64_t k = 0; k < rows; k++) {
+        orthogonal_mix_row(n_models, gram + (size_t)k * (size_t)n_models * (size_t)n_models, eta, sign_count, a);
+        for (int t = 0; t < n_models; t++) mix[(size_t)t * (size_t)rows + (size_t)k] = a[t];
+    }
+    return 0;
+}
+
+/* NeuroMerging with lambda1 = 0 in one sweep: per row k, neuro_split_row, orthogonal_mix_row (mix rounded to fp32) and
+ * theta = b + lam2 (a_0 o_0 + a_1 o_1 + ...) written in out_dtype, while the row is still in cache: the arithmetic of
+ * nm_neuro_first + nm_orthogonal_mix + nm_neuro_second, without reading the inputs twice. stats[0]: NaN/Inf inputs
+ * (the output is then to be discarded), stats[1]: NaN/Inf outputs; energy[0..1] as in neuro_split_row. -1 when T is
+ * outside 1..MIX_MAX, -2 on a failed allocation. */
+NM_CLONES int64_t nm_neuro_rows(int64_t rows, int64_t d, int n_models, const void *base, const void *const *models,
+                                int in_dtype, const float *weights, const float *thresholds, double eta,
+                                int sign_count, float lam2, void *out, int out_dtype, double *energy, int64_t *stats) {
+    float x[BLOCK], c[MIX_MAX];
+    double g[MIX_MAX * MIX_MAX], a[MIX_MAX], nb, sums[2] = {0.0, 0.0};
+    int64_t bad_in = 0, bad_out = 0;
+    if (n_models < 1 || n_models > MIX_MAX) return -1;
+    float *b = (float *)malloc(sizeof(float) * (size_t)d);
+    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
+    float *acc = (float *)malloc(sizeof(float) * (size_t)d);
+    if (b == NULL || y == NULL || acc == NULL) {
+        free(b);
+        free(y);
+        free(acc);
+        return -2;
+    }
+    for (int64_t k = 0; k < rows; k++) {
+        bad_in += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y, c, g, &nb,
+                                  sums);
+        orthogonal_mix_row(n_models, g, eta, sign_count, a);
+        for (int t = 0; t < n_models; t++) {
+            const float *ot = y + (size_t)t * (size_t)d;
+            float at = (float)a[t];
+            if (t == 0)
+                for (int64_t i = 0; i < d; i++) acc[i] = at * ot[i];
+            else
+                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + at * ot[i];
+        }
+        for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
+        for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
+            int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
+            bad_out += store_block(out, out_dtype, k * d + s0, m, acc + s0);
         }
     }
     free(b);
     free(y);
-    energy[0] += total;
-    energy[1] += parallel;
-    return bad;
+    free(acc);
+    energy[0] += sums[0];
+    energy[1] += sums[1];
+    stats[0] = bad_in;
+    stats[1] = bad_out;
+    return 0;
 }
 
 /* NeuroMerging, second sweep: per row k, o_t = tau'_t - coef_t b as in nm_neuro_first, and
@@ -600,7 +800,7 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 5
+#define NM_ABI 6
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,

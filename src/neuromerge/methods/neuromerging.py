@@ -73,6 +73,11 @@ def kept_mass_lambda2(removed: Sequence[float]) -> float | None:
     return 1.0 / smallest if smallest > 0 else None
 
 
+def _share(part: float, total: float) -> float:
+    """``part / total``, 0 when ``total`` is 0 (the parallel energy share of a chunk with no task vector)."""
+    return part / total if total > 0 else 0.0
+
+
 @method
 class NeuroMerging(MergeMethod[NeuroMergingParams]):
     """NeuroMerging (METHODS.md §1): trim → per-neuron parallel/orthogonal split → TIES on the parallel
@@ -124,12 +129,15 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
 
     def merge_fused(self, x: MergeInput[NeuroMergingParams], out_dtype: torch.dtype
                     ) -> tuple[torch.Tensor, int] | None:
-        """:meth:`merge` for neuronal tensors in two fused sweeps (:func:`neuromerge.kernels.neuro_first`: the
-        coefficients ``c_t``, the Gram matrices of ``τ⊥`` and the energies; :func:`~neuromerge.kernels.neuro_second`:
-        ``θ0 + λ2 ψ⊥ (+ λ1 ψ∥)``), the per-row eigenproblems and TIES elections in between as in :meth:`merge`
-        (:func:`~neuromerge.tensors.neurons.orthogonal_mix`). The same formulas, but the inner products are summed in
-        float64 in index order rather than by torch's fp32 ``einsum``, so the result agrees with :meth:`merge` to
-        rounding, not bitwise (``tests/engine/test_native_kernels.py``). Point tensors take :meth:`merge`."""
+        """:meth:`merge` for neuronal tensors with the fused kernels. With ``λ1 = 0`` (the default) and at most
+        :data:`~neuromerge.kernels.MIX_MAX` models, one sweep (:func:`neuromerge.kernels.neuro_rows`): per row the
+        coefficients ``c_t``, the Gram matrix of ``τ⊥``, its eigenproblem and TIES elections
+        (:func:`~neuromerge.kernels.orthogonal_mix`) and ``θ0 + λ2 ψ⊥``, while the row is in cache. Otherwise two
+        sweeps (:func:`~neuromerge.kernels.neuro_first`, then :func:`~neuromerge.kernels.neuro_second`:
+        ``θ0 + λ2 ψ⊥ + λ1 ψ∥``) with the mix and the chunk-wide election of ``c̄`` in between, as in :meth:`merge`. The
+        same formulas, but the inner products are summed in float64 (torch: fp32 ``einsum``) and the eigenvectors come
+        from Jacobi rotations (torch: LAPACK), so the result agrees with :meth:`merge` to rounding, not bitwise
+        (``tests/engine/test_native_kernels.py``). Point tensors take :meth:`merge`."""
         p = x.params
         if x.kind == "point" or x.base.dim() != 2 or not self.fuses(p, x.per_model):
             return None
@@ -138,11 +146,21 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
         densities = [q.density for q in x.per_model]
         thresholds = global_trim_thresholds(x, densities)
         weights = x.weights
+        lam2 = self._lambda2(x, densities)
+        sign_count = p.sign_method == "count"
+        if p.lambda1 == 0.0 and len(x.models) <= kernels.MIX_MAX:
+            rows = kernels.neuro_rows(x.base, x.models, weights, thresholds, p.cum_threshold, sign_count, lam2,
+                                      kernels.output_dtype(out_dtype))
+            if rows is None:
+                return None
+            x.report["parallel_energy_share"] = _share(rows.parallel_energy, rows.total_energy)
+            return rows.out, rows.bad
         sweep = kernels.neuro_first(x.base, x.models, weights, thresholds)
         if sweep is None:
             return None
-        lam2 = self._lambda2(x, densities)
-        mix = orthogonal_mix(sweep.gram, p.cum_threshold, p.sign_method).to(torch.float32)
+        mix = kernels.orthogonal_mix(sweep.gram, p.cum_threshold, sign_count)
+        if mix is None:
+            mix = orthogonal_mix(sweep.gram, p.cum_threshold, p.sign_method)
         parallel = None
         if p.lambda1 != 0.0:
             merged = merge_coefficients(sweep.coef, p.sign_method)
@@ -151,11 +169,9 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
             else:
                 norm = sweep.sq_norm.sqrt().to(torch.float32)
                 parallel = torch.where(norm > 0, merged / torch.where(norm > 0, norm, 1.0), 0.0)
-        x.report["parallel_energy_share"] = (
-            sweep.parallel_energy / sweep.total_energy if sweep.total_energy > 0 else 0.0
-        )
-        return kernels.neuro_second(x.base, x.models, weights, thresholds, sweep.coef, mix, parallel, p.lambda1, lam2,
-                                    kernels.output_dtype(out_dtype))
+        x.report["parallel_energy_share"] = _share(sweep.parallel_energy, sweep.total_energy)
+        return kernels.neuro_second(x.base, x.models, weights, thresholds, sweep.coef, mix.to(torch.float32),
+                                    parallel, p.lambda1, lam2, kernels.output_dtype(out_dtype))
 
     @staticmethod
     def _lambda2(x: MergeInput[NeuroMergingParams], densities: Sequence[float]) -> float:
