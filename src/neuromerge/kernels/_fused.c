@@ -461,7 +461,8 @@ NM_CLONES int64_t nm_neuro_first(int64_t rows, int64_t d, int n_models, const vo
 
 /* The mix a_t = sum_j U_tj w_j of one row (tensors/neurons.py, orthogonal_mix, the reference) from its Gram matrix g of
  * the orthogonal parts (T x T, float64, T <= MIX_MAX): G = U S^2 U^T by cyclic Jacobi rotations (Golub & Van Loan
- * 8.5; the threshold rule of Numerical Recipes' jacobi), eigenpairs in descending order, S^2 clamped at 0 and those at
+ * 8.5; an off-diagonal entry below rounding against both diagonal ones is set to 0 without a rotation, the rule of
+ * Numerical Recipes' jacobi), eigenpairs in descending order, S^2 clamped at 0 and those at
  * or below GRAM_RTOL * s_1^2 set to 0, rows t of U with g_tt = 0 set to 0, each column's sign fixed so that its first
  * largest-magnitude entry is positive; coordinates U_tj of live j TIES-merged per j (elected sign of their sum, or of
  * their signs' sum with sign_count; zero -> the majority over j, +1 on a tie; disjoint mean w_j), w_j kept for the
@@ -483,7 +484,7 @@ static void orthogonal_mix_row(int n, const double *g, double eta, int sign_coun
             for (int q = p + 1; q < n; q++) {
                 double apq = A[p * n + q], app = A[p * n + p], aqq = A[q * n + q];
                 double big = 100.0 * fabs(apq);
-                if (sweep > 3 && fabs(app) + big == fabs(app) && fabs(aqq) + big == fabs(aqq)) {
+                if (fabs(app) + big == fabs(app) && fabs(aqq) + big == fabs(aqq)) {
                     A[p * n + q] = A[q * n + p] = 0.0;
                     continue;
                 }
