@@ -11,7 +11,8 @@ setup(
         Extension(
             "neuromerge.kernels._fused",
             sources=["src/neuromerge/kernels/_fused.c"],
-            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c11"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c11",
+                                "-Wno-psabi"],
             optional=True,
         )
     ]

@@ -415,6 +415,38 @@ def test_neuron_sweeps_equal_the_torch_formulas(dtype) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_neuron_sweep_one_pass_inner_products_equal_dot_by_dot(t) -> None:
+    """For T <= 4 the row's inner products come from one fused pass, for more models dot by dot; both sum each inner
+    product in the same lane order, so the coefficients and Gram entries of the first T models are bitwise the same
+    when two more models join (c_t and <o_s, o_t> depend only on models s and t)."""
+    base, models = _family(torch.bfloat16, (24, 203), n=t + 2, seed=3)
+    weights, thresholds = [1.0 + 0.1 * i for i in range(t + 2)], [0.001] * (t + 2)
+    few = kernels.neuro_first(base, models[:t], weights[:t], thresholds[:t])
+    many = kernels.neuro_first(base, models, weights, thresholds)
+    assert few is not None and many is not None
+    assert torch.equal(few.coef, many.coef[:t])
+    assert torch.equal(few.gram, many.gram[:, :t, :t])
+    assert torch.equal(few.sq_norm, many.sq_norm)
+
+
+def test_neuron_gram_is_accurate_when_task_vectors_are_nearly_parallel() -> None:
+    """τ = 0.5·w0 + 1e-4·r: the Gram matrix of τ⊥ (expanded from the row's inner products in float64) matches a
+    float64 reference to 1e-6 of ``sqrt(G_ss G_tt)`` although ‖τ‖²/‖τ⊥‖² ≈ 10⁷ (measured 3e-8; a Gram matrix of an
+    fp32 τ⊥, the torch path's, is off by 2e-5)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(16, 512, generator=g)
+    models = [base + 0.5 * base + 1e-4 * torch.randn(16, 512, generator=g) for _ in range(3)]
+    sweep = kernels.neuro_first(base, models, [1.0] * 3, [0.0] * 3)
+    assert sweep is not None
+    taus = torch.stack([m - base for m in models]).double()  # fp32 subtraction, as the kernel
+    orth = taus - sweep.coef.double().unsqueeze(-1) * base.double()
+    reference = torch.einsum("ski,tki->kst", orth, orth)
+    diagonal = torch.diagonal(reference, dim1=-2, dim2=-1)
+    scale = (diagonal.unsqueeze(-1) * diagonal.unsqueeze(-2)).sqrt()
+    assert float(((sweep.gram - reference).abs() / scale).max()) <= 1e-6
+
+
 @pytest.mark.parametrize("t", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("cum_threshold", [1.0, 0.6])
 @pytest.mark.parametrize("sign_method", ["sum", "count"])

@@ -22,6 +22,9 @@
 #endif
 
 #define BLOCK 1024
+/* GCC vector extensions: four float64 lanes, compiled to the target's vector instructions (AVX in the AVX2 clone) */
+typedef double nm_v4d __attribute__((vector_size(32)));
+typedef float nm_v4f __attribute__((vector_size(16)));
 /* TIES keeps ~10 + n_models arrays of a block: a smaller one stays in L1 */
 #define TB 128
 #define NM_F32 0
@@ -358,15 +361,76 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
     return 0;
 }
 
-/* sum_i a_i b_i in float64 over 8 interleaved partial sums (lane l takes i = l mod 8), added pairwise at the end:
- * a fixed order that vectorizes (a single running sum is a chain of dependent adds). */
+/* four fp32 entries as float64 lanes (exact) */
+static inline __attribute__((always_inline)) nm_v4d load4(const float *p) {
+    nm_v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, nm_v4d);
+}
+
+/* sum_i a_i b_i in float64 over 4 interleaved partial sums (lane l takes i = l mod 4; the products of fp32 values are
+ * exact), combined (l0 + l1) + (l2 + l3): a fixed order. row_dots computes several at once, in the same order. */
 static inline __attribute__((always_inline)) double dot64(const float *a, const float *b, int64_t n) {
-    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    nm_v4d acc = {0.0, 0.0, 0.0, 0.0};
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += (double)a[i + l] * (double)b[i + l];
-    for (int l = 0; i < n; i++, l++) lane[l] += (double)a[i] * (double)b[i];
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i + 4 <= n; i += 4) acc += load4(a + i) * load4(b + i);
+    for (int l = 0; i < n; i++, l++) acc[l] += (double)a[i] * (double)b[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* The inner products of a row: nb = <b, b>, q[t] = <y_t, b>, gy[s * T + t] = <y_s, y_t> (s <= t; y_t = y + t d), each
+ * as dot64 computes it. For T <= 4 (a constant after inlining) in one pass that converts each entry once and keeps
+ * the 1 + T + T(T+1)/2 accumulators in registers; otherwise dot by dot. */
+static inline __attribute__((always_inline)) void row_dots_fixed(const int n_models, int64_t d, const float *b,
+                                                                 const float *y, double *nb, double *q, double *gy) {
+    nm_v4d anb = {0.0, 0.0, 0.0, 0.0}, aq[4], ag[4][4], vy[4];
+    for (int t = 0; t < n_models; t++) {
+        aq[t] = anb;
+        for (int u = t; u < n_models; u++) ag[t][u] = anb;
+    }
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        nm_v4d vb = load4(b + i);
+        anb += vb * vb;
+        for (int t = 0; t < n_models; t++) {
+            vy[t] = load4(y + (size_t)t * (size_t)d + i);
+            aq[t] += vy[t] * vb;
+        }
+        for (int t = 0; t < n_models; t++)
+            for (int u = t; u < n_models; u++) ag[t][u] += vy[t] * vy[u];
+    }
+    for (int l = 0; i < d; i++, l++) {
+        double bi = (double)b[i];
+        anb[l] += bi * bi;
+        for (int t = 0; t < n_models; t++) {
+            double yi = (double)y[(size_t)t * (size_t)d + i];
+            aq[t][l] += yi * bi;
+            for (int u = t; u < n_models; u++) ag[t][u][l] += yi * (double)y[(size_t)u * (size_t)d + i];
+        }
+    }
+    *nb = (anb[0] + anb[1]) + (anb[2] + anb[3]);
+    for (int t = 0; t < n_models; t++) {
+        q[t] = (aq[t][0] + aq[t][1]) + (aq[t][2] + aq[t][3]);
+        for (int u = t; u < n_models; u++)
+            gy[t * n_models + u] = (ag[t][u][0] + ag[t][u][1]) + (ag[t][u][2] + ag[t][u][3]);
+    }
+}
+
+static inline __attribute__((always_inline)) void row_dots(int n_models, int64_t d, const float *b, const float *y,
+                                                           double *nb, double *q, double *gy) {
+    switch (n_models) {
+    case 1: row_dots_fixed(1, d, b, y, nb, q, gy); return;
+    case 2: row_dots_fixed(2, d, b, y, nb, q, gy); return;
+    case 3: row_dots_fixed(3, d, b, y, nb, q, gy); return;
+    case 4: row_dots_fixed(4, d, b, y, nb, q, gy); return;
+    default: break;
+    }
+    *nb = dot64(b, b, d);
+    for (int t = 0; t < n_models; t++) {
+        const float *yt = y + (size_t)t * (size_t)d;
+        q[t] = dot64(yt, b, d);
+        for (int u = t; u < n_models; u++) gy[t * n_models + u] = dot64(yt, y + (size_t)u * (size_t)d, d);
+    }
 }
 
 /* NeuroMerging rows: the weighted trimmed task vectors tau'_t = w_t (x_t - b) [|x_t - b| >= thr_t] of row k of a
@@ -395,10 +459,12 @@ static inline __attribute__((always_inline)) int64_t neuro_row(int64_t k, int64_
     return bad;
 }
 
-/* One row k of NeuroMerging's split (tau'_t as in neuro_row): c[t] = c_t = <tau'_t, b> / ||b||^2 (0 when ||b|| = 0;
- * inner products by dot64, c rounded to fp32), the orthogonal parts o_t = tau'_t - c_t b (fp32) in y, their Gram matrix
- * g[s * T + t] = <o_s, o_t> (float64), *nb = ||b||^2 (float64); energy[0] += sum ||tau'_t||^2,
- * energy[1] += sum c_t^2 ||b||^2. Returns the number of NaN/Inf inputs. */
+/* One row k of NeuroMerging's split, with tau'_t as in neuro_row (left in y): c[t] = c_t = <tau'_t, b> / ||b||^2 (0 when
+ * ||b|| = 0; c rounded to fp32), the Gram matrix g[s * T + t] = <o_s, o_t> of the orthogonal parts o_t = tau'_t - c_t b
+ * and *nb = ||b||^2 (float64); energy[0] += sum ||tau'_t||^2, energy[1] += sum c_t^2 ||b||^2. The Gram matrix is
+ * expanded, <o_s, o_t> = <tau'_s, tau'_t> - c_s <tau'_t, b> - c_t <tau'_s, b> + c_s c_t ||b||^2, from the inner
+ * products of one pass (row_dots; products of fp32 values are exact in float64, so the cancellation when tau' is
+ * nearly parallel to b costs only float64 rounding). Returns the number of NaN/Inf inputs. */
 static inline __attribute__((always_inline)) int64_t neuro_split_row(int64_t k, int64_t d, int n_models,
                                                                       const void *base, const void *const *models,
                                                                       int in_dtype, const float *weights,
@@ -406,26 +472,22 @@ static inline __attribute__((always_inline)) int64_t neuro_split_row(int64_t k, 
                                                                       float *y, float *c, double *g, double *nb,
                                                                       double *energy) {
     int64_t bad = neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
-    double n2 = dot64(b, b, d);
+    double n2, q[MAX_MODELS];
+    row_dots(n_models, d, b, y, &n2, q, g);
     *nb = n2;
     for (int t = 0; t < n_models; t++) {
-        float *yt = y + (size_t)t * (size_t)d;
-        double q = dot64(yt, b, d), e = dot64(yt, yt, d);
-        float ct = n2 > 0.0 ? (float)(q / n2) : 0.0f;
+        float ct = n2 > 0.0 ? (float)(q[t] / n2) : 0.0f;
         c[t] = ct;
-        energy[0] += e;
+        energy[0] += g[t * n_models + t];
         energy[1] += (double)ct * (double)ct * n2;
-        for (int64_t i = 0; i < d; i++) yt[i] = yt[i] - ct * b[i]; /* o_t, in place */
     }
-    for (int s = 0; s < n_models; s++) {
-        const float *os = y + (size_t)s * (size_t)d;
+    for (int s = 0; s < n_models; s++)
         for (int t = s; t < n_models; t++) {
-            const float *ot = y + (size_t)t * (size_t)d;
-            double acc = dot64(os, ot, d);
+            double cs = (double)c[s], ct = (double)c[t];
+            double acc = ((g[s * n_models + t] - cs * q[t]) - ct * q[s]) + (cs * ct) * n2;
             g[s * n_models + t] = acc;
             g[t * n_models + s] = acc;
         }
-    }
     return bad;
 }
 
@@ -622,13 +684,13 @@ NM_CLONES int64_t nm_neuro_rows(int64_t rows, int64_t d, int n_models, const voi
         bad_in += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y, c, g, &nb,
                                   sums);
         orthogonal_mix_row(n_models, g, eta, sign_count, a);
-        for (int t = 0; t < n_models; t++) {
-            const float *ot = y + (size_t)t * (size_t)d;
-            float at = (float)a[t];
+        for (int t = 0; t < n_models; t++) { /* o_t = tau'_t - c_t b, as nm_neuro_second computes it */
+            const float *yt = y + (size_t)t * (size_t)d;
+            float at = (float)a[t], ct = c[t];
             if (t == 0)
-                for (int64_t i = 0; i < d; i++) acc[i] = at * ot[i];
+                for (int64_t i = 0; i < d; i++) acc[i] = at * (yt[i] - ct * b[i]);
             else
-                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + at * ot[i];
+                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + at * (yt[i] - ct * b[i]);
         }
         for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
         for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
