@@ -48,6 +48,14 @@ def test_a_stale_library_is_refused(monkeypatch) -> None:
     assert kernels.available()
 
 
+@pytest.fixture(params=[False, True], ids=["fastest", "portable"])
+def kernel_code(request):
+    """Run a test with the kernels' fastest code for this CPU and again with their portable code."""
+    kernels.set_portable(request.param)
+    yield request.param
+    kernels.set_portable(False)
+
+
 def _family(dtype: torch.dtype, shape: tuple[int, ...], n: int = 3, seed: int = 0, flip: bool = False
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -180,7 +188,7 @@ def test_kernels_decline_nonfinite_inputs() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("l1", [False, True])
 @pytest.mark.parametrize("window", [None, "narrow", "wide"])
-def test_histograms_equal_torch(dtype, l1, window) -> None:
+def test_histograms_equal_torch(dtype, l1, window, kernel_code) -> None:
     """Counts and significand sums of the high histograms, the window's low histograms and the counts above it,
     kernel vs torch, added twice into the same arrays; and what they count, against the keys themselves."""
     base, models = _family(dtype, (300, 70))
@@ -230,7 +238,7 @@ def _assert_window_masses(ref, got, keys: torch.Tensor, values: torch.Tensor) ->
     assert engine_stats._exponent_mass(engine_stats._window_mass(ref.window, ref.low_counts)) == inside
 
 
-def test_window_masses_of_mixed_magnitudes() -> None:
+def test_window_masses_of_mixed_magnitudes(kernel_code) -> None:
     """Blocks whose magnitudes span more than the kernel's exact int64 block sum allows (zeros, subnormals, tiny
     and huge entries beside ordinary ones) take the entry-by-entry path; both paths give the exact masses."""
     g = torch.Generator().manual_seed(3)

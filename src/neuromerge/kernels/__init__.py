@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 #: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
-ABI = 6
+ABI = 7
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -68,6 +68,8 @@ def _library() -> ctypes.CDLL | None:
     lib.nm_neuro_rows.restype = _I64
     lib.nm_neuro_rows.argtypes = [_I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int, _PTR, _PTR, ctypes.c_double,
                                   ctypes.c_int, _F32, _PTR, ctypes.c_int, _PTR, _PTR]
+    lib.nm_set_portable.restype = None
+    lib.nm_set_portable.argtypes = [ctypes.c_int]
     lib.nm_abs_hist.restype = _I64
     lib.nm_abs_hist.argtypes = [_I64, _PTR, _PTR, ctypes.c_int, _PTR, _PTR]
     lib.nm_abs_window.restype = _I64
@@ -276,6 +278,14 @@ def neuro_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
         return None
     return NeuronRows(out, int(stats[1]), float(energy[0]), float(energy[1]))
 
+
+def set_portable(on: bool) -> None:
+    """Make the kernels take their portable code even where the CPU has a faster path (the AVX2 block masses of
+    :func:`add_window_histograms`), so that tests can compare the two; both give the same integers."""
+    lib = _library()
+    assert lib is not None
+    lib.nm_set_portable(int(on))
+
 #: the statistics histograms' layout: bins of the high 16 bits of a key, of the low 16 bits, and exponent slots
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
@@ -328,5 +338,6 @@ def add_window_histograms(base: torch.Tensor, model: torch.Tensor, window: tuple
 
 __all__ = [
     "FusedResult", "NeuronSweep", "add_high_histograms", "add_window_histograms", "available", "linear",
-    "neuro_first", "neuro_rows", "neuro_second", "orthogonal_mix", "output_dtype", "supports", "ties",
+    "neuro_first", "neuro_rows", "neuro_second", "orthogonal_mix", "output_dtype", "set_portable", "supports",
+    "ties",
 ]

@@ -765,13 +765,10 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
  * L1 masses are exact integers: a significand sum S in slot s stands for S * 2^(max(s, 1) - 150) (an entry is its
  * 24-bit significand in the slot of its exponent e = key >> 23). */
 
-/* The exact L1 masses of a block's entries below (key < lo) and above (key >= hi) the window, added to
- * mass[s] and mass[256 + s]. When the block's non-zero exponents span at most 19 (and stay below 200), every entry
- * is its significand shifted by its exponent's distance from the smallest one, e0: below 2^43, so the two int64 sums
- * (vectorized) are exact, and each is split over the slots e0 and e0 + 24. Other blocks (tiny and large values
- * together) add each entry to its own slot. */
-static inline __attribute__((always_inline)) void block_mass(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
-                                                             int64_t *mass) {
+/* The smallest non-zero and the largest exponent slot max(e, 1) of a block's keys, and the float64 sums of the entries
+ * below / above the window; the sums are exact when the exponents span at most 19 (see block_mass). Portable code. */
+static inline __attribute__((always_inline)) void block_mass_sums(const int32_t *key, int64_t m, int32_t lo,
+                                                                  int32_t hi, double *sums, int32_t *range) {
     int32_t emax = 1, emin = 255;
     for (int64_t j = 0; j < m; j++) {
         int32_t e = key[j] >> 23;
@@ -780,17 +777,127 @@ static inline __attribute__((always_inline)) void block_mass(const int32_t *key,
         int32_t nz = key[j] != 0 ? e : 255;
         emin = nz < emin ? nz : emin;
     }
+    range[0] = emin;
+    range[1] = emax;
+    if (emin == 255 || emax - emin > 19 || emax >= 200) return;
+    /* integer sums of the significands shifted by their exponent's distance from emin (< 2^43 each): exact in int64 */
+    int64_t below = 0, above = 0;
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t k = (uint32_t)key[j];
+        int32_t e = (int32_t)(k >> 23);
+        int32_t shift = (e > 1 ? e : 1) - emin;
+        int64_t v = sig24(k) << (shift > 0 ? shift : 0); /* a zero entry (shift < 0) is 0 */
+        below += key[j] < lo ? v : 0;
+        above += key[j] >= hi ? v : 0;
+    }
+    sums[0] = ldexp((double)below, emin - 150);
+    sums[1] = ldexp((double)above, emin - 150);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define NM_AVX2_PATHS 1
+/* block_mass_sums with AVX2: each fp32 entry (its key) masked by the window comparisons and converted to float64
+ * exactly, four lanes per sum; when the span condition holds every partial sum is exact, so the lane order does not
+ * matter and the result equals the portable one (tested both ways, nm_set_portable). */
+__attribute__((target("avx2"))) static void block_mass_sums_avx2(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
+                                                                  double *sums, int32_t *range) {
+    __m256d b0 = _mm256_setzero_pd(), b1 = b0, a0 = b0, a1 = b0;
+    const __m256i vlo = _mm256_set1_epi32(lo), vhi = _mm256_set1_epi32(hi), one = _mm256_set1_epi32(1);
+    const __m256i zero = _mm256_setzero_si256(), none = _mm256_set1_epi32(255);
+    __m256i vmax = one, vmin = none;
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(key + j));
+        __m256i e = _mm256_max_epi32(_mm256_srli_epi32(k, 23), one);
+        vmax = _mm256_max_epi32(vmax, e);
+        vmin = _mm256_min_epi32(vmin, _mm256_or_si256(e, _mm256_and_si256(_mm256_cmpeq_epi32(k, zero), none)));
+        __m256 below = _mm256_castsi256_ps(_mm256_and_si256(k, _mm256_cmpgt_epi32(vlo, k)));
+        __m256 above = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(vhi, k), k));
+        b0 = _mm256_add_pd(b0, _mm256_cvtps_pd(_mm256_castps256_ps128(below)));
+        b1 = _mm256_add_pd(b1, _mm256_cvtps_pd(_mm256_extractf128_ps(below, 1)));
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(above)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(above, 1)));
+    }
+    int32_t lanes[8], emax = 1, emin = 255;
+    _mm256_storeu_si256((__m256i *)lanes, vmax);
+    for (int l = 0; l < 8; l++) emax = lanes[l] > emax ? lanes[l] : emax;
+    _mm256_storeu_si256((__m256i *)lanes, vmin);
+    for (int l = 0; l < 8; l++) emin = lanes[l] < emin ? lanes[l] : emin;
+    double sb[4], sa[4];
+    _mm256_storeu_pd(sb, _mm256_add_pd(b0, b1));
+    _mm256_storeu_pd(sa, _mm256_add_pd(a0, a1));
+    double below = (sb[0] + sb[1]) + (sb[2] + sb[3]), above = (sa[0] + sa[1]) + (sa[2] + sa[3]);
+    for (; j < m; j++) {
+        int32_t k = key[j];
+        int32_t e = k >> 23;
+        e = e > 1 ? e : 1;
+        emax = e > emax ? e : emax;
+        if (k != 0) emin = e < emin ? e : emin;
+        below += k < lo ? (double)bits_to_f32((uint32_t)k) : 0.0;
+        above += k >= hi ? (double)bits_to_f32((uint32_t)k) : 0.0;
+    }
+    range[0] = emin;
+    range[1] = emax;
+    sums[0] = below;
+    sums[1] = above;
+}
+#endif
+
+#ifdef NM_AVX2_PATHS
+/* The window's entries counted by their key (low_counts[key - lo]++), found 8 at a time with a comparison mask; returns
+ * the number of entries above the window (key >= hi). The portable code in nm_abs_window does the same. */
+__attribute__((target("avx2"))) static int64_t window_counts_avx2(const int32_t *key, int64_t m, int32_t lo,
+                                                                   int32_t hi, int64_t *low_counts) {
+    const __m256i below_lo = _mm256_set1_epi32(lo - 1), vhi = _mm256_set1_epi32(hi);
+    __m256i above = _mm256_setzero_si256();
+    int64_t j = 0, n_above = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(key + j));
+        __m256i under_hi = _mm256_cmpgt_epi32(vhi, k);
+        above = _mm256_sub_epi32(above, _mm256_xor_si256(under_hi, _mm256_set1_epi32(-1)));
+        uint32_t mask = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_and_si256(_mm256_cmpgt_epi32(k, below_lo), under_hi)));
+        while (mask) {
+            low_counts[key[j + __builtin_ctz(mask)] - lo]++;
+            mask &= mask - 1;
+        }
+    }
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, above);
+    for (int l = 0; l < 8; l++) n_above += lanes[l];
+    for (; j < m; j++) {
+        n_above += key[j] >= hi;
+        if (key[j] >= lo && key[j] < hi) low_counts[key[j] - lo]++;
+    }
+    return n_above;
+}
+#endif
+
+/* tests: nm_set_portable(1) makes the window pass take its portable code on any CPU */
+static int nm_portable = 0;
+void nm_set_portable(int on) { nm_portable = on; }
+
+/* The exact L1 masses of a block's entries below (key < lo) and above (key >= hi) the window, added to
+ * mass[s] and mass[256 + s]. When the block's non-zero exponents span at most 19 (and stay below 200), every entry
+ * is a multiple of 2^(e0 - 150) below 2^(e0 - 150 + 43), e0 the smallest one, so the block's two sums (at most 1024
+ * entries) are exact in any order (block_mass_sums); each, an integer in units of 2^(e0 - 150), is split over the
+ * slots e0 and e0 + 24. Other blocks (tiny and large values together) add each entry to its own slot. */
+static inline __attribute__((always_inline)) void block_mass(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
+                                                             int64_t *mass) {
+    double sums[2];
+    int32_t range[2];
+#ifdef NM_AVX2_PATHS
+    if (!nm_portable && __builtin_cpu_supports("avx2"))
+        block_mass_sums_avx2(key, m, lo, hi, sums, range);
+    else
+#endif
+        block_mass_sums(key, m, lo, hi, sums, range);
+    int32_t emin = range[0], emax = range[1];
     if (emin == 255) return; /* all zero */
     if (emax - emin <= 19 && emax < 200) {
-        int64_t below = 0, above = 0;
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t k = (uint32_t)key[j];
-            int32_t e = (int32_t)(k >> 23);
-            int32_t shift = (e > 1 ? e : 1) - emin;
-            int64_t v = sig24(k) << (shift > 0 ? shift : 0); /* a zero entry (shift < 0) is 0 */
-            below += key[j] < lo ? v : 0;
-            above += key[j] >= hi ? v : 0;
-        }
+        /* the sums are exact: integers in units of 2^(emin - 150), below 2^53, split over the slots emin, emin + 24 */
+        int64_t below = (int64_t)ldexp(sums[0], 150 - emin), above = (int64_t)ldexp(sums[1], 150 - emin);
         mass[emin] += below & 0xFFFFFF;
         mass[emin + 24] += below >> 24;
         mass[256 + emin] += above & 0xFFFFFF;
@@ -843,6 +950,14 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
         bad += load_block(model, in_dtype, start, m, x);
+#ifdef NM_AVX2_PATHS
+        if (!nm_portable && __builtin_cpu_supports("avx2")) {
+            for (int64_t j = 0; j < m; j++) key[j] = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
+            above += window_counts_avx2(key, m, lo, hi, low_counts);
+            if (mass) block_mass(key, m, lo, hi, mass);
+            continue;
+        }
+#endif
         int32_t a = 0;
         for (int64_t j = 0; j < m; j++) {
             int32_t k = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
@@ -863,7 +978,7 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 6
+#define NM_ABI 7
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,
