@@ -491,6 +491,47 @@ static inline __attribute__((always_inline)) int64_t neuro_split_row(int64_t k, 
     return bad;
 }
 
+/* Per-row work buffers of the NeuroMerging kernels: the base row b (d), the task vectors y (T x d), the output row acc
+ * (d). row_buffers_alloc returns 0 when an allocation failed (everything is then freed). */
+typedef struct {
+    float *b, *y, *acc;
+} row_buffers;
+
+static int row_buffers_alloc(row_buffers *r, int64_t d, int n_models) {
+    r->b = (float *)malloc(sizeof(float) * (size_t)d);
+    r->y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
+    r->acc = (float *)malloc(sizeof(float) * (size_t)d);
+    if (r->b == NULL || r->y == NULL || r->acc == NULL) {
+        free(r->b);
+        free(r->y);
+        free(r->acc);
+        return 0;
+    }
+    return 1;
+}
+
+static void row_buffers_free(row_buffers *r) {
+    free(r->b);
+    free(r->y);
+    free(r->acc);
+}
+
+/* acc = b + lam2 (a_0 o_0 + a_1 o_1 + ...) for one row, with o_t = y_t - c_t b recomputed as nm_neuro_first forms it
+ * (fp32, in model order) */
+static inline __attribute__((always_inline)) void orthogonal_output(int64_t d, int n_models, const float *b,
+                                                                    const float *y, const float *c, const float *a,
+                                                                    float lam2, float *acc) {
+    for (int t = 0; t < n_models; t++) {
+        const float *yt = y + (size_t)t * (size_t)d;
+        float at = a[t], ct = c[t];
+        if (t == 0)
+            for (int64_t i = 0; i < d; i++) acc[i] = at * (yt[i] - ct * b[i]);
+        else
+            for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + at * (yt[i] - ct * b[i]);
+    }
+    for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
+}
+
 /* NeuroMerging, first sweep over a (rows x d) chunk: per row k, neuro_split_row, with c_t at coef[t * rows + k] and the
  * Gram matrix at gram[(k * T + s) * T + t], sq_norm[k] = ||b||^2; energy[0..1] as there. Returns the number of
  * NaN/Inf inputs (negative on a failed allocation). */
@@ -500,22 +541,16 @@ NM_CLONES int64_t nm_neuro_first(int64_t rows, int64_t d, int n_models, const vo
     float x[BLOCK], c[MAX_MODELS];
     int64_t bad = 0;
     double sums[2] = {0.0, 0.0};
+    row_buffers r;
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
-    float *b = (float *)malloc(sizeof(float) * (size_t)d);
-    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
-    if (b == NULL || y == NULL) {
-        free(b);
-        free(y);
-        return -2;
-    }
+    if (!row_buffers_alloc(&r, d, n_models)) return -2;
     for (int64_t k = 0; k < rows; k++) {
         double *g = gram + (size_t)k * (size_t)n_models * (size_t)n_models;
-        bad += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y, c, g,
+        bad += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, r.b, x, r.y, c, g,
                                sq_norm + k, sums);
         for (int t = 0; t < n_models; t++) coef[(size_t)t * (size_t)rows + (size_t)k] = c[t];
     }
-    free(b);
-    free(y);
+    row_buffers_free(&r);
     energy[0] += sums[0];
     energy[1] += sums[1];
     return bad;
@@ -667,40 +702,24 @@ NM_CLONES int64_t nm_orthogonal_mix(int64_t rows, int n_models, const double *gr
 NM_CLONES int64_t nm_neuro_rows(int64_t rows, int64_t d, int n_models, const void *base, const void *const *models,
                                 int in_dtype, const float *weights, const float *thresholds, double eta,
                                 int sign_count, float lam2, void *out, int out_dtype, double *energy, int64_t *stats) {
-    float x[BLOCK], c[MIX_MAX];
+    float x[BLOCK], c[MIX_MAX], a32[MIX_MAX];
     double g[MIX_MAX * MIX_MAX], a[MIX_MAX], nb, sums[2] = {0.0, 0.0};
     int64_t bad_in = 0, bad_out = 0;
+    row_buffers r;
     if (n_models < 1 || n_models > MIX_MAX) return -1;
-    float *b = (float *)malloc(sizeof(float) * (size_t)d);
-    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
-    float *acc = (float *)malloc(sizeof(float) * (size_t)d);
-    if (b == NULL || y == NULL || acc == NULL) {
-        free(b);
-        free(y);
-        free(acc);
-        return -2;
-    }
+    if (!row_buffers_alloc(&r, d, n_models)) return -2;
     for (int64_t k = 0; k < rows; k++) {
-        bad_in += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y, c, g, &nb,
+        bad_in += neuro_split_row(k, d, n_models, base, models, in_dtype, weights, thresholds, r.b, x, r.y, c, g, &nb,
                                   sums);
         orthogonal_mix_row(n_models, g, eta, sign_count, a);
-        for (int t = 0; t < n_models; t++) { /* o_t = tau'_t - c_t b, as nm_neuro_second computes it */
-            const float *yt = y + (size_t)t * (size_t)d;
-            float at = (float)a[t], ct = c[t];
-            if (t == 0)
-                for (int64_t i = 0; i < d; i++) acc[i] = at * (yt[i] - ct * b[i]);
-            else
-                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + at * (yt[i] - ct * b[i]);
-        }
-        for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
+        for (int t = 0; t < n_models; t++) a32[t] = (float)a[t];
+        orthogonal_output(d, n_models, r.b, r.y, c, a32, lam2, r.acc);
         for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
             int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
-            bad_out += store_block(out, out_dtype, k * d + s0, m, acc + s0);
+            bad_out += store_block(out, out_dtype, k * d + s0, m, r.acc + s0);
         }
     }
-    free(b);
-    free(y);
-    free(acc);
+    row_buffers_free(&r);
     energy[0] += sums[0];
     energy[1] += sums[1];
     stats[0] = bad_in;
@@ -715,42 +734,28 @@ NM_CLONES int64_t nm_neuro_second(int64_t rows, int64_t d, int n_models, const v
                                   int in_dtype, const float *weights, const float *thresholds, const float *coef,
                                   const float *mix, const float *par, float lam1, float lam2, void *out,
                                   int out_dtype) {
-    float x[BLOCK];
+    float x[BLOCK], c[MAX_MODELS], a[MAX_MODELS];
     int64_t bad = 0;
+    row_buffers r;
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
-    float *b = (float *)malloc(sizeof(float) * (size_t)d);
-    float *y = (float *)malloc(sizeof(float) * (size_t)d * (size_t)n_models);
-    float *acc = (float *)malloc(sizeof(float) * (size_t)d);
-    if (b == NULL || y == NULL || acc == NULL) {
-        free(b);
-        free(y);
-        free(acc);
-        return -2;
-    }
+    if (!row_buffers_alloc(&r, d, n_models)) return -2;
     for (int64_t k = 0; k < rows; k++) {
-        neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, b, x, y);
+        neuro_row(k, d, n_models, base, models, in_dtype, weights, thresholds, r.b, x, r.y);
         for (int t = 0; t < n_models; t++) {
-            const float *yt = y + (size_t)t * (size_t)d;
-            float c = coef[(size_t)t * (size_t)rows + (size_t)k];
-            float a = mix[(size_t)t * (size_t)rows + (size_t)k];
-            if (t == 0)
-                for (int64_t i = 0; i < d; i++) acc[i] = a * (yt[i] - c * b[i]);
-            else
-                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + a * (yt[i] - c * b[i]);
+            c[t] = coef[(size_t)t * (size_t)rows + (size_t)k];
+            a[t] = mix[(size_t)t * (size_t)rows + (size_t)k];
         }
-        for (int64_t i = 0; i < d; i++) acc[i] = b[i] + lam2 * acc[i];
+        orthogonal_output(d, n_models, r.b, r.y, c, a, lam2, r.acc);
         if (lam1 != 0.0f) {
             float p = par[k];
-            for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + lam1 * (p * b[i]);
+            for (int64_t i = 0; i < d; i++) r.acc[i] = r.acc[i] + lam1 * (p * r.b[i]);
         }
         for (int64_t s0 = 0; s0 < d; s0 += BLOCK) {
             int64_t m = d - s0 < BLOCK ? d - s0 : BLOCK;
-            bad += store_block(out, out_dtype, k * d + s0, m, acc + s0);
+            bad += store_block(out, out_dtype, k * d + s0, m, r.acc + s0);
         }
     }
-    free(b);
-    free(y);
-    free(acc);
+    row_buffers_free(&r);
     return bad;
 }
 
