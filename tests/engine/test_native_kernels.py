@@ -239,8 +239,8 @@ def _assert_window_masses(ref, got, keys: torch.Tensor, values: torch.Tensor) ->
 
 
 def test_window_masses_of_mixed_magnitudes(kernel_code) -> None:
-    """Blocks whose magnitudes span more than the kernel's exact int64 block sum allows (zeros, subnormals, tiny
-    and huge entries beside ordinary ones) take the entry-by-entry path; both paths give the exact masses."""
+    """Blocks whose magnitudes span more than the kernel's exact block sums allow (zeros, subnormals, tiny and huge
+    entries beside ordinary ones) take the entry-by-entry path; both paths give the exact masses."""
     g = torch.Generator().manual_seed(3)
     tau = torch.randn(8, 4096, generator=g) * 0.01
     tau[1, ::7] = 0.0
@@ -503,6 +503,29 @@ def test_neuro_rows_is_the_two_sweeps_in_one(dtype, cum_threshold, sign_count) -
     assert (one.total_energy, one.parallel_energy) == (sweep.total_energy, sweep.parallel_energy)
     models[1][5, 7] = float("nan")
     assert kernels.neuro_rows(base, models, weights, thresholds, cum_threshold, sign_count, 1.4, dtype) is None
+
+
+@pytest.mark.parametrize("n_models", [kernels.MIX_MAX, kernels.MIX_MAX + 1])
+def test_neuromerging_fused_with_many_models(n_models, monkeypatch) -> None:
+    """Up to MIX_MAX models the one-sweep kernel runs; one more takes the two sweeps with the eigenproblems in torch.
+    Both agree with the torch path to rounding."""
+    calls = []
+    for name in ("neuro_rows", "neuro_first"):
+        def counted(*args, _fn=getattr(kernels, name), _name=name, **kw):
+            calls.append(_name)
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, counted)
+    base, models = _family(torch.float32, (24, 90), n=n_models, seed=4)
+    stats = _thresholds(base, models, 0.3)
+    stats = GlobalStats(stats.thresholds, (0.1,) * n_models, (1.0,) * n_models, stats.kept, stats.total)
+    weights = [1.0 + 0.05 * i for i in range(n_models)]
+    m = registry.get("neuromerging")()
+    ref = m.merge(_input("neuromerging", {"density": 0.3}, weights, base, models, stats=stats))
+    fused = m.merge_fused(_input("neuromerging", {"density": 0.3}, weights, base, models, stats=stats), torch.float32)
+    assert fused is not None
+    assert calls == (["neuro_rows"] if n_models <= kernels.MIX_MAX else ["neuro_first"])
+    assert float((fused[0] - ref).abs().max()) <= 1e-5 * float((ref - base).abs().max())
 
 
 @pytest.mark.parametrize("params", [

@@ -223,7 +223,6 @@ def neuro_second(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     return out, int(bad)
 
 
-
 #: the most models the C per-row eigenproblem takes (``MIX_MAX`` in ``_fused.c``); more go through torch
 MIX_MAX = 16
 
@@ -280,11 +279,12 @@ def neuro_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
 
 
 def set_portable(on: bool) -> None:
-    """Make the kernels take their portable code even where the CPU has a faster path (the AVX2 block masses of
-    :func:`add_window_histograms`), so that tests can compare the two; both give the same integers."""
+    """Make the kernels take their portable code even where the CPU has a faster path (the AVX2 window counts and
+    block masses of :func:`add_window_histograms`), so that tests can compare the two; both give the same integers."""
     lib = _library()
     assert lib is not None
     lib.nm_set_portable(int(on))
+
 
 #: the statistics histograms' layout: bins of the high 16 bits of a key, of the low 16 bits, and exponent slots
 HIGH_BINS = 1 << 15
