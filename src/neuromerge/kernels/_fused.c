@@ -883,17 +883,26 @@ __attribute__((target("avx2"))) static int64_t window_counts_avx2(const int32_t 
 static int nm_portable = 0;
 void nm_set_portable(int on) { nm_portable = on; }
 
+/* whether the window pass takes its AVX2 code: decided once per call, for the counts and the masses alike */
+static int window_avx2(void) {
+#ifdef NM_AVX2_PATHS
+    return !nm_portable && __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
 /* The exact L1 masses of a block's entries below (key < lo) and above (key >= hi) the window, added to
  * mass[s] and mass[256 + s]. When the block's non-zero exponents span at most 19 (and stay below 200), every entry
  * is a multiple of 2^(e0 - 150) below 2^(e0 - 150 + 43), e0 the smallest one, so the block's two sums (at most 1024
  * entries) are exact in any order (block_mass_sums); each, an integer in units of 2^(e0 - 150), is split over the
  * slots e0 and e0 + 24. Other blocks (tiny and large values together) add each entry to its own slot. */
 static inline __attribute__((always_inline)) void block_mass(const int32_t *key, int64_t m, int32_t lo, int32_t hi,
-                                                             int64_t *mass) {
+                                                             int avx2, int64_t *mass) {
     double sums[2];
     int32_t range[2];
 #ifdef NM_AVX2_PATHS
-    if (!nm_portable && __builtin_cpu_supports("avx2"))
+    if (avx2)
         block_mass_sums_avx2(key, m, lo, hi, sums, range);
     else
 #endif
@@ -951,30 +960,31 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
     int32_t key[BLOCK], inside[BLOCK], idx[BLOCK];
     int64_t bad = 0, above = 0;
     const int32_t lo = (int32_t)lo_key, hi = (int32_t)hi_key;
+    const int avx2 = window_avx2();
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         bad += load_block(base, in_dtype, start, m, b);
         bad += load_block(model, in_dtype, start, m, x);
 #ifdef NM_AVX2_PATHS
-        if (!nm_portable && __builtin_cpu_supports("avx2")) {
+        if (avx2) {
             for (int64_t j = 0; j < m; j++) key[j] = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
             above += window_counts_avx2(key, m, lo, hi, low_counts);
-            if (mass) block_mass(key, m, lo, hi, mass);
-            continue;
-        }
+        } else
 #endif
-        int32_t a = 0;
-        for (int64_t j = 0; j < m; j++) {
-            int32_t k = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
-            key[j] = k;
-            a += k >= hi;
-            inside[j] = (k >= lo) & (k < hi);
+        {
+            int32_t a = 0;
+            for (int64_t j = 0; j < m; j++) {
+                int32_t k = (int32_t)f32_to_bits(fabsf(x[j] - b[j]));
+                key[j] = k;
+                a += k >= hi;
+                inside[j] = (k >= lo) & (k < hi);
+            }
+            above += a;
+            int32_t in = 0;
+            nonzero_positions(inside, m, idx, &in);
+            for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
         }
-        above += a;
-        int32_t in = 0;
-        nonzero_positions(inside, m, idx, &in);
-        for (int32_t q = 0; q < in; q++) low_counts[key[idx[q]] - lo]++;
-        if (mass) block_mass(key, m, lo, hi, mass);
+        if (mass) block_mass(key, m, lo, hi, avx2, mass);
     }
     counts[0] += above;
     counts[1] += n;
