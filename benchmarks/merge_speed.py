@@ -294,8 +294,8 @@ def child_env() -> dict[str, str]:
 def run_once(cmd: list[str], out: Path, make_out: bool = False) -> tuple[float, int] | str:
     """One run of ``cmd`` as a child process: (wall seconds, peak RSS in KiB from ``os.wait4``), or the stderr tail
     of a failing run. ``out`` is removed before (created empty when ``make_out``) and after the run, and dirty pages
-    are flushed (``os.sync``, not timed) before it starts: a run that began while an earlier one's output was being
-    written back measured up to 3× slower (the floor: 0.68–2.2 s without, 0.68–1.0 s with)."""
+    are flushed (``os.sync``, not timed) before it starts, so that no run starts while an earlier one's output is
+    still being written back. (That does not remove the slow floor after another tool's run: see the module doc.)"""
     shutil.rmtree(out, ignore_errors=True)
     if make_out:
         out.mkdir(parents=True)
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         if cfg is not None:
             config_path = run_dir / f"{name}.yaml"
             config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmds[name] = (commands(name, config_path, run_dir / f"out_{name}", args.threads, [base, *experts], out_bytes),
-                      run_dir / f"out_{name}", cfg is None)
+        out = run_dir / f"out_{name}"
+        cmds[name] = (commands(name, config_path, out, args.threads, [base, *experts], out_bytes), out, cfg is None)
     runs = measure(cmds, args.repeat)
     if args.floor_extra and "wall_s" in runs.get("floor", {}):
         cmd, out, make_out = cmds["floor"]
