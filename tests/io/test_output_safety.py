@@ -78,7 +78,7 @@ def test_force_never_replaces_an_input(family, tmp_path: Path, which: str, dry_r
 
 
 def test_python_api_refuses_an_input_as_output(family) -> None:
-    base, experts, cfg = family
+    base, _experts, cfg = family
     before = _digest(base)
     with pytest.raises(OutputConflictError, match="is the input"):
         neuromerge.merge(cfg, base, force=True, progress=False)
@@ -138,7 +138,7 @@ def test_hf_cache_blobs_are_refused(family, tmp_path: Path, monkeypatch) -> None
 
 
 def test_output_inside_an_input_folder_only_warns(family) -> None:
-    base, experts, cfg = family
+    base, _experts, cfg = family
     out = base / "merged"
     res = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -193,7 +193,7 @@ def test_route_build_refuses_an_input(tmp_path: Path, which: str) -> None:
 
 
 def test_search_inspect_bench_refuse_an_input(family, tmp_path: Path) -> None:
-    base, experts, cfg = family
+    base, _experts, cfg = family
     search_cfg = tmp_path / "search.yaml"
     search_cfg.write_text(yaml.safe_dump({"suite": "text", "quick": True}))
     _error_line(runner.invoke(app, ["search", str(search_cfg), "-o", str(search_cfg)]), "is the input")
@@ -210,7 +210,7 @@ def test_search_inspect_bench_refuse_an_input(family, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
 def test_unwritable_output_is_one_line(family, tmp_path: Path, where: str) -> None:
-    base, experts, cfg = family
+    _base, _experts, cfg = family
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / "out" if where == "parent_is_a_file" else Path(f"/proc/neuromerge-test-{os.getpid()}/out")
@@ -232,7 +232,7 @@ def _enospc_pwrite(real):
 
 @pytest.mark.parametrize("force", [False, True])
 def test_disk_full_while_writing_a_shard(family, tmp_path: Path, monkeypatch, force: bool) -> None:
-    base, experts, cfg = family
+    _base, _experts, cfg = family
     out = tmp_path / "out"
     if force:
         out.mkdir()
@@ -249,7 +249,7 @@ def test_disk_full_while_writing_a_shard(family, tmp_path: Path, monkeypatch, fo
 
 
 def test_disk_full_while_writing_the_reports(family, tmp_path: Path, monkeypatch) -> None:
-    base, experts, cfg = family
+    _base, _experts, cfg = family
     out = tmp_path / "out"
 
     def full(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_disk_full_while_writing_the_reports(family, tmp_path: Path, monkeypatch
 
 
 def test_free_space_is_checked_before_writing(family, tmp_path: Path, monkeypatch) -> None:
-    base, experts, cfg = family
+    _base, _experts, cfg = family
     out = tmp_path / "deep" / "out"
     monkeypatch.setattr("neuromerge.io.output_guard.shutil.disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
@@ -309,7 +309,7 @@ def test_orphans_of_killed_writers_are_cleaned(family, tmp_path: Path) -> None:
     """A merge into a folder removes the temporary folders whose lock is free, of any output name, keeps those whose
     lock is held (by this process through an fd, or by a child process), and restores a set-aside output whose final
     folder is missing."""
-    base, experts, cfg = family
+    _base, _experts, cfg = family
     parent = tmp_path / "outputs"
     parent.mkdir()
     dead = _dead_pid()
