@@ -59,8 +59,8 @@ def merge(
     """Merge the models of CONFIG into the folder OUT (a model folder, or a LoRA adapter with --output-format lora)."""
     from .config import load_config, with_output
     from .engine.report import summarize_plan
+    from .engine.run import check_merge_output, prepare
     from .engine.run import merge as run_merge
-    from .engine.run import prepare
     from .io.writer import install_signal_cleanup
 
     chunk_elements = chunk_mb * 2**20 // 4
@@ -71,6 +71,7 @@ def merge(
         if dry_run:
             plan = prepare(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
             try:
+                plan.warnings.extend(check_merge_output(plan, out, [config]))
                 if out.exists() and not force:
                     raise NeuromergeError(f"output folder {out} exists; pass --force to replace it")
                 _print_plan(summarize_plan(plan, threads or _cores()))
@@ -79,7 +80,8 @@ def merge(
             return
         install_signal_cleanup()
         result = run_merge(cfg, out, threads=threads, force=force, durable=durable, device=device,
-                           allow_download=allow_download, chunk_elements=chunk_elements, progress=progress)
+                           allow_download=allow_download, chunk_elements=chunk_elements, progress=progress,
+                           inputs=[config])
     except NeuromergeError as err:
         _fail(str(err))
         return
@@ -270,8 +272,10 @@ def search(
     """MERGE: surrogate-assisted NSGA-II over per-component task partitions; writes the Pareto set (pareto.json),
     pareto.png, hypervolume.png and the representative points against the static merges."""
     from .bench.merge_run import load_search_config, run_merge_search
+    from .io.output_guard import check_output
 
     try:
+        check_output(out, [config])  # the search folder must not be, or hold, its own config
         cfg = load_search_config(config, budget=budget, seeds=None if seeds is None else list(range(seeds)),
                                  population=population, quick=quick, storage_url=storage)
         rep = run_merge_search(cfg, out, resume=resume, progress=progress)

@@ -27,6 +27,22 @@ class OutputExistsError(NeuromergeError):
     """The output folder exists and `--force` was not given."""
 
 
+class OutputConflictError(NeuromergeError):
+    """The output would replace an input: it is an input, or a folder holding one (a model, an adapter, the config,
+    the files behind their symlinks). Refused before anything is read or written."""
+
+
+class OutputWriteError(NeuromergeError):
+    """The output cannot be written: its parent is not a folder, the file system refuses it, or the disk is full.
+
+    ``reason`` is the cause alone (e.g. ``No space left on device``), so that a writer can name the final folder
+    rather than its temporary one."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+
+
 class NotApplicable(NeuromergeError):
     """A method cannot do anything meaningful with these models (e.g. WEMoE when no expert changes an MLP weight);
     the bench reports its row as not applicable and goes on."""

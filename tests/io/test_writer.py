@@ -23,10 +23,10 @@ from neuromerge.io import (
     AtomicOutput,
     PlannedTensor,
     ShardedWriter,
+    clean_stale_outputs,
     copy_model_files,
     install_signal_cleanup,
     open_checkpoint,
-    remove_stale_temp_dirs,
 )
 from neuromerge.io.writer import plan_shards
 
@@ -223,16 +223,23 @@ def test_signal_cleanup(tmp_path: Path) -> None:
         signal.signal(signal.SIGHUP, previous[1])
 
 
-def test_remove_stale_temp_dirs(tmp_path: Path) -> None:
+def test_clean_stale_outputs_without_lock_files(tmp_path: Path) -> None:
+    """Folders without a lock file (an older neuromerge, or a writer killed before locking) are judged by the process
+    id in their name: a dead writer's temporary folders go, whatever the output name; its set-aside output comes
+    back when the output is missing; a live writer's folder stays."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    stale = [tmp_path / f".merged.neuromerge-tmp-{dead_pid}", tmp_path / f".merged.neuromerge-old-{dead_pid}"]
+    stale = [tmp_path / f".merged.neuromerge-tmp-{dead_pid}", tmp_path / f".other.neuromerge-tmp-{dead_pid}"]
+    old = tmp_path / f".merged.neuromerge-old-{dead_pid}"
     alive = tmp_path / f".merged.neuromerge-tmp-{os.getpid()}"
-    other = tmp_path / f".other.neuromerge-tmp-{dead_pid}"
-    for p in [*stale, alive, other]:
+    for p in [*stale, old, alive]:
         p.mkdir()
-    assert remove_stale_temp_dirs(tmp_path, "merged") == sorted(stale)
-    assert _leftovers(tmp_path) == sorted([alive.name, other.name])
+    (old / "model.safetensors").write_text("previous")
+    done = clean_stale_outputs(tmp_path)
+    assert done.removed == sorted(stale)
+    assert done.restored == [tmp_path / "merged"]
+    assert _leftovers(tmp_path) == sorted([alive.name, "merged"])
+    assert (tmp_path / "merged" / "model.safetensors").read_text() == "previous"
 
 
 # ---------------------------------------------------------------------------------------------- model files

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from ..errors import NeuromergeError
+from ..io.output_guard import check_output
 from .suites import BenchError
 
 
@@ -44,6 +45,7 @@ def bench_command(suite: str, *, methods: str | None = None, tasks: str | None =
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         folder = out or default_out(suite)
+        check_output(folder, [model, task_file])  # a report folder must not replace the model or task file it reads
         results = run(suite, methods=split_list(methods, "methods"), tasks=split_list(tasks, "tasks"),
                       quick=quick, out=folder, rebuild=rebuild, model=model, task_file=task_file, seed=seed,
                       progress=progress, mode=mode)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..io.output_guard import check_output
 from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
 from .routed_methods import RouterParams
@@ -320,6 +321,7 @@ def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> P
         raise ConfigError(f"{folder} holds no finished search (no pareto.json); run `neuromerge search` first")
     if Path(out).exists() and not force:
         raise ConfigError(f"output folder {out} exists; pass --force to replace it")
+    check_output(out, [folder])  # --force must not replace the search it reads
     cfg = load_search_config(json.loads((folder / CONFIG_FILE).read_text()))
     entry = choose_point(json.loads((folder / "pareto.json").read_text()), p.point, p.storage_mb)
     problem = make_problem(cfg)

@@ -27,7 +27,8 @@ from .. import kernels
 from ..config import MergeConfig, ParamResolver, load_config
 from ..errors import ConfigError, NeuromergeError
 from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_report, write_adapter
-from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files, remove_stale_temp_dirs
+from ..io.output_guard import InputRef, check_output, check_writable
+from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files
 from ..methods import GlobalStats, MergeInput
 from ..tensors import rng
 from .layout import from_canonical
@@ -69,22 +70,39 @@ def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download
         raise
 
 
+def check_merge_output(plan: MergePlan, out: str | Path, inputs: Iterable[InputRef] = ()) -> list[str]:
+    """Refuse an output ``out`` that is or contains an input of ``plan`` (every checkpoint's folder or file, the
+    files behind their symlinks) or one of ``inputs`` (the config file), or that cannot hold the planned output
+    (parent not a folder, not enough free space); return warnings (an output inside an input folder). Runs after
+    the plan (headers only), before any tensor is read; ``merge`` and ``merge --dry-run`` both call it."""
+    warnings = check_output(out, [*inputs, *(c.path for c in plan.pool.checkpoints)])
+    check_writable(out, plan.output_bytes())
+    return warnings
+
+
 def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *, threads: int | None = None,
           force: bool = False, durable: bool = False, device: str = "cpu", allow_download: bool = False,
-          chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool | None = None) -> MergeResult:
+          chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool | None = None,
+          inputs: Iterable[InputRef] = ()) -> MergeResult:
     """Merge the pool described by ``config`` into the HF folder ``out`` (written atomically), or into a PEFT
     LoRA adapter folder when the config says ``output: {format: lora, rank: …}`` (:mod:`neuromerge.io.lora_output`).
 
     ``threads`` defaults to the number of CPU cores; ``chunk_elements`` bounds the rows processed at once for
-    large tensors (peak memory ≈ threads × chunk × (3T+3) × 4 bytes).
+    large tensors (peak memory ≈ threads × chunk × (3T+3) × 4 bytes). ``out`` must not be, or contain, a model of
+    the pool, the config file (when ``config`` is a path) or one of ``inputs``
+    (:class:`~neuromerge.errors.OutputConflictError`, before any tensor is read); a write failure (disk full,
+    unwritable folder) is :class:`~neuromerge.errors.OutputWriteError` with nothing left behind.
     """
     t_start = time.perf_counter()
     out = Path(out)
     retain_freed_memory()
     plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
     try:
-        remove_stale_temp_dirs(out.parent, out.name)
-        with AtomicOutput(out, force=force, durable=durable) as tmp:
+        sources = [*inputs, *([config] if isinstance(config, str | Path) else [])]
+        warnings = check_merge_output(plan, out, sources)
+        atomic = AtomicOutput(out, force=force, durable=durable)  # also cleans what dead runs left next to out
+        with atomic as tmp:
+            plan.warnings.extend([*warnings, *atomic.notes])
             report = _execute(plan, tmp, threads=threads or os.cpu_count() or 1, device=_device(device),
                               durable=durable, progress=progress, t_start=t_start)
     finally:

@@ -26,7 +26,9 @@ from ..config import MergeConfig, load_config
 from ..engine.memory import retain_freed_memory
 from ..engine.plan import DEFAULT_CHUNK_ELEMENTS, MergePlan
 from ..engine.run import Progress, prepare, single_threaded_torch
-from ..errors import ConfigError
+from ..errors import ConfigError, NeuromergeError
+from ..io.output_guard import check_output
+from ..io.writer import write_error
 from .components import block_order, component_of, component_order
 from .report import GroupStats, InspectReport, Mergeability, MergeabilityRow, Suggestion, Summary, grouped
 from .stats import Collected, collect, total
@@ -56,6 +58,8 @@ def inspect(config: ConfigSource | None, out: str | Path | None = None, *, densi
         raise ConfigError(f"density must be in (0, 1], got {density}")
     if config is None and suite is None:
         raise ConfigError("give a merge config, or a bench suite whose experts to inspect")
+    if out is not None:
+        check_output(out, _config_inputs(config))
     retain_freed_memory()
     bar = Progress(progress)
     experts: SuiteExperts | None = None
@@ -80,18 +84,34 @@ def inspect(config: ConfigSource | None, out: str | Path | None = None, *, densi
         report.timings_s["mergeability"] = time.perf_counter() - t0
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        if figures:
-            from .figures import write_figures
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            if figures:
+                from .figures import write_figures
 
-            report.figures = write_figures(report, out)
-        report.timings_s["figures"] = time.perf_counter() - t0
-        report.timings_s["total"] = time.perf_counter() - t_start
-        report.save(out / "inspect.json")
+                report.figures = write_figures(report, out)
+            report.timings_s["figures"] = time.perf_counter() - t0
+            report.timings_s["total"] = time.perf_counter() - t_start
+            report.save(out / "inspect.json")
+        except OSError as e:  # unwritable folder, disk full: one line, not a traceback
+            raise write_error(out, e) from None
     else:
         report.timings_s["total"] = time.perf_counter() - t_start
     return report
+
+
+def _config_inputs(config: ConfigSource | None) -> list[Any]:
+    """What ``inspect`` reads, for :func:`~neuromerge.io.output_guard.check_output`: the config file and the models
+    it names (paths or HF ids, resolved as the merge resolves them); an invalid config is left to the real load."""
+    refs: list[Any] = [config] if isinstance(config, str | Path) else []
+    if config is None:
+        return refs
+    try:
+        cfg = load_config(config)
+    except NeuromergeError:
+        return refs
+    return [*refs, cfg.base_model, *(m.model for m in cfg.models)]
 
 
 def _inspect_config(config: ConfigSource, *, density: float, threads: int, progress: Progress,

@@ -14,12 +14,15 @@ by decreasing item size (stable), as the reference safetensors writer does, so t
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -27,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neuromerge.errors import CheckpointError, OutputExistsError
+from neuromerge.errors import CheckpointError, OutputExistsError, OutputWriteError
+from neuromerge.io.output_guard import InputRef, check_output, nearest_existing
 from neuromerge.io.safetensors_format import build_header, dtype_to_str, itemsize, tensor_nbytes
 
 if TYPE_CHECKING:
@@ -110,6 +114,17 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def write_error(path: Path, err: OSError) -> OutputWriteError:
+    """``cannot write PATH: reason`` for an ``OSError`` met while writing ``path`` (``reason`` is the system's, e.g.
+    ``No space left on device``; a parent that is a file is said as such)."""
+    anchor = nearest_existing(path)
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and not anchor.is_dir() and anchor != Path(path).absolute():
+        reason = f"{anchor} is not a folder"
+    else:
+        reason = err.strerror or str(err) or err.__class__.__name__
+    return OutputWriteError(f"cannot write {path}: {reason}", reason)
+
+
 def fsync_path(path: Path) -> None:
     """``fsync`` a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY)
@@ -175,12 +190,17 @@ class ShardedWriter:
             row_bytes = (end - begin) // rows if rows else 0
             self._slots[name] = _Slot(t, index, len(header) + begin, end - begin, row_bytes)
         path = self.out_dir / self.file_names[index]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise write_error(path, e) from None
         try:
             _pwrite_all(fd, memoryview(header), 0)
             os.ftruncate(fd, len(header) + pos)
-        except BaseException:
+        except BaseException as e:
             os.close(fd)
+            if isinstance(e, OSError):
+                raise write_error(path, e) from None
             raise
         return fd
 
@@ -217,9 +237,11 @@ class ShardedWriter:
             if n:
                 data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 _pwrite_all(fd, memoryview(data), slot.offset + a * slot.row_bytes)
-        except BaseException:
+        except BaseException as e:
             with self._lock:
                 slot.ranges.remove((a, b))
+            if isinstance(e, OSError):  # ENOSPC, EIO...: one line for the user, not a traceback
+                raise write_error(self.out_dir / self.file_names[slot.shard], e) from None
             raise
         with self._lock:
             slot.done += n
@@ -243,17 +265,21 @@ class ShardedWriter:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise RuntimeError(f"{len(missing)} tensor(s) not fully written: {', '.join(missing[:5])}{more}")
         index = None
-        if len(self.file_names) > 1:
-            index = INDEX_FILE
-            weight_map = {n: self.file_names[s.shard] for n, s in sorted(self._slots.items())}
-            doc = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-            (self.out_dir / index).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        if durable:
-            for fd in self._fds:
-                os.fsync(fd)
-            if index:
-                fsync_path(self.out_dir / index)
-            fsync_path(self.out_dir)
+        try:
+            if len(self.file_names) > 1:
+                index = INDEX_FILE
+                weight_map = {n: self.file_names[s.shard] for n, s in sorted(self._slots.items())}
+                doc = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+                (self.out_dir / index).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            if durable:
+                for fd in self._fds:
+                    os.fsync(fd)
+                if index:
+                    fsync_path(self.out_dir / index)
+                fsync_path(self.out_dir)
+        except OSError as e:
+            self.abort()
+            raise write_error(self.out_dir / (index or self.file_names[0]), e) from None
         self.abort()
         return {
             "files": list(self.file_names),
@@ -285,6 +311,12 @@ def _temp_name(name: str, kind: str, pid: int) -> str:
     return f".{name}.neuromerge-{kind}-{pid}"
 
 
+#: ``.{name}.neuromerge-{tmp|old}-{pid}``: the temporary and set-aside folders of :class:`AtomicOutput`
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.neuromerge-(?P<kind>tmp|old)-(?P<pid>\d+)$")
+#: the lock file a writer holds (``flock``) inside its temporary folder for its whole life
+LOCK_FILE = ".neuromerge.lock"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -293,42 +325,211 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-class AtomicOutput:
-    """The output folder appears complete or not at all.
+def _take_lock(folder: Path) -> int:
+    """Create ``folder/LOCK_FILE`` already locked (``flock``, exclusive) and return its descriptor.
 
-    Work happens in ``.{name}.neuromerge-tmp-{pid}`` next to ``out``; on success it is renamed to ``out`` (an
-    existing ``out``, allowed by ``force``, is first renamed aside to ``.{name}.neuromerge-old-{pid}`` and
-    removed after the swap); on any exception, ``KeyboardInterrupt`` and ``SystemExit`` included, the
-    temporary folder is removed and the exception propagates. ``durable`` fsyncs every file and the folders
-    before the rename.
+    The file is created under a private name, locked, then renamed into place, so a lock file that another process
+    can find is always locked while its writer lives."""
+    private = folder / f"{LOCK_FILE}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(private, folder / LOCK_FILE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_lock(lock: Path) -> int | None:
+    """A descriptor holding ``lock`` when its owner is gone (the lock was free), else None (held, or unknowable:
+    unreadable file, a file system without ``flock``)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StaleCleanup:
+    """What :func:`clean_stale_outputs` did: folders removed, outputs restored, and a note per restoration."""
+
+    removed: list[Path] = field(default_factory=list)
+    restored: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _owner_state(lock: Path, pid: int) -> tuple[bool, int | None]:
+    """``(alive, fd)`` of the writer owning a folder whose lock file would be ``lock``: with a lock file the lock
+    decides (``fd`` then holds it); without one (a writer between ``mkdir`` and its lock, one committing, or an older
+    neuromerge) the process id in the folder's name does."""
+    if lock.exists():
+        fd = _try_lock(lock)
+        return fd is None, fd
+    return _pid_alive(pid), None
+
+
+def clean_stale_outputs(parent: Path) -> StaleCleanup:
+    """Clean what dead writers left in ``parent`` (a ``kill -9``, a power cut), for every output name there.
+
+    - ``.{name}.neuromerge-tmp-{pid}``: removed when its lock file is free (the writer is gone; the lock is taken
+      while removing, so two cleaners never race), or, without a lock file, when process ``pid`` is gone.
+    - ``.{name}.neuromerge-old-{pid}`` (the previous output, set aside by a ``--force`` run that died during its
+      commit), once its writer is gone: **restored** to ``name`` when ``name`` is missing (never deleted then);
+      removed when ``name`` exists and the writer's temporary folder is gone (the swap completed: removing it is
+      what the writer was doing); renamed to the visible ``{name}.neuromerge-recovered-{pid}`` when both ``name``
+      and the writer's temporary folder exist (the swap did not complete, so ``name`` is someone else's and the old
+      folder is the only copy of the previous output).
+
+    Entries whose writer may be alive are left alone; errors on one entry (permissions) skip it.
+    """
+    done = StaleCleanup()
+    parent = Path(parent)
+    try:
+        entries = sorted((p, m) for p in parent.iterdir() if (m := _TEMP_RE.match(p.name)))
+    except OSError:
+        return done
+    for p, m in entries:  # set-aside outputs first: their writer's tmp folder tells how far the swap went
+        if m["kind"] != "old":
+            continue
+        name, pid = m["name"], int(m["pid"])
+        final, tmp = parent / name, parent / _temp_name(name, "tmp", pid)
+        locks = [q / LOCK_FILE for q in (tmp, final) if (q / LOCK_FILE).exists()]
+        alive, fd = _owner_state(locks[0], pid) if locks else (_pid_alive(pid), None)
+        if alive:
+            continue
+        try:
+            if not (final.exists() or final.is_symlink()):
+                p.rename(final)
+                done.restored.append(final)
+                done.notes.append(f"restored {final} from {p.name}, set aside by an interrupted run")
+            elif tmp.exists():
+                kept = parent / f"{name}.neuromerge-recovered-{pid}"
+                p.rename(kept)
+                done.restored.append(kept)
+                done.notes.append(f"kept the previous {final} of an interrupted run as {kept}")
+            else:
+                _remove(p)
+                if (final / LOCK_FILE).exists():  # the writer died between its last rename and the unlink
+                    (final / LOCK_FILE).unlink()
+                done.removed.append(p)
+        except OSError:
+            continue
+        finally:
+            if fd is not None:
+                os.close(fd)
+    for p, m in entries:
+        if m["kind"] != "tmp" or not p.exists():
+            continue
+        alive, fd = _owner_state(p / LOCK_FILE, int(m["pid"]))
+        if alive:
+            continue
+        try:
+            _remove(p)
+            done.removed.append(p)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return done
+
+
+class AtomicOutput:
+    """The output folder appears complete or not at all; nothing an input needs is ever replaced.
+
+    Work happens in ``.{name}.neuromerge-tmp-{pid}`` next to ``out``, which holds a lock file (``flock``) for the
+    writer's whole life; on success it is renamed to ``out`` (an existing ``out``, allowed by ``force``, is first
+    renamed aside to ``.{name}.neuromerge-old-{pid}`` and removed after the swap; a failed swap puts it back); on any
+    exception, ``KeyboardInterrupt`` and ``SystemExit`` included, the temporary folder is removed and the exception
+    propagates. ``durable`` fsyncs every file and the folders before the rename.
+
+    On creation, ``out`` is checked against ``inputs`` (:func:`~neuromerge.io.output_guard.check_output`:
+    :class:`~neuromerge.errors.OutputConflictError` when it is or contains one; ``warnings`` lists an output inside
+    an input folder), and what dead writers left in the parent folder is cleaned (:func:`clean_stale_outputs`;
+    ``notes`` says what was restored). An ``OSError`` while creating, writing (the files in the temporary folder, or a
+    disk-full error without a file name) or committing becomes :class:`~neuromerge.errors.OutputWriteError`
+    ``cannot write OUT: reason``.
     """
 
-    def __init__(self, out: Path, *, force: bool = False, durable: bool = False) -> None:
+    def __init__(self, out: Path, *, force: bool = False, durable: bool = False,
+                 inputs: Iterable[InputRef] = ()) -> None:
         self.out = Path(out).absolute()
         self.force = force
         self.durable = durable
+        self.warnings = check_output(out, inputs)
+        self.notes = clean_stale_outputs(self.out.parent).notes if self.out.parent.is_dir() else []
         if self.out.exists() and not force:
             raise OutputExistsError(f"output folder {self.out} exists; pass --force to replace it")
         self.tmp = self.out.parent / _temp_name(self.out.name, "tmp", os.getpid())
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove(self.tmp)
-        self.tmp.mkdir()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            _remove(self.tmp)
+            self.tmp.mkdir()
+            self._lock_fd = _take_lock(self.tmp)
+        except OSError as e:
+            self._discard()
+            raise self._error(e) from None
         return self.tmp
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
         if exc_type is not None:
-            _remove(self.tmp)
+            self._discard()
+            if isinstance(exc, OutputWriteError) or (isinstance(exc, OSError) and self._is_write_error(exc)):
+                raise self._error(exc) from None
             return False
         try:
             self._commit()
-        except BaseException:
-            _remove(self.tmp)
+        except BaseException as e:
+            self._discard()
+            if isinstance(e, OSError):
+                raise self._error(e) from None
             raise
         return False
+
+    def _error(self, err: OSError | OutputWriteError) -> OutputWriteError:
+        """``cannot write OUT: reason``, naming the final folder rather than the temporary one."""
+        reason = err.reason if isinstance(err, OutputWriteError) else write_error(self.out, err).reason
+        return OutputWriteError(f"cannot write {self.out}: {reason}", reason)
+
+    def _is_write_error(self, err: OSError) -> bool:
+        """An ``OSError`` of the output: about a path in the temporary folder or the output, or a full / read-only
+        file system (``os.write`` names no file)."""
+        for name in (err.filename, err.filename2):
+            if name is not None:
+                p = Path(os.fsdecode(name)).absolute()
+                if p == self.tmp or self.tmp in p.parents or p == self.out or self.out in p.parents:
+                    return True
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+    def _discard(self) -> None:
+        _remove(self.tmp)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _commit(self) -> None:
         if self.durable:
@@ -342,11 +543,20 @@ class AtomicOutput:
             old = self.out.parent / _temp_name(self.out.name, "old", os.getpid())
             _remove(old)
             self.out.rename(old)
-        self.tmp.rename(self.out)
+        try:
+            self.tmp.rename(self.out)
+        except BaseException:
+            if old is not None:
+                old.rename(self.out)  # the previous output stays where it was
+            raise
+        with contextlib.suppress(FileNotFoundError):  # the lock (still held) leaves the output folder
+            (self.out / LOCK_FILE).unlink()
         if self.durable:
+            fsync_path(self.out)
             fsync_path(self.out.parent)
         if old is not None:
             _remove(old)
+        self._unlock()
 
 
 def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
@@ -362,31 +572,6 @@ def install_signal_cleanup() -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, _raise_system_exit)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:
-    """Remove the temporary / set-aside folders of output ``name`` in ``parent`` left by dead processes."""
-    removed = []
-    prefixes = tuple(f".{name}.neuromerge-{kind}-" for kind in ("tmp", "old"))
-    if not Path(parent).is_dir():
-        return removed
-    for p in sorted(Path(parent).iterdir()):
-        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
-        pid = p.name[len(prefix) :] if prefix else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            _remove(p)
-            removed.append(p)
-    return removed
 
 
 def copy_model_files(src: Checkpoint | Path, out_dir: Path, *, config_overrides: dict | None = None) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from neuromerge.errors import NeuromergeError
+from neuromerge.io.output_guard import check_output
 
 #: method name → builder ``(params, out, *, force) -> Path``
 BUILDERS: dict[str, Callable[..., Path]] = {}
@@ -137,11 +138,38 @@ def build(
         method, params = _method_and_params(target, config)
         if embed_base:
             params["embed_base"] = True
+        for warning in check_output(out, route_inputs(target, config, params)):
+            typer.echo(f"warning: {warning}", err=True)
         path = find_builder(method)(params, out, force=force)
     except NeuromergeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote routed model {method} to {path}")
+
+
+#: builder parameters that name an input path (RouteBuildConfig's base / tasks / experts, MERGE's search folder)
+INPUT_KEYS = ("base", "tasks", "experts", "search", "task_file")
+
+
+def route_inputs(target: str, config: Path | None, params: dict[str, Any]) -> list[str | Path]:
+    """What ``route build`` reads, for :func:`~neuromerge.io.output_guard.check_output`: the config file, the paths
+    its parameters name (base, tasks file, every expert adapter, a search folder) and the data files the tasks file
+    lists (``file:`` entries, relative to its folder). Paths are taken as written; missing ones are skipped."""
+    found: list[str | Path] = [p for p in (config, Path(target)) if p is not None and p.is_file()]
+    for key in INPUT_KEYS:
+        value = params.get(key)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        found += [v for v in values if isinstance(v, str)]
+    tasks = params.get("tasks")
+    if isinstance(tasks, str) and Path(tasks).is_file():
+        try:
+            doc = _read_yaml(Path(tasks))
+        except Exception:  # a bad tasks file is reported by the builder that loads it
+            doc = {}
+        entries = doc.get("tasks") if isinstance(doc.get("tasks"), list) else []
+        found += [Path(tasks).parent / e["file"] for e in entries
+                  if isinstance(e, dict) and isinstance(e.get("file"), str)]
+    return found
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def save_routed(model: RoutedModel, folder: str | os.PathLike[str], *, base_ref:
         _check_ref_shapes(base_ref, shapes)
     entries, stored = _expert_entries(model.experts)
     router = model.router
-    with AtomicOutput(Path(folder), force=force) as tmp:
+    with AtomicOutput(Path(folder), force=force, inputs=[base_ref]) as tmp:
         save_file(stored, str(tmp / EXPERTS_FILE), metadata={"format": "pt"})
         if router is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}

@@ -602,7 +602,7 @@ def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *
 
     lib, router = model.library, model.router
     shapes = {n: list(t.shape) for n, t in model.backbone.state_dict().items()}
-    with AtomicOutput(Path(folder), force=force) as tmp:
+    with AtomicOutput(Path(folder), force=force, inputs=[base_ref]) as tmp:
         lib.save(tmp / LIBRARY_FILE)
         if router is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}

@@ -108,7 +108,7 @@ def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: s
                 taus[f"{TAU_PREFIX}{lin}.{part}"] = t.detach().cpu().float().contiguous()
     routers = {k: v.detach().cpu().contiguous() for k, v in model.routers.state_dict().items()}
     state = backbone.state_dict()
-    with AtomicOutput(Path(folder), force=force) as tmp:
+    with AtomicOutput(Path(folder), force=force, inputs=[base_ref]) as tmp:
         path: Path | None = None
         if embed_base:
             path = tmp / BASE_DIR
