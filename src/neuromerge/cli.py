@@ -275,12 +275,20 @@ def search(
     from .io.output_guard import check_output
 
     try:
-        check_output(out, [config])  # the search folder must not be, or hold, its own config
+        # a search only adds files to its folder, so a config kept inside it (resumed with --resume) is fine; the
+        # folder must not be the config itself, nor a file
+        if not resume or out.resolve() == config.resolve():
+            check_output(out, [config])
+        if out.exists() and not out.is_dir():
+            raise NeuromergeError(f"search folder {out} is a file, expected a folder")
         cfg = load_search_config(config, budget=budget, seeds=None if seeds is None else list(range(seeds)),
                                  population=population, quick=quick, storage_url=storage)
         rep = run_merge_search(cfg, out, resume=resume, progress=progress)
     except NeuromergeError as err:
         _fail(str(err))
+        return
+    except OSError as err:  # disk full, read-only file system… while writing the search folder
+        _fail(f"cannot write {out}: {err.strerror or err}")
         return
     typer.echo((out / "representative.md").read_text(encoding="utf-8").rstrip())
     typer.echo(f"{rep['evaluations']} exact evaluations, front of {rep['front_size']} points, "

@@ -197,7 +197,9 @@ def test_search_inspect_bench_refuse_an_input(family, tmp_path: Path) -> None:
     search_cfg = tmp_path / "search.yaml"
     search_cfg.write_text(yaml.safe_dump({"suite": "text", "quick": True}))
     _error_line(runner.invoke(app, ["search", str(search_cfg), "-o", str(search_cfg)]), "is the input")
-    _error_line(runner.invoke(app, ["search", str(search_cfg), "-o", str(tmp_path), "--resume"]), "contains the input")
+    _error_line(runner.invoke(app, ["search", str(search_cfg), "-o", str(tmp_path)]), "contains the input")
+    # a search only adds files: with --resume a config kept in its own folder is allowed (nothing to resume here)
+    _error_line(runner.invoke(app, ["search", str(search_cfg), "-o", str(tmp_path), "--resume"]), "nothing to resume")
     res = runner.invoke(app, ["inspect", str(cfg), "-o", str(base), "--no-progress"])
     _error_line(res, f"is the input {base}")
     assert not (base / "inspect.json").exists()
@@ -387,3 +389,20 @@ def test_kill_9_leftover_is_removed_by_the_next_writer(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_search_folder_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """`search -o FILE` names the file instead of a NotADirectoryError traceback; nothing is written."""
+    from typer.testing import CliRunner
+
+    from neuromerge.cli import app
+
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text("suite: text\n")
+    target = tmp_path / "not-a-folder"
+    target.write_text("keep me")
+    res = CliRunner().invoke(app, ["search", str(cfg), "-o", str(target), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is a file" in lines[0], res.output
+    assert target.read_text() == "keep me"

@@ -52,6 +52,10 @@ def bench_command(suite: str, *, methods: str | None = None, tasks: str | None =
     except NeuromergeError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
+    except OSError as err:  # disk full, read-only file system, a report path that is a file…
+        where = f" {err.filename}" if err.filename else f" {folder}"
+        typer.echo(f"error: cannot write or read{where}: {err.strerror or err}", err=True)
+        return 2
     typer.echo(results.markdown())
     skipped = [r for r in results.rows if r.skipped]
     for r in skipped:
