@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..errors import ConfigError
 from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
+from ..textfile import load_yaml
 from .routed_methods import RouterParams
 
 CONFIG_FILE = "search-config.json"
@@ -93,12 +94,10 @@ def load_search_config(source: str | Path | dict[str, Any], **overrides: Any) ->
     if isinstance(source, dict):
         raw = dict(source)
     else:
-        import yaml
-
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"search config {path} not found")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path, "search config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping")
     raw.update({k: v for k, v in overrides.items() if v is not None})

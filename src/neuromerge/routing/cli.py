@@ -145,11 +145,11 @@ def build(
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from neuromerge.textfile import load_yaml
 
     if not path.is_file():
         raise NeuromergeError(f"config {path} not found")
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    params = load_yaml(path, "route config") or {}
     if not isinstance(params, dict):
         raise NeuromergeError(f"{path} must hold a mapping of parameters")
     return params
