@@ -634,8 +634,9 @@ def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *
     hash is recorded) or ``embed_base``; with neither, :func:`load_chain_routed` needs ``module=``.
     """
     from neuromerge.io.writer import AtomicOutput
-    from neuromerge.routing.folder import BASE_DIR, FORMAT, MANIFEST, ROUTER_FILE, VERSION, _header_hash
+    from neuromerge.routing.folder import BASE_DIR, FORMAT, MANIFEST, ROUTER_FILE, VERSION, _header_hash, manifest_ref
 
+    base_ref = manifest_ref(base_ref)
     lib, router = model.library, model.router
     shapes = {n: list(t.shape) for n, t in model.backbone.state_dict().items()}
     with AtomicOutput(Path(folder), force=force) as tmp:
