@@ -222,3 +222,18 @@ def test_relative_paths_resolve_against_the_config_and_load_anywhere(tmp_path: P
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, merged[0](input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-4,
                                rtol=1e-4)
+
+
+def test_merge_builder_lists_problems_and_resolves_the_search_folder(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(tmp_path, method="merge", storage_mb=-1, colour=1)
+    out = tmp_path / "out"
+    lines = _errors(["route", "build", str(cfg), "-o", str(out)], out)
+    assert "route build merge: search: missing (required)" in lines and len(lines) >= 3, lines
+    (tmp_path / "s").mkdir()
+    cfg = _config(tmp_path, method="merge", search="s", point="mid")
+    monkeypatch.chdir(tmp_path / "s")  # "s" does not exist from here: it resolves against route.yaml's folder
+    [msg] = _errors(["route", "build", str(cfg), "-o", str(out)], out)
+    assert msg == f"{tmp_path / 's'} holds no finished search (no pareto.json); run `neuromerge search` first", msg
+    lines = _errors(["route", "build", str(cfg), "-o", str(out), "--allow-download"], out)
+    assert lines == ["--allow-download does not apply to `route build merge` (it reads no hub model)"]

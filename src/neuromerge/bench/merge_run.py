@@ -302,19 +302,21 @@ def choose_point(pareto: dict[str, Any], point: str | int | None, storage_mb: fl
     return next(e for e in front if e["config"] == key)
 
 
-def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> Path:
-    """Builder of ``neuromerge route build merge`` (see the module docstring)."""
+def build_routed(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None) -> Path:
+    """Builder of ``neuromerge route build merge`` (see the module docstring); ``source``: the config file, a
+    relative ``search`` folder that does not exist from the working directory resolves against its folder."""
     from ..routing.recombination import ChainRoutedModel, Configuration, save_chain_routed
     from ..search.encoding import Configuration as SearchConfiguration
-    from .routed_methods import fit_router, routing_kwargs
+    from .routed_methods import fit_router, routing_kwargs, validation_lines
 
     try:
         p = RoutedMergeParams.model_validate(params)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"route build merge: {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}"
-                          ) from None
+    except ValidationError as err:  # every problem, one line each
+        raise ConfigError("\n".join(validation_lines(err, "route build merge: "))) from None
     folder = Path(p.search)
+    if not folder.is_absolute() and not folder.exists() and source is not None and (Path(source).parent / folder
+                                                                                    ).exists():
+        folder = Path(source).parent / folder
     if not (folder / "pareto.json").exists():
         raise ConfigError(f"{folder} holds no finished search (no pareto.json); run `neuromerge search` first")
     if Path(out).exists() and not force:
