@@ -17,8 +17,8 @@ linears' shapes, loads the stored backbone tensors into it and rebuilds the rout
 the saved model's. Without ``base_ref`` and ``embed_base`` every backbone tensor is stored and :func:`load_wemoe`
 needs ``module=`` (a module of the same architecture: its tensors are all replaced).
 
-No ``neuromerge route build wemoe`` builder is registered: :func:`neuromerge.bench.routed_methods.build_from_config`
-only builds the routed variants it lists and saves them with ``save_routed``; build the model with
+``neuromerge route build wemoe`` (:func:`cli_build`) builds one from a Hugging Face base, PEFT adapters and a task
+file (:func:`neuromerge.bench.routed_methods.build_wemoe_from_config`); from Python, build the model with
 :func:`neuromerge.data_aware.wemoe.wemoe_merge_models` and save it with :func:`save_wemoe`.
 """
 
