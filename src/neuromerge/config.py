@@ -194,8 +194,10 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
+            from .textfile import read_text
+
             try:
-                data = yaml.safe_load(path.read_text())
+                data = yaml.safe_load(read_text(path, "config file"))  # non-UTF-8: one line, byte offset
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
             base_dir = path.parent

@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..io.output_guard import check_output
 from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
+from ..textfile import load_yaml
 from .routed_methods import RouterParams
 
 CONFIG_FILE = "search-config.json"
@@ -94,12 +95,10 @@ def load_search_config(source: str | Path | dict[str, Any], **overrides: Any) ->
     if isinstance(source, dict):
         raw = dict(source)
     else:
-        import yaml
-
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"search config {path} not found")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path, "search config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping")
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -304,19 +303,21 @@ def choose_point(pareto: dict[str, Any], point: str | int | None, storage_mb: fl
     return next(e for e in front if e["config"] == key)
 
 
-def build_routed(params: dict[str, Any], out: Path, *, force: bool = False) -> Path:
-    """Builder of ``neuromerge route build merge`` (see the module docstring)."""
+def build_routed(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None) -> Path:
+    """Builder of ``neuromerge route build merge`` (see the module docstring); ``source``: the config file, a
+    relative ``search`` folder that does not exist from the working directory resolves against its folder."""
     from ..routing.recombination import ChainRoutedModel, Configuration, save_chain_routed
     from ..search.encoding import Configuration as SearchConfiguration
-    from .routed_methods import fit_router, routing_kwargs
+    from .routed_methods import fit_router, routing_kwargs, validation_lines
 
     try:
         p = RoutedMergeParams.model_validate(params)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"route build merge: {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}"
-                          ) from None
+    except ValidationError as err:  # every problem, one line each
+        raise ConfigError("\n".join(validation_lines(err, "route build merge: "))) from None
     folder = Path(p.search)
+    if not folder.is_absolute() and not folder.exists() and source is not None and (Path(source).parent / folder
+                                                                                    ).exists():
+        folder = Path(source).parent / folder
     if not (folder / "pareto.json").exists():
         raise ConfigError(f"{folder} holds no finished search (no pareto.json); run `neuromerge search` first")
     if Path(out).exists() and not force:

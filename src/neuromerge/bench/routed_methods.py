@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -631,6 +632,7 @@ __all__ = [
     "TwinParams",
     "build_emr",
     "build_from_config",
+    "build_inputs",
     "build_min_merging",
     "build_twin",
     "build_variant",
@@ -638,6 +640,7 @@ __all__ = [
     "measure_latency",
     "runners",
     "score_routed",
+    "validate_route_build",
 ]
 
 
@@ -649,7 +652,11 @@ class RouteBuildConfig(BaseModel):
     or ``llm``: JSONL / CSV of text and label) to the adapter trained on it, in router order. Each task's data is
     split 60 / 20 / 20 (seeded); the train split feeds the router and the calibration, the validation split the
     router choice and MIN-Merging's layer importance, scored by a linear probe fit on the expert's final features
-    (the adapters' own heads are not used). Paths are relative to the working directory."""
+    (the adapters' own heads are not used). A relative path is taken as written when it exists from the working
+    directory, else relative to the config file's folder (as ``neuromerge merge`` does); the routed folder records
+    absolute paths, so it loads from any working directory. ``base`` may be a Hugging Face id in the local cache
+    (downloaded only with ``--allow-download``). :func:`validate_route_build` checks every path, the task file and
+    the method's parameters before anything is loaded or fitted."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -679,11 +686,15 @@ class HFSuite(Suite):
         import transformers as tf
 
         self.path = str(path)
-        cfg = tf.AutoConfig.from_pretrained(self.path)
-        self.causal = any(str(a).endswith("ForCausalLM") for a in (cfg.architectures or []))
-        cls = tf.AutoModelForCausalLM if self.causal else tf.AutoModel
-        self._template = cls.from_pretrained(self.path, dtype=torch.float32).eval()
-        self.tokenizer = tf.AutoTokenizer.from_pretrained(self.path)
+        try:  # a local folder (validate_route_build resolved any hub id): never a hub look-up from here
+            cfg = tf.AutoConfig.from_pretrained(self.path, local_files_only=True)
+            self.causal = any(str(a).endswith("ForCausalLM") for a in (cfg.architectures or []))
+            cls = tf.AutoModelForCausalLM if self.causal else tf.AutoModel
+            self._template = cls.from_pretrained(self.path, dtype=torch.float32, local_files_only=True).eval()
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BenchError(f"cannot load the base model and tokenizer from {self.path}: {first}") from None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
             self.tokenizer.eos_token_id or 0)
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -793,16 +804,160 @@ def _name_prefix(names: set[str], keys: Sequence[str]) -> str:
     return ""
 
 
-def build_inputs(raw: Mapping[str, Any]) -> tuple[RouteBuildConfig, HFSuite, Budget, list[TaskData], StateDict,
-                                                 list[Expert]]:
-    """A validated :class:`RouteBuildConfig` and what a builder needs from it: the suite over the base, the budget,
-    the tasks (router order), the base state and one expert per task (merged adapter + a probe head)."""
-    from .taskfile import load_task_file
+#: files any of which gives a base folder a tokenizer (``tokenizer_config.json`` alone: byte-level tokenizers)
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
+
+def validation_lines(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem of a pydantic error: ``"{prefix}{field}: {message}"`` (an unknown key: ``"unknown
+    key"``; a missing one: ``"missing (required)"``)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = {"extra_forbidden": "unknown key", "missing": "missing (required)"}.get(e["type"], e["msg"])
+        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('. ')}: {msg}")
+    return lines
+
+
+def _locate(raw: str, base_dir: Path | None) -> tuple[Path, bool]:
+    """``(absolute path, exists)`` of a path from a route config: as written when it exists (absolute, or relative
+    to the working directory), else relative to the config file's folder ``base_dir`` (``neuromerge merge``'s rule);
+    a path found nowhere is returned as written (absolute)."""
+    p = Path(raw).expanduser()
+    if not p.is_absolute() and not p.exists() and base_dir is not None and (base_dir / p).exists():
+        p = base_dir / p
+    return Path(os.path.abspath(p)), p.exists()
+
+
+def _nowhere(raw: str, base_dir: Path | None) -> str:
+    """Where a missing relative path was looked for (empty for an absolute one)."""
+    if Path(raw).expanduser().is_absolute():
+        return ""
+    places = [str(Path.cwd() / raw)] + ([str(base_dir / raw)] if base_dir is not None else [])
+    return f" (looked for {' and '.join(dict.fromkeys(places))})"
+
+
+def _check_base(raw: str, base_dir: Path | None, allow_download: bool) -> tuple[str, Path | None, list[str]]:
+    """``(reference to record, local folder or None, problems)`` of the config's ``base``: a local Hugging Face
+    folder (config.json + a tokenizer), else an ``org/name`` id in the local hub cache, downloaded only with
+    ``allow_download``."""
+    from ..io.hub import cached_snapshot, hf_cache_dir, looks_like_hf_id, resolve_hf_id
+
+    path, exists = _locate(raw, base_dir)
+    ref = str(path)
+    if not exists:
+        if not looks_like_hf_id(raw):
+            return raw, None, [f"base: model folder {raw} does not exist{_nowhere(raw, base_dir)}"]
+        snapshot = cached_snapshot(raw)
+        if snapshot is None and not allow_download:
+            return raw, None, [f"base: {raw} is neither a local folder{_nowhere(raw, base_dir)} nor a model in the "
+                               f"local Hugging Face cache ({hf_cache_dir()}); pass --allow-download to fetch it "
+                               "from the hub"]
+        if snapshot is None:
+            try:
+                snapshot = resolve_hf_id(raw, allow_download=True)
+            except Exception as err:  # the hub client's many error types: one line for the user
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                return raw, None, [f"base: cannot download {raw} from the Hugging Face hub: {first}"]
+        path, ref = snapshot, raw  # a hub id is recorded as the id (load_routed finds it in the cache)
+    if not path.is_dir():
+        return ref, None, [f"base: {path} is not a folder; give a Hugging Face model folder (config.json, weights, "
+                           "tokenizer)"]
+    problems = []
+    if not (path / "config.json").is_file():
+        problems.append(f"base: {path} has no config.json; give a Hugging Face model folder")
+    if not any((path / name).is_file() for name in TOKENIZER_VOCAB):
+        problems.append(f"base: {path} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB[:5])}, …); save it "
+                        "there with tokenizer.save_pretrained")
+    return ref, path, problems
+
+
+def validate_route_build(raw: Mapping[str, Any], *, source: str | os.PathLike[str] | None = None,
+                         allow_download: bool = False, check_params: Callable[[Mapping[str, Any]], Any] | None = None,
+                         out: Path | None = None, force: bool = False) -> tuple[RouteBuildConfig, str]:
+    """``(config with absolute paths, base reference to record)`` of a ``route build`` config, before anything is
+    loaded or fitted; :class:`BenchError` listing *every* problem, one per line, each prefixed by the config file
+    (``source``, relative paths resolved against its folder) or ``route build config``:
+
+    the fields (:class:`RouteBuildConfig`), the base (:func:`_check_base`: a folder with config.json and a
+    tokenizer, or a cached / downloaded hub id), the task file (parsed, every expert's task present, its data file
+    present), each adapter (a folder with ``adapter_config.json``), the method's parameters (``check_params``) and
+    the output folder (exists without ``force``)."""
+    from ..io.lora import ADAPTER_CONFIG
+    from .taskfile import read_entries
+
+    where = f"{source}: " if source is not None else "route build config: "
+    base_dir = Path(os.path.abspath(Path(source).parent)) if source is not None else None
+    problems: list[str] = []
+    cfg: RouteBuildConfig | None = None
     try:
         cfg = RouteBuildConfig.model_validate(dict(raw))
     except ValidationError as err:
-        raise BenchError(f"bad route build config: {err}") from None
+        problems += validation_lines(err)
+    ref, base_path = None, None
+    if isinstance(raw.get("base"), str):
+        ref, base_path, found = _check_base(raw["base"], base_dir, allow_download)
+        problems += found
+    tasks_path = None
+    if isinstance(raw.get("tasks"), str):
+        tasks_path, exists = _locate(raw["tasks"], base_dir)
+        if not exists:
+            problems.append(f"tasks: task file {raw['tasks']} does not exist{_nowhere(raw['tasks'], base_dir)}")
+            tasks_path = None
+    experts = raw.get("experts") if isinstance(raw.get("experts"), Mapping) else {}
+    adapters: dict[str, str] = {}
+    for name, adapter in experts.items():
+        if not isinstance(adapter, str):
+            continue  # reported by the field validation
+        path, exists = _locate(adapter, base_dir)
+        adapters[str(name)] = str(path)
+        if not exists:
+            problems.append(f"experts.{name}: adapter folder {adapter} does not exist{_nowhere(adapter, base_dir)}")
+        elif not (path / ADAPTER_CONFIG).is_file():
+            problems.append(f"experts.{name}: {path} has no {ADAPTER_CONFIG}; give a PEFT LoRA adapter folder")
+    if tasks_path is not None:
+        try:
+            entries = {e.name: e for e in read_entries(tasks_path) if e.suite in ("text", "llm")}
+        except BenchError as err:
+            problems.append(f"tasks: {err}")
+        else:
+            for name in experts:
+                e = entries.get(str(name))
+                if e is None:
+                    problems.append(f"experts.{name}: no task {str(name)!r} of suite text or llm in {tasks_path} "
+                                    f"(found: {', '.join(entries) or 'none'})")
+                    continue
+                data = Path(e.file) if Path(e.file).is_absolute() else tasks_path.parent / e.file
+                if not data.is_file():
+                    problems.append(f"tasks: task {e.name!r}: data file {data} does not exist")
+    params = raw.get("params", {})
+    if check_params is not None and isinstance(params, Mapping):  # checked even when other fields are wrong
+        try:
+            check_params(params)
+        except ValidationError as err:
+            problems += validation_lines(err, "params.")
+        except BenchError as err:
+            problems += [f"params: {line}" for line in str(err).splitlines()]
+    lines = [where + p for p in problems]
+    if out is not None and Path(out).exists() and not force:
+        lines.append(f"output folder {out} exists; pass --force to replace it")
+    if lines or cfg is None:
+        raise BenchError("\n".join(lines))
+    cfg = cfg.model_copy(update={"base": str(base_path), "tasks": str(tasks_path), "experts": adapters})
+    return cfg, str(ref)
+
+
+def build_inputs(raw: Mapping[str, Any], *, source: str | os.PathLike[str] | None = None,
+                 allow_download: bool = False, checked: tuple[RouteBuildConfig, str] | None = None
+                 ) -> tuple[RouteBuildConfig, HFSuite, Budget, list[TaskData], StateDict, list[Expert]]:
+    """A validated :class:`RouteBuildConfig` (:func:`validate_route_build`, or ``checked``: its result) and what a
+    builder needs from it: the suite over the base, the budget, the tasks (router order), the base state and one
+    expert per task (merged adapter + a probe head). Every adapter is read before the first probe is fitted."""
+    from .taskfile import load_task_file
+
+    cfg, _ = checked if checked is not None else validate_route_build(raw, source=source,
+                                                                      allow_download=allow_download)
     suite = HFSuite(cfg.base, cfg.seq_len, cfg.batch_size)
     budget = Budget(eval_examples=cfg.val_examples, batch_size=cfg.batch_size, probe_steps=cfg.probe_steps,
                     extra={"train_examples": cfg.train_examples, "val_examples": cfg.val_examples,
@@ -813,35 +968,41 @@ def build_inputs(raw: Mapping[str, Any]) -> tuple[RouteBuildConfig, HFSuite, Bud
         raise BenchError(f"task(s) {', '.join(missing)} not in {cfg.tasks} (found: {', '.join(found) or 'none'})")
     tasks = [found[n] for n in cfg.experts]
     base = suite.backbone_state()
-    experts, ranks = [], []
-    for t in tasks:
-        state, rank = suite.expert_state(base, cfg.experts[t.name])
-        ranks.append(rank)
-        experts.append(Expert(t.name, state, suite.fit_probe(state, t, budget, cfg.seed), float("nan")))
-    suite.rank = max(ranks) if ranks else None
+    states = [suite.expert_state(base, cfg.experts[t.name]) for t in tasks]  # every adapter read before any probe
+    experts = [Expert(t.name, state, suite.fit_probe(state, t, budget, cfg.seed), float("nan"))
+               for t, (state, _) in zip(tasks, states, strict=True)]
+    suite.rank = max(r for _, r in states) if states else None
     return cfg, suite, budget, tasks, base, experts
 
 
-def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: bool = False) -> Path:
-    """Build and save a routed model from a :class:`RouteBuildConfig` (the ``route build`` CLI)."""
+def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: bool = False,
+                      source: str | os.PathLike[str] | None = None, allow_download: bool = False) -> Path:
+    """Build and save a routed model from a :class:`RouteBuildConfig` (the ``route build`` CLI; ``source``: the
+    config file, relative paths resolve against its folder; ``allow_download``: a base given as a hub id missing
+    from the cache may be downloaded)."""
     from ..routing.folder import save_routed
 
     variant = raw.get("variant") or method
-    if variant.split(":")[0] != method or (variant not in VARIANTS and variant != "emr"):
+    if not isinstance(variant, str) or variant.split(":")[0] != method or (variant not in VARIANTS
+                                                                          and variant != "emr"):
         raise BenchError(f"variant {variant!r} is not a variant of {method!r}; known: {', '.join(VARIANTS)}")
     variant = "emr:router" if variant == "emr" else variant
     if variant == "min_merging:uniform_router" or VARIANTS[variant].oracle:
         raise BenchError(f"{variant} is a bench ablation; a saved routed model needs a trained router")
-    cfg, suite, budget, tasks, base, experts = build_inputs(raw)
+    checked = validate_route_build(raw, source=source, allow_download=allow_download, out=out, force=force,
+                                   check_params=lambda p: VARIANTS[variant].params.model_validate(
+                                       {**dict(p), **VARIANTS[variant].overrides}))
+    cfg, suite, budget, tasks, base, experts = build_inputs(raw, checked=checked)
     built = build_variant(variant, suite, base, experts, tasks, budget, cfg.params, cfg.seed)
     embed = cfg.embed_base or built.backbone_changed
     extra = {"variant": variant, "storage_bytes": built.storage_bytes, "meta": built.meta,
              "config": cfg.model_dump()}
-    return save_routed(built.model, out, base_ref=cfg.base, embed_base=embed, tasks=[t.name for t in tasks],
+    return save_routed(built.model, out, base_ref=checked[1], embed_base=embed, tasks=[t.name for t in tasks],
                        method=method, extra=json.loads(json.dumps(extra, default=str)), force=force)
 
 
-def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = False) -> Path:
+def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = False,
+                            source: str | os.PathLike[str] | None = None, allow_download: bool = False) -> Path:
     """``neuromerge route build wemoe``: WEMoE's routers trained by entropy minimization on the unlabelled test
     split of each task file entry (``params``: :class:`~neuromerge.data_aware.wemoe.WEMoEParams`), saved with
     :func:`neuromerge.routing.wemoe.save_wemoe`."""
@@ -850,14 +1011,13 @@ def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = 
 
     if raw.get("variant") not in (None, "wemoe"):
         raise BenchError(f"wemoe has no variant {raw.get('variant')!r}")
-    cfg, suite, budget, tasks, base, experts = build_inputs(raw)
-    try:
-        params = WEMoEParams.model_validate(cfg.params)
-    except ValidationError as err:
-        raise BenchError(f"bad wemoe parameters: {err}") from None
+    checked = validate_route_build(raw, source=source, allow_download=allow_download, out=out, force=force,
+                                   check_params=WEMoEParams.model_validate)
+    cfg, suite, budget, tasks, base, experts = build_inputs(raw, checked=checked)
+    params = WEMoEParams.model_validate(cfg.params)
     info: dict[str, Any] = {}
     model = wemoe_merge_models(suite, base, [e.backbone for e in experts], [e.head for e in experts], tasks, budget,
                                params, seed=cfg.seed, info=info)
     extra = {"variant": "wemoe", "meta": info, "config": cfg.model_dump()}
-    return save_wemoe(model, out, base_ref=cfg.base, embed_base=cfg.embed_base, tasks=[t.name for t in tasks],
+    return save_wemoe(model, out, base_ref=checked[1], embed_base=cfg.embed_base, tasks=[t.name for t in tasks],
                       extra=json.loads(json.dumps(extra, default=str)), force=force)

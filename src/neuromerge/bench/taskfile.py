@@ -28,6 +28,7 @@ seeded, capped by the suite's budget); images follow the same stratified rule.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..textfile import read_text
 from . import data
 from .suite import Budget, Split, TaskData
 from .suites import BenchError, available_suites
@@ -71,7 +73,7 @@ def read_entries(path: str | Path) -> list[TaskEntry]:
     if not p.is_file():
         raise BenchError(f"task file {p} does not exist")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = yaml.safe_load(read_text(p, "task file", BenchError))
     except yaml.YAMLError as err:
         raise _err(p, f"not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list) or not doc["tasks"]:
@@ -136,15 +138,16 @@ def _read_table(file: Path, e: TaskEntry) -> tuple[list[Any], list[Any]]:
     if file.suffix.lower() == ".csv":
         import pandas as pd
 
+        text = read_text(file, "data file", BenchError)  # non-UTF-8 bytes: one line with the byte offset
         try:
-            df = pd.read_csv(file, dtype=object, keep_default_na=True)
+            df = pd.read_csv(io.StringIO(text), dtype=object, keep_default_na=True)
         except (ValueError, OSError) as err:
             raise BenchError(f"cannot read {file.name} as CSV ({err})") from None
         rows = df.to_dict(orient="records")
         columns = [str(c) for c in df.columns]
     else:
         rows, columns = [], []
-        for n, line in enumerate(file.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(file, "data file", BenchError).splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -32,6 +32,7 @@ option (per-sample routing always); test batches cycle deterministically.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,22 +219,27 @@ class WEMoEModel(nn.Module):
         if self.force_gates is not None:
             g = self.force_gates.to(hidden.device, torch.float32)
             return g.expand(batch, -1) if g.dim() == 1 else g
-        r = token_mean(self.routers[_key(group)](hidden.float()), self._mask)
+        router = self.routers[_key(group)]
+        # the router's own dtype (float32, or bfloat16 after ``model.to(torch.bfloat16)``), its logits in float32
+        dtype = next(router.parameters()).dtype
+        r = token_mean(router(hidden.to(dtype)).float(), self._mask)
         return torch.softmax(r, dim=-1) if self.gate == "softmax" else r
 
+    # the hooks are partials of bound methods, not closures: ``copy.deepcopy(model)`` then hooks the copy's
+    # backbone to the copy (a closure would keep routing through the original's routers and deltas)
     def _route_hook(self, group: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            self._gates[group] = self.routing(group, args[0])
+        return functools.partial(self._route, group)
 
-        return hook
+    def _route(self, group: str, _: nn.Module, args: tuple[Any, ...]) -> None:
+        self._gates[group] = self.routing(group, args[0])
 
     def _delta_hook(self, linear: str) -> Callable[..., torch.Tensor]:
-        def hook(_: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            gates = self._gates[self._linear_group[linear]]
-            w, b = getattr(self, f"dw__{_key(linear)}"), getattr(self, f"db__{_key(linear)}")
-            return output + routed_delta(args[0], gates, w, b).to(output.dtype)
+        return functools.partial(self._add_delta, linear)
 
-        return hook
+    def _add_delta(self, linear: str, _: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        gates = self._gates[self._linear_group[linear]]
+        w, b = getattr(self, f"dw__{_key(linear)}"), getattr(self, f"db__{_key(linear)}")
+        return output + routed_delta(args[0], gates, w, b).to(output.dtype)
 
     def storage_bytes(self) -> int:
         """Bytes of the backbone, the expert deltas and the routers (fp32 buffers as stored)."""

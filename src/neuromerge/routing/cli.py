@@ -2,12 +2,15 @@
 
 Builders are registered by the routed methods' modules (``BUILDERS["min_merging"] = build_fn``); a builder is
 called as ``build_fn(params: dict, out: Path, *, force: bool) -> Path`` with ``params`` the parsed YAML of
-``--config`` (empty without one). Modules named in :data:`BUILDER_MODULES` are imported on demand.
+``--config`` (empty without one), plus ``source=`` (the config file: relative paths resolve against its folder) and
+``allow_download=`` when its signature takes them. Modules named in :data:`BUILDER_MODULES` are imported on demand.
+An error's message may hold several lines (one problem each): the CLI prints each as ``error: …``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -38,18 +41,54 @@ def register_builder(name: str, fn: Callable[..., Path]) -> Callable[..., Path]:
     return fn
 
 
+def _import_builder(method: str) -> None:
+    """Import the module that registers ``method``'s builder (a module that is not installed is skipped)."""
+    try:
+        importlib.import_module(BUILDER_MODULES[method])
+    except ModuleNotFoundError as e:
+        if e.name != BUILDER_MODULES[method]:
+            raise
+
+
+def available_builders() -> list[str]:
+    """Every routed method with a builder, after importing the modules that register them (they do so lazily)."""
+    for method in BUILDER_MODULES:
+        if method not in BUILDERS:
+            _import_builder(method)
+    return sorted(BUILDERS)
+
+
 def find_builder(method: str) -> Callable[..., Path]:
     """The registered builder of ``method`` (importing its module first if needed); NeuromergeError if none."""
     if method not in BUILDERS and method in BUILDER_MODULES:
-        try:
-            importlib.import_module(BUILDER_MODULES[method])
-        except ModuleNotFoundError as e:
-            if e.name != BUILDER_MODULES[method]:
-                raise
+        _import_builder(method)
     if method not in BUILDERS:
-        known = ", ".join(sorted(BUILDERS)) or "none registered"
+        known = ", ".join(available_builders()) or "none registered"
         raise NeuromergeError(f"no routed-model builder for {method!r} (available: {known})")
     return BUILDERS[method]
+
+
+def call_builder(method: str, params: dict[str, Any], out: Path, *, force: bool = False,
+                 source: Path | None = None, allow_download: bool = False) -> Path:
+    """Run ``method``'s builder; ``source`` and ``allow_download`` go to builders whose signature takes them
+    (``--allow-download`` is refused for one that does not: it would be ignored)."""
+    fn = find_builder(method)
+    sig = inspect.signature(fn).parameters
+    takes = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+    kwargs: dict[str, Any] = {"force": force}
+    if takes or "source" in sig:
+        kwargs["source"] = source
+    if takes or "allow_download" in sig:
+        kwargs["allow_download"] = allow_download
+    elif allow_download:
+        raise NeuromergeError(f"--allow-download does not apply to `route build {method}` (it reads no hub model)")
+    return fn(params, out, **kwargs)
+
+
+def _fail(err: NeuromergeError) -> None:
+    """Print every line of the error as ``error: …`` on stderr."""
+    for line in str(err).splitlines() or [type(err).__name__]:
+        typer.echo(f"error: {line}", err=True)
 
 
 def _human(n: float) -> str:
@@ -117,7 +156,7 @@ def info(
     try:
         s = summarize(read_manifest(folder))
     except NeuromergeError as err:
-        typer.echo(f"error: {err}", err=True)
+        _fail(err)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(s, indent=2) if as_json else _text(s))
 
@@ -131,18 +170,21 @@ def build(
     embed_base: Annotated[bool, typer.Option("--embed-base", help="store the base weights in the folder "
                                                                   "(self-contained)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch a base given as a Hugging Face id "
+                                                                          "that is not in the local cache")] = False,
 ) -> None:
     """Build a routed model into OUT: `route build CONFIG.yaml -o OUT` (the config names its `method`) or
-    `route build METHOD --config CONFIG.yaml -o OUT`."""
+    `route build METHOD --config CONFIG.yaml -o OUT`. Relative paths in the config resolve against its folder;
+    every problem of the config is reported (one `error:` line each) before anything is loaded."""
     try:
-        method, params = _method_and_params(target, config)
+        method, params, source = _method_and_params(target, config)
         if embed_base:
             params["embed_base"] = True
-        for warning in check_output(out, route_inputs(target, config, params)):
+        for warning in check_output(out, route_inputs(target, source, params)):
             typer.echo(f"warning: {warning}", err=True)
-        path = find_builder(method)(params, out, force=force)
+        path = call_builder(method, params, out, force=force, source=source, allow_download=allow_download)
     except NeuromergeError as err:
-        typer.echo(f"error: {err}", err=True)
+        _fail(err)
         raise typer.Exit(2) from None
     typer.echo(f"wrote routed model {method} to {path}")
 
@@ -156,35 +198,43 @@ def route_inputs(target: str, config: Path | None, params: dict[str, Any]) -> li
     its parameters name (base, tasks file, every expert adapter, a search folder) and the data files the tasks file
     lists (``file:`` entries, relative to its folder). Paths are taken as written; missing ones are skipped."""
     found: list[str | Path] = [p for p in (config, Path(target)) if p is not None and p.is_file()]
+    here = config.parent if config is not None else Path(".")
+
+    def located(raw: str) -> list[str | Path]:  # as written and relative to the config file (the builders' rule)
+        return [raw] if Path(raw).is_absolute() else [raw, here / raw]
+
     for key in INPUT_KEYS:
         value = params.get(key)
         values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        found += [v for v in values if isinstance(v, str)]
+        for v in values:
+            if isinstance(v, str):
+                found += located(v)
     tasks = params.get("tasks")
-    if isinstance(tasks, str) and Path(tasks).is_file():
+    task_file = next((Path(p) for p in located(tasks) if Path(p).is_file()), None) if isinstance(tasks, str) else None
+    if task_file is not None:
         try:
-            doc = _read_yaml(Path(tasks))
+            doc = _read_yaml(task_file)
         except Exception:  # a bad tasks file is reported by the builder that loads it
             doc = {}
         entries = doc.get("tasks") if isinstance(doc.get("tasks"), list) else []
-        found += [Path(tasks).parent / e["file"] for e in entries
+        found += [task_file.parent / e["file"] for e in entries
                   if isinstance(e, dict) and isinstance(e.get("file"), str)]
     return found
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from neuromerge.textfile import load_yaml
 
     if not path.is_file():
         raise NeuromergeError(f"config {path} not found")
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    params = load_yaml(path, "route config") or {}
     if not isinstance(params, dict):
         raise NeuromergeError(f"{path} must hold a mapping of parameters")
     return params
 
 
-def _method_and_params(target: str, config: Path | None) -> tuple[str, dict[str, Any]]:
-    """``(method, builder parameters)`` from ``route build TARGET [--config C]``."""
+def _method_and_params(target: str, config: Path | None) -> tuple[str, dict[str, Any], Path | None]:
+    """``(method, builder parameters, config file)`` from ``route build TARGET [--config C]``."""
     looks_like_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
     if looks_like_file:
         if config is not None:
@@ -192,11 +242,11 @@ def _method_and_params(target: str, config: Path | None) -> tuple[str, dict[str,
         params = _read_yaml(Path(target))
         method = params.pop("method", None)
         if not isinstance(method, str):
-            known = ", ".join(sorted({*BUILDERS, *BUILDER_MODULES}))
+            known = ", ".join(available_builders())
             raise NeuromergeError(f"{target} needs a `method:` key naming the routed method ({known})")
-        return method, params
+        return method, params, Path(target)
     params = _read_yaml(config) if config is not None else {}
     if params.get("method", target) != target:
         raise NeuromergeError(f"the config's method {params['method']!r} differs from {target!r}")
     params.pop("method", None)
-    return target, params
+    return target, params, config

@@ -75,6 +75,14 @@ def _check_ref_shapes(ckpt_path: str, shapes: dict[str, list[int]]) -> None:
                                          f"routed model's base has {shape}")
 
 
+def manifest_ref(base_ref: str | None) -> str | None:
+    """The base reference a manifest records: an existing local path made absolute (the folder then loads from
+    any working directory), anything else (a Hugging Face id, None) as given."""
+    if base_ref is None or Path(base_ref).is_absolute() or not Path(base_ref).expanduser().exists():
+        return base_ref
+    return os.path.abspath(Path(base_ref).expanduser())
+
+
 def _header_hash(path: str | os.PathLike[str]) -> str:
     with open_checkpoint(path) as ckpt:
         return ckpt.header_hash()
@@ -85,12 +93,14 @@ def save_routed(model: RoutedModel, folder: str | os.PathLike[str], *, base_ref:
                 force: bool = False) -> Path:
     """Write ``model`` to ``folder`` (see the module docstring); returns the folder's path.
 
-    ``base_ref``: a local model folder or a cached HF id of the base (its header hash is recorded); with
+    ``base_ref``: a local model folder (recorded as an absolute path) or a cached HF id of the base (its header
+    hash is recorded); with
     ``embed_base`` the base's weights and config are written to ``base/`` (``save_pretrained`` of the base with
     its original linear layers). One of the two is required. ``force`` replaces an existing folder.
     """
     if base_ref is None and not embed_base:
         raise ConfigError("save_routed needs base_ref (a path or HF id of the base) or embed_base=True")
+    base_ref = manifest_ref(base_ref)
     shapes = _module_shapes(model)
     if base_ref is not None:
         _check_ref_shapes(base_ref, shapes)

@@ -177,12 +177,14 @@ def mean_abs_outputs(model: nn.Module, names: Iterable[str],
     return {n: sums[n] / max(counts[n], 1.0) for n in sums}
 
 
-def cli_build(params: dict[str, Any], out: Path, *, force: bool = False) -> Path:
+def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,
+              allow_download: bool = False) -> Path:
     """``neuromerge route build min_merging -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task
     data (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`)."""
     from neuromerge.bench.routed_methods import build_from_config
 
-    return build_from_config("min_merging", params, Path(out), force=force)
+    return build_from_config("min_merging", params, Path(out), force=force, source=source,
+                             allow_download=allow_download)
 
 
 register_builder("min_merging", cli_build)

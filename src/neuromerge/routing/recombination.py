@@ -509,6 +509,11 @@ class ChainRoutedModel(nn.Module):
         self.mask_kwarg = mask_kwarg
         self.last_tasks: torch.Tensor | None = None
         self._forced: torch.Tensor | None = None
+        #: chain tensors cast to the backbone's dtype / device: ``(content key, dtype, device) → tensor``, valid for
+        #: the backbone layout ``_cast_layout`` (rebuilt when the backbone is converted or moved)
+        self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._cast_layout: tuple[Any, ...] | None = None
+        self._targets: dict[str, tuple[torch.dtype, torch.device]] = {}
         if self.feature_module is not None:
             try:
                 backbone.get_submodule(self.feature_module)
@@ -518,6 +523,37 @@ class ChainRoutedModel(nn.Module):
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.library.tasks
+
+    def _layout(self) -> tuple[Any, ...]:
+        """A cheap fingerprint of the backbone's dtype and device: those of its first parameter (else buffer)."""
+        ref = next(iter(self.backbone.parameters()), None)
+        if ref is None:
+            ref = next(iter(self.backbone.buffers()), None)
+        return (None,) if ref is None else (ref.dtype, ref.device)
+
+    def chain(self, task: int) -> dict[str, torch.Tensor]:
+        """Task's chain in the backbone's dtype and device: floating tensors follow the backbone tensor they replace
+        (``model.to(torch.bfloat16)`` / ``model.to("cuda")`` reach the library's float32 tensors too); the cast
+        copies are made once per content key and reused by every chain that holds them."""
+        layout = self._layout()
+        if layout != self._cast_layout:
+            self._cast.clear()
+            self._targets = {n: (t.dtype, t.device) for n, t in self.backbone.state_dict(keep_vars=True).items()}
+            self._cast_layout = layout
+        out: dict[str, torch.Tensor] = {}
+        for name, key in self.library.chain_keys(task).items():
+            t = self.library.tensor(key)
+            dtype, device = self._targets.get(name, (t.dtype, t.device))
+            if not t.is_floating_point() or not dtype.is_floating_point:
+                dtype = t.dtype
+            if t.dtype != dtype or t.device != device:
+                ck = (key, dtype, device)
+                cast = self._cast.get(ck)
+                if cast is None:
+                    cast = self._cast[ck] = t.to(device=device, dtype=dtype)
+                t = cast
+            out[name] = t
+        return out
 
     # -- routing -----------------------------------------------------------------------------------------
     def features(self, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -578,7 +614,7 @@ class ChainRoutedModel(nn.Module):
             task = int(tasks[rows[0]])
             sub = {k: v[idx.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v
                    for k, v in kwargs.items()}
-            out = torch.func.functional_call(self.backbone, self.library.chain(task), args=(), kwargs=sub,
+            out = torch.func.functional_call(self.backbone, self.chain(task), args=(), kwargs=sub,
                                               strict=False)
             if len(by_chain) == 1:
                 return out
@@ -598,8 +634,9 @@ def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *
     hash is recorded) or ``embed_base``; with neither, :func:`load_chain_routed` needs ``module=``.
     """
     from neuromerge.io.writer import AtomicOutput
-    from neuromerge.routing.folder import BASE_DIR, FORMAT, MANIFEST, ROUTER_FILE, VERSION, _header_hash
+    from neuromerge.routing.folder import BASE_DIR, FORMAT, MANIFEST, ROUTER_FILE, VERSION, _header_hash, manifest_ref
 
+    base_ref = manifest_ref(base_ref)
     lib, router = model.library, model.router
     shapes = {n: list(t.shape) for n, t in model.backbone.state_dict().items()}
     with AtomicOutput(Path(folder), force=force, inputs=[base_ref]) as tmp:

@@ -231,7 +231,12 @@ class RoutedLinear(nn.Module):
 
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
         """``y + h B``, with ``b_rows = Bᵀ (R, out)``, accumulated into ``y`` (the base layer's fresh output) by
-        one GEMM."""
+        one GEMM. The in-place product is not cast by autocast, so ``h`` and ``B`` are brought to ``y``'s dtype
+        here (under bf16 autocast ``y`` and ``h`` are bf16 while the stored factors stay float32)."""
+        if h.dtype != y.dtype:
+            h = h.to(y.dtype)
+        if b_rows.dtype != y.dtype:
+            b_rows = b_rows.to(y.dtype)
         if y.dim() == 1:
             return y.addmv_(b_rows.t(), h)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_rows)

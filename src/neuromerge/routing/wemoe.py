@@ -17,8 +17,8 @@ linears' shapes, loads the stored backbone tensors into it and rebuilds the rout
 the saved model's. Without ``base_ref`` and ``embed_base`` every backbone tensor is stored and :func:`load_wemoe`
 needs ``module=`` (a module of the same architecture: its tensors are all replaced).
 
-No ``neuromerge route build wemoe`` builder is registered: :func:`neuromerge.bench.routed_methods.build_from_config`
-only builds the routed variants it lists and saves them with ``save_routed``; build the model with
+``neuromerge route build wemoe`` (:func:`cli_build`) builds one from a Hugging Face base, PEFT adapters and a task
+file (:func:`neuromerge.bench.routed_methods.build_wemoe_from_config`); from Python, build the model with
 :func:`neuromerge.data_aware.wemoe.wemoe_merge_models` and save it with :func:`save_wemoe`.
 """
 
@@ -51,6 +51,7 @@ from neuromerge.routing.folder import (
     _copy_tokenizer,
     _header_hash,
     _load_tensors,
+    manifest_ref,
     read_manifest,
 )
 
@@ -92,6 +93,7 @@ def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: s
     ``force`` replaces an existing folder. Writing is atomic (:class:`~neuromerge.io.writer.AtomicOutput`).
     """
     backbone = model.backbone
+    base_ref = manifest_ref(base_ref)
     n_experts = int(model.experts)
     names = list(tasks) if tasks is not None else [f"task{i}" for i in range(n_experts)]
     if len(names) != n_experts:
@@ -212,12 +214,13 @@ def load_wemoe(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] |
                       gate=spec["gate"]).eval()
 
 
-def cli_build(params: dict[str, Any], out: Path, *, force: bool = False) -> Path:
+def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,
+              allow_download: bool = False) -> Path:
     """``neuromerge route build wemoe -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task data
     (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`; ``params`` are WEMoE's)."""
     from neuromerge.bench.routed_methods import build_wemoe_from_config
 
-    return build_wemoe_from_config(params, Path(out), force=force)
+    return build_wemoe_from_config(params, Path(out), force=force, source=source, allow_download=allow_download)
 
 
 register_builder("wemoe", cli_build)
