@@ -60,7 +60,7 @@ def merge(
     from .config import load_config, with_output
     from .engine.report import summarize_plan
     from .engine.run import merge as run_merge
-    from .engine.run import prepare
+    from .engine.run import prepare, resolve_device
     from .io.writer import install_signal_cleanup
 
     chunk_elements = chunk_mb * 2**20 // 4
@@ -69,6 +69,7 @@ def merge(
             raise NeuromergeError(f"--output-format must be full or lora, got {output_format!r}")
         cfg = with_output(load_config(config), output_format, _parse_rank(rank))
         if dry_run:
+            resolve_device(device)  # what the run refuses, the dry run refuses
             plan = prepare(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
             try:
                 if out.exists() and not force:
