@@ -163,6 +163,12 @@ class MergeConfig(BaseModel):
             raise ValueError(f"dtype {v!r} is not one of {sorted(DTYPES)}")
         return DTYPES[v]
 
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: str | int) -> str | int:
+        parse_size(v)  # a ConfigError naming the value, before any weight is read (and by --dry-run)
+        return v
+
     @field_validator("exclude")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:

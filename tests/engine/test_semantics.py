@@ -281,6 +281,12 @@ def test_dry_run_refuses_a_linear_lora_output_that_scales_the_base(tmp_path: Pat
         _dry_run_fails(cfg, tmp_path / "o", "scales the base model itself", extra=("--rank", rank))
 
 
+def test_dry_run_refuses_a_bad_shard_size(make_family, tmp_path: Path) -> None:
+    base, experts = make_family("llama", n_experts=2)
+    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, shard_size="5 gigs")
+    _dry_run_fails(cfg, tmp_path / "o", "shard_size '5 gigs' is not a size")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_dry_run_refuses_an_unusable_device(make_family, tmp_path: Path) -> None:
     base, experts = make_family("llama", n_experts=2)

@@ -367,11 +367,29 @@ class _Unchanged:
         return sum(entries[g] for g in unchanged), len(unchanged)
 
 
+#: integer dtypes of each item size, to compare floating tensors bit for bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: entries compared first: a changed chunk almost always differs among them, so it costs next to nothing
+_HEAD = 64
+
+
 def _equal(base: torch.Tensor, model: torch.Tensor) -> bool:
-    """Whether ``model − base`` is exactly zero (compared as stored when the dtypes agree, else in fp32)."""
-    if base.dtype == model.dtype:
-        return torch.equal(base, model)
-    return torch.equal(base.float(), model.float())
+    """Whether ``model`` equals ``base`` entry for entry, so that ``model − base`` is exactly zero: bit for bit when
+    the dtypes agree (a ``−0`` against a ``+0`` counts as a change: the tensor then merely stays in the
+    population), by value in fp32 otherwise (a LoRA view's fp32 rows over a bf16 base)."""
+    if base.shape != model.shape:
+        return False
+    a, b = base.reshape(-1), model.reshape(-1)
+    if a.device.type != "cpu":
+        return torch.equal(a.float(), b.float()) if a.dtype != b.dtype else torch.equal(a, b)
+    if a.dtype != b.dtype:
+        return (torch.equal(a[:_HEAD].float(), b[:_HEAD].float())
+                and bool(np.array_equal(a.float().numpy(), b.float().numpy())))
+    if a.element_size() not in _BITS:
+        return torch.equal(a, b)
+    bits = _BITS[a.element_size()]
+    a, b = a.view(bits), b.view(bits)
+    return torch.equal(a[:_HEAD], b[:_HEAD]) and bool(np.array_equal(a.numpy(), b.numpy()))
 
 
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
