@@ -283,8 +283,8 @@ def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[st
 def dtype_overrides(tensors: list[TensorPlan]) -> dict[str, object]:
     """``config.json`` keys naming the output's dtype, so that ``from_pretrained`` loads the weights as written.
 
-    transformers ≥ 4.56 reads ``dtype`` (5.x only that key; its default ``dtype="auto"`` follows it), older
-    versions ``torch_dtype``: both are written, equal, whether ``dtype:`` was given or the output keeps the base's
+    transformers 5.x reads only ``dtype`` (and its default ``dtype="auto"`` follows it), older versions
+    ``torch_dtype``: both are written, equal, whether ``dtype:`` was given or the output keeps the base's
     dtypes (a base whose config names another dtype than its weights is made consistent). The dtype named is the
     one holding most of the floating entries written (one dtype unless the base mixes them); none without
     floating tensors."""
