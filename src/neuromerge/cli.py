@@ -59,7 +59,7 @@ def merge(
     """Merge the models of CONFIG into the folder OUT (a model folder, or a LoRA adapter with --output-format lora)."""
     from .config import load_config, with_output
     from .engine.report import summarize_plan
-    from .engine.run import check_merge_output, prepare
+    from .engine.run import check_merge_output, prepare, resolve_device
     from .engine.run import merge as run_merge
     from .io.writer import install_signal_cleanup
 
@@ -69,6 +69,7 @@ def merge(
             raise NeuromergeError(f"--output-format must be full or lora, got {output_format!r}")
         cfg = with_output(load_config(config), output_format, _parse_rank(rank))
         if dry_run:
+            resolve_device(device)  # what the run refuses, the dry run refuses
             plan = prepare(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
             try:
                 plan.warnings.extend(check_merge_output(plan, out, [config]))

@@ -42,8 +42,14 @@ DEFAULT_EXCLUDE = (
 )
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-#: mergekit top-level keys accepted and ignored because they do not change the merge semantics here
-IGNORED_MERGEKIT_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "name", "out_dtype_note")
+#: mergekit top-level keys that would change the output's tokenizer or embeddings: refused by name until implemented
+#: (the tokenizer files are copied from the base as they are; accepting and ignoring them would be silently wrong)
+UNSUPPORTED_MERGEKIT_KEYS = {
+    "tokenizer_source": "the tokenizer files are copied from the base model as they are",
+    "tokenizer": "the tokenizer files are copied from the base model as they are (no `tokens`, no "
+                 "`pad_to_multiple_of`)",
+    "chat_template": "the chat template comes with the base model's tokenizer files",
+}
 #: mergekit method parameters that are performance hints only
 IGNORED_MERGEKIT_PARAMS = ("int8_mask",)
 
@@ -128,9 +134,6 @@ class MergeConfig(BaseModel):
     vocab: Literal["error", "shared"] = "error"
     allow_nonfinite: bool = False
     shard_size: str | int = "5GB"
-    tokenizer_source: str | None = None
-    chat_template: str | None = None
-    tokenizer: dict[str, Any] | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -139,6 +142,12 @@ class MergeConfig(BaseModel):
         if isinstance(data, dict) and "out_dtype" in data and "dtype" not in data:
             data = {**data, "dtype": data["out_dtype"]}
             data.pop("out_dtype")
+        if isinstance(data, dict):
+            for key, why in UNSUPPORTED_MERGEKIT_KEYS.items():
+                if key in data and data[key] is None:  # explicitly unset: nothing asked
+                    data = {k: v for k, v in data.items() if k != key}
+                elif key in data:
+                    raise ConfigError(f"`{key}` is not supported yet ({why}); remove it from the config")
         if isinstance(data, dict) and "slices" in data:
             raise ValueError(
                 "mergekit `slices` (layer-range recombination) are not supported; list whole models under `models`"
@@ -153,6 +162,12 @@ class MergeConfig(BaseModel):
         if v not in DTYPES:
             raise ValueError(f"dtype {v!r} is not one of {sorted(DTYPES)}")
         return DTYPES[v]
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: str | int) -> str | int:
+        parse_size(v)  # a ConfigError naming the value, before any weight is read (and by --dry-run)
+        return v
 
     @field_validator("exclude")
     @classmethod
@@ -192,6 +207,8 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     else:
         if isinstance(source, str | Path):
             path = Path(source)
+            if path.is_dir():
+                raise ConfigError(f"config path {path} is a folder, expected a YAML file")
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
             from .textfile import read_text

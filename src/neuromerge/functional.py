@@ -18,6 +18,7 @@ import torch
 from .config import MergeConfig, ModelEntry, ParamResolver, validate_method_parameters
 from .config import layer_index as _layer_index
 from .engine.layout import LayoutRules, from_canonical, to_canonical
+from .engine.plan import plan_statistics
 from .engine.reading import kernel_inputs
 from .engine.stats import global_thresholds
 from .methods import MergeInput
@@ -54,13 +55,12 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
                 [to_canonical(m[n].float(), layouts[n]) for m in models])
 
     stats = None
-    if names:
-        params0, per_model0 = resolver.resolve(names[0])
-        densities = impl.global_densities(params0, per_model0)
-        if densities is not None:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                stats = global_thresholds(range(len(names)), lambda i: canonical(names[i]), densities,
-                                          executor=pool, l1=impl.needs_l1_mass(params0))
+    spec = plan_statistics(impl, resolver, names)  # the engine's rule: one density, over the tensors that ask
+    if spec is not None:
+        stat_names = [n for n in names if n in spec.tensors]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            stats = global_thresholds(range(len(stat_names)), lambda i: canonical(stat_names[i]), list(spec.densities),
+                                      executor=pool, l1=spec.l1, group_of=lambda i: i)
     out = dict(base)
     for n in names:
         b, ms = canonical(n)

@@ -228,9 +228,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(pool: tuple[Path, list
     _refused(_config(base, adapters, "ties", {"format": "full", "rank": 3}), out, ConfigError, "format lora only")
     _, experts = make_family("llama", n_experts=1)
     _refused(_config(base, [adapters[0], experts[0]], "ties", lora), out, CompatibilityError, "full checkpoint")
-    # linear without normalisation and Σw = 0.5 + 1 scales the untargeted tensors too
+    # linear without normalisation and Σw = 0.5 + 1 scales the untargeted tensors too: refused at planning
     cfg = _config(base, adapters[:2], "linear", lora, normalize=False)
-    _refused(cfg, out, CompatibilityError, "no adapter targets")
+    _refused(cfg, out, ConfigError, "scales the base")
     cfg["output"] = {"format": "lora", "rank": "concat"}
     _refused(cfg, out, ConfigError, "scales the base")
 

@@ -229,6 +229,21 @@ def test_linear_base_model_is_averaged_by_mergekit_only(make_family, tmp_path: P
                                    atol=atol_for(base[name]))
 
 
+def test_linear_base_listed_under_models_equals_mergekit(make_family, tmp_path: Path) -> None:
+    """A base also listed under ``models`` is averaged like any other model by ``linear`` (with its weight), as
+    mergekit does; it is not dropped as a zero task vector."""
+    base_dir, experts = make_family("llama", n_experts=2)
+    models = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip([base_dir, *experts], WEIGHTS,
+                                                                                strict=True)]
+    cfg = {"merge_method": "linear", "base_model": str(base_dir), "models": models, "dtype": "float32"}
+    ours, theirs = merge_both(cfg, tmp_path)
+    assert_same_model(ours, theirs)
+    base, e0, e1 = load_dir(base_dir), load_dir(experts[0]), load_dir(experts[1])
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = (0.5 * base[name] + 1.0 * e0[name] + 1.5 * e1[name]) / 3.0
+    torch.testing.assert_close(ours[name], expected, rtol=RTOL, atol=atol_for(expected))
+
+
 # ------------------------------------------------------------------------------------------------- SLERP
 SLERP_T = {
     "scalar": 0.3,

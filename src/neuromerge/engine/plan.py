@@ -17,8 +17,9 @@ import torch
 from ..config import MergeConfig, ParamResolver
 from ..errors import CompatibilityError, ConfigError
 from ..io.checkpoint import Checkpoint
-from ..io.lora import open_model
-from ..io.lora_output import LoraOutputPlan, plan_lora_output
+from ..io.lora import LoraCheckpoint, open_model, unverified_base_note
+from ..io.lora_output import LoraOutputPlan, delta_coefficients, plan_lora_output
+from ..io.vocab import vocab_mismatch
 from ..methods import MergeMethod
 from .layout import Layout, LayoutRules
 
@@ -72,6 +73,16 @@ class TensorPlan:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """What the statistics pass computes, decided at planning: one global trim density per model, over the merged
+    tensors whose resolved parameters ask for it (``tensors``), with the L1 mass when some tensor needs it."""
+
+    densities: tuple[float, ...]
+    tensors: frozenset[str]
+    l1: bool
+
+
 @dataclass
 class MergePlan:
     config: MergeConfig
@@ -83,6 +94,7 @@ class MergePlan:
     config_overrides: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     lora: LoraOutputPlan | None = None  # set when the output is a LoRA adapter (config `output.format: lora`)
+    statistics: StatisticsPlan | None = None  # the global statistics pass, when the method needs one
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -123,8 +135,11 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 19
 def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Pool, MergeConfig]:
     """Open every checkpoint of the config (headers only) and return the pool with the config it applies to.
 
-    The base may also be listed among the models: SLERP then interpolates from it (it is put first, mergekit's
-    convention); other methods drop it from the experts, since its task vector is zero (mergekit does the same).
+    The base may also be listed among the models. SLERP then interpolates from it (it is put first, mergekit's
+    convention); methods that average the models' *weights* (``averages_weights``: ``linear``) average it like any
+    other listed model (mergekit does the same); methods of task vectors drop it from the experts, since its task
+    vector is zero (mergekit does the same), with a note. A model listed twice (the same resolved path) is merged
+    as two models, with a warning.
     """
     cache: dict[str, Checkpoint] = {}
 
@@ -137,19 +152,32 @@ def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Poo
     cls = config.method_class()
     base = get(config.base_model) if config.base_model is not None else None
     pairs = [(entry, get(entry.model, base)) for entry in config.models]
+    notes = _duplicate_notes([c for _, c in pairs])
+    notes += [n for c in dict.fromkeys(c for _, c in pairs) if isinstance(c, LoraCheckpoint)
+              and (n := unverified_base_note(c)) is not None]
     if base is None:
-        return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False), config
-    notes: list[str] = []
+        return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False, notes=notes), config
     if any(c is base for _, c in pairs):
         if cls.max_models == 2 and cls.min_models == 2:
             pairs.sort(key=lambda pair: pair[1] is not base)
-        else:
+        elif not cls.averages_weights:
             pairs = [(e, c) for e, c in pairs if c is not base]
             notes.append("the base model is also listed under `models`; its task vector is zero and it is skipped")
             if len(pairs) < cls.min_models:
                 raise ConfigError(f"merge method {cls.name!r} needs at least {cls.min_models} models besides the base")
         config = config.model_copy(update={"models": [e for e, _ in pairs]})
     return Pool(base=base, models=[c for _, c in pairs], base_given=True, notes=notes), config
+
+
+def _duplicate_notes(models: list[Checkpoint]) -> list[str]:
+    """A warning per checkpoint listed more than once under ``models`` (the same resolved path)."""
+    notes = []
+    for ckpt in dict.fromkeys(models):
+        n = sum(1 for m in models if m is ckpt)
+        if n > 1:
+            notes.append(f"{ckpt.path} is listed {n} times under `models`; each entry is merged as a separate model, "
+                         f"so it counts {n} times (list it once, with a `weight`, unless that is meant)")
+    return notes
 
 
 def num_layers_of(base: Checkpoint) -> int | None:
@@ -193,6 +221,8 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
             plan.chunks = _row_chunks(plan, method.chunkable_for(resolver.resolve(name)[0]), chunk_elements)
         tensors.append(plan)
 
+    if any(t.action == "merge" and EMBEDDING_RE.search(t.name) for t in tensors):
+        _check_vocabularies(pool)
     for m in pool.models:
         extra = sorted(set(m.names()) - set(base.names()))
         if extra:
@@ -203,15 +233,87 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
             f"unknown architecture {cfg.get('model_type')!r}: {len(fallback)} 2-D tensors assumed (out, in) like "
             "nn.Linear; add `layout` rules to the config if some are stored (in, out)"
         )
-    if config.dtype:
-        overrides["torch_dtype"] = config.dtype
+    overrides.update(dtype_overrides(tensors))
+    merged_names = [t.name for t in tensors if t.action == "merge"]
+    statistics = plan_statistics(method, resolver, merged_names)
+    for name in merged_names:
+        params, per_model = resolver.resolve(name)
+        method.check(name, params, per_model)
     lora = None
     if config.output.format == "lora":
         assert config.output.rank is not None  # OutputConfig's validator
         lora = plan_lora_output(config.output.rank, config.dtype, base, pool.models, pool.base_given,
                                 {t.name for t in tensors if t.action == "merge"}, config.base_model)
         warnings += [f"LoRA module {m!r} is excluded from merging: left out of the adapter" for m in lora.dropped]
-    return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings, lora)
+        if lora.rank == "concat" or method.name == "linear":
+            # the coefficients of Σ_t c_t ΔW_t (rank concat), and whether linear leaves the base unscaled (any rank)
+            for name in merged_names:
+                params, per_model = resolver.resolve(name)
+                delta_coefficients(method.name, params, per_model)
+    return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings, lora,
+                     statistics)
+
+
+def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[str]) -> StatisticsPlan | None:
+    """The global statistics pass the method asks for (``global_densities``), or None. Refused when the density
+    varies across the tensors that take part: a global trim has one threshold, hence one density, per model."""
+    densities: list[float] | None = None
+    first = ""
+    tensors: list[str] = []
+    l1 = False
+    for name in names:
+        params, per_model = resolver.resolve(name)
+        d = method.global_densities(params, per_model)
+        if d is None:
+            continue
+        if densities is None:
+            densities, first = list(d), name
+        elif list(d) != densities:
+            raise ConfigError(
+                f"density varies across tensors ({densities} at {first!r} vs {list(d)} at {name!r}) but a global "
+                "trim needs one density per model; use `scope: tensor` for per-tensor densities"
+            )
+        tensors.append(name)
+        l1 = l1 or method.needs_l1_mass(params)
+    if densities is None:
+        return None
+    return StatisticsPlan(tuple(densities), frozenset(tensors), l1)
+
+
+def dtype_overrides(tensors: list[TensorPlan]) -> dict[str, object]:
+    """``config.json`` keys naming the output's dtype, so that ``from_pretrained`` loads the weights as written.
+
+    transformers 5.x reads only ``dtype`` (and its default ``dtype="auto"`` follows it), older versions
+    ``torch_dtype``: both are written, equal, whether ``dtype:`` was given or the output keeps the base's
+    dtypes (a base whose config names another dtype than its weights is made consistent). The dtype named is the
+    one holding most of the floating entries written (one dtype unless the base mixes them); none without
+    floating tensors."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.out_dtype.is_floating_point:
+            sizes[t.out_dtype] = sizes.get(t.out_dtype, 0) + t.numel
+    if not sizes:
+        return {}
+    name = str(max(sizes, key=lambda d: sizes[d])).removeprefix("torch.")
+    return {"dtype": name, "torch_dtype": name}
+
+
+def _check_vocabularies(pool: Pool) -> None:
+    """Refuse a model whose tokenizer gives some id another token than the base's tokenizer does: embedding rows
+    are merged by index (with ``vocab: shared`` too), so that row would mix two tokens. A vocabulary that extends
+    the other with tokens at new ids is fine; folders without tokenizer files are not compared (:mod:`..io.vocab`)."""
+    base = Path(pool.base.path)
+    for m in dict.fromkeys(pool.models):
+        if m is pool.base:
+            continue
+        diff = vocab_mismatch(base, Path(m.path))
+        if diff is not None:
+            i, ours, theirs = diff
+            raise CompatibilityError(
+                f"the tokenizer of {m.path} differs from the base's at token id {i} ({theirs!r} there, {ours!r} in "
+                f"{base}); embedding rows are merged by index, so vocabularies may differ only by tokens added at "
+                "new ids"
+            )
 
 
 def _source_name(name: str, model: Checkpoint, base: Checkpoint) -> str:

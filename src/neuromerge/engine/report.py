@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import __version__, kernels
+from ..io.lora import LoraCheckpoint
 from ..methods import GlobalStats
 from .plan import MergePlan
 
@@ -55,7 +56,11 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
         "thresholds": list(stats.thresholds),
         "kept": list(stats.kept),
         "total": list(stats.total),
+        # the kept fraction of the trim's population: the entries of the tensors some model changes
         "kept_density": [k / n if n else 0.0 for k, n in zip(stats.kept, stats.total, strict=True)],
+        "population": "entries of the merged tensors that some model changes",
+        "unchanged_tensors": stats.unchanged_tensors,
+        "unchanged_entries": stats.unchanged_entries,
         "removed_l1_fraction": list(stats.removed_fraction) if stats.total_l1 else None,
     }
 
@@ -89,11 +94,7 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
         report["lora"] = lora
     (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
     provenance = {
-        "inputs": [
-            {"role": "base" if c is plan.pool.base else "model", "path": str(c.path), "bytes": c.total_bytes,
-             "header_sha256": c.header_hash()}
-            for c in plan.pool.checkpoints
-        ],
+        "inputs": [_input_record(c, plan) for c in plan.pool.checkpoints],
         "versions": _versions(),
         "seed": plan.config.seed,
         "config": plan.config.model_dump(mode="json", exclude_none=True),
@@ -104,10 +105,24 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
     return report
 
 
+def _input_record(ckpt: Any, plan: MergePlan) -> dict[str, Any]:
+    """One input of ``provenance.json``; a LoRA adapter also names the base it was trained on
+    (``base_model_name_or_path``), the local base it was read over, and whether the two were verified to match."""
+    record = {"role": "base" if ckpt is plan.pool.base else "model", "path": str(ckpt.path),
+              "bytes": ckpt.total_bytes, "header_sha256": ckpt.header_hash()}
+    if isinstance(ckpt, LoraCheckpoint):
+        record["lora_adapter"] = {"base_model_name_or_path": ckpt.base_reference, "local_base": str(ckpt.base.path),
+                                  "base_verified": ckpt.base_match is True}
+    return record
+
+
 def _model_card(plan: MergePlan) -> str:
     cfg = plan.config
-    models = "\n".join(f"- `{m.model}` {json.dumps(m.parameters) if m.parameters else ''}" for m in cfg.models)
-    params = json.dumps(cfg.parameters, default=str) if cfg.parameters else "defaults"
+    # parameters as plain JSON data: a value may be a list of {filter, value} conditions (pydantic models)
+    dumped = cfg.model_dump(mode="json", include={"parameters", "models"}, exclude_none=True)
+    models = "\n".join(f"- `{m['model']}` {json.dumps(m['parameters']) if m['parameters'] else ''}"
+                       for m in dumped["models"])
+    params = json.dumps(dumped["parameters"]) if dumped["parameters"] else "defaults"
     lora = plan.lora is not None
     kind = f"LoRA adapter (rank {plan.lora.rank})" if plan.lora is not None else "model"
     return f"""---

@@ -96,6 +96,7 @@ def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *,
     t_start = time.perf_counter()
     out = Path(out)
     retain_freed_memory()
+    torch_device = resolve_device(device)
     plan = prepare(config, allow_download=allow_download, chunk_elements=chunk_elements)
     try:
         sources = [*inputs, *([config] if isinstance(config, str | Path) else [])]
@@ -103,14 +104,15 @@ def merge(config: MergeConfig | dict[str, Any] | str | Path, out: str | Path, *,
         atomic = AtomicOutput(out, force=force, durable=durable)  # also cleans what dead runs left next to out
         with atomic as tmp:
             plan.warnings.extend([*warnings, *atomic.notes])
-            report = _execute(plan, tmp, threads=threads or os.cpu_count() or 1, device=_device(device),
+            report = _execute(plan, tmp, threads=threads or os.cpu_count() or 1, device=torch_device,
                               durable=durable, progress=progress, t_start=t_start)
     finally:
         plan.pool.close()
     return MergeResult(out, report, plan)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, or cuda when torch sees a CUDA device (checked by ``--dry-run`` too)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but torch sees no CUDA device")
     if not (name == "cpu" or name.startswith("cuda")):
@@ -209,21 +211,12 @@ def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings
 
 def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
                 pool: ThreadPoolExecutor, device: torch.device, bar: Progress) -> GlobalStats | None:
-    densities: list[float] | None = None
-    for tp in plan.merged:
-        params, per_model = resolver.resolve(tp.name)
-        d = plan.method.global_densities(params, per_model)
-        if d is None:
-            return None
-        if densities is None:
-            densities = list(d)
-        elif list(d) != densities:
-            raise ConfigError(
-                f"density varies across tensors ({densities} vs {list(d)} at {tp.name!r}) but a global trim "
-                "needs one density per model; use `scope: tensor` for per-tensor densities"
-            )
-    if densities is None:
+    """The global statistics pass planned by :func:`~.plan.plan_statistics` (None when there is none), over the
+    chunks of the tensors that take part; its population leaves out tensors no model changes."""
+    spec = plan.statistics
+    if spec is None:
         return None
+    jobs = [job for job in jobs if job[0].name in spec.tensors]
 
     def read(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         tp, chunk = jobs[i]
@@ -234,11 +227,11 @@ def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[Tenso
         tp, chunk = jobs[i]
         return read_stored_all(plan.pool, tp, chunk_rows(tp, chunk))
 
-    params, _ = resolver.resolve(plan.merged[0].name)
     return global_thresholds(
-        range(len(jobs)), read, densities, executor=pool,
-        progress=lambda it: bar(it, len(jobs), "statistics"), l1=plan.method.needs_l1_mass(params),
+        range(len(jobs)), read, list(spec.densities), executor=pool,
+        progress=lambda it: bar(it, len(jobs), "statistics"), l1=spec.l1,
         read_stored=read_stored if device.type == "cpu" and kernels.available() else None,
+        group_of=lambda i: jobs[i][0].name,
     )
 
 
@@ -335,4 +328,4 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-__all__ = ["MergeResult", "merge", "prepare"]
+__all__ = ["MergeResult", "merge", "prepare", "resolve_device"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,6 +87,19 @@ class Histograms:
         if high:
             return cls(np.zeros(HIGH_BINS, np.int64), np.zeros(HIGH_BINS, np.int64) if l1 else None)
         return cls()
+
+    def drop_zeros(self, count: int) -> None:
+        """Remove ``count`` entries ``|τ| = 0`` (key 0: high bin 0, low bin 0) from the histograms: the zero task
+        vectors of tensors no model changes, which are not part of the trim's population. Their mass is 0."""
+        if count == 0:
+            return
+        if self.high_counts is not None:
+            self.high_counts[0] -= count
+        if self.window is not None:
+            assert self.counts is not None and self.low_counts is not None
+            self.counts[1] -= count
+            if self.window[0] == 0:
+                self.low_counts[0, 0] -= count
 
     def add(self, other: Histograms) -> None:
         for name in ("high_counts", "high_mass", "low_counts", "counts", "mass"):
@@ -238,18 +251,22 @@ def _window(counts: np.ndarray, density: float) -> Window | None:
 
 
 def _predicted_windows(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None,
-                       densities: Sequence[float], executor: ThreadPoolExecutor) -> list[Window | None]:
+                       densities: Sequence[float], executor: ThreadPoolExecutor,
+                       zeros: Callable[[Sequence[int]], int] | None = None) -> list[Window | None]:
     """Each partially trimmed model's window (:func:`_window`) as the high histograms of every
     :data:`SAMPLE_EVERY`-th chunk predict it (None for the others, or for all when there are too few chunks to
-    sample)."""
+    sample). ``zeros(sample)``: the entries of sampled chunks where no model differs from the base, left out of the
+    prediction as they are left out of the population (a chunk stands for its tensor here: a prediction only)."""
     sample = list(jobs)[::SAMPLE_EVERY]
     if len(sample) < MIN_SAMPLED_CHUNKS or all(d >= 1.0 for d in densities):
         return [None] * len(densities)
     n_models = len(densities)
     hists = _histogram_pass(sample, read, read_stored, [True] * n_models, [None] * n_models, False, executor, iter)
+    unchanged = zeros(sample) if zeros is not None else 0
     windows = []
     for h, density in zip(hists, densities, strict=True):
         assert h.high_counts is not None
+        h.drop_zeros(unchanged)
         windows.append(_window(h.high_counts, density))
     return windows
 
@@ -314,28 +331,104 @@ def _from_window(h: Histograms, k: int) -> _Selection | None:
     return _Selection((h.window[0] << 16) + position, above + int(inside[position:].sum()), n, below, total)
 
 
+class _Unchanged:
+    """Which chunks read so far hold no change at all (every model equals the base there), and how many entries
+    they have: the readers of a pass are wrapped to record it (once per job, on the chunk as read). A tensor
+    (``group``) is *unchanged* when all its chunks are: its task vectors are exactly zero in every model, so it
+    cannot change the merge, and its entries are left out of the global trim's population."""
+
+    def __init__(self, group_of: Callable[[int], Hashable]):
+        self.group_of = group_of
+        self.chunks: dict[int, tuple[bool, int]] = {}  # job → (no model differs from the base, entries)
+
+    def watch(self, reader: ChunkReader) -> ChunkReader:
+        def read(job: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            base, models = reader(job)
+            if job not in self.chunks:
+                self.chunks[job] = (all(_equal(base, m) for m in models), base.numel())
+            return base, models
+
+        return read
+
+    def sampled(self, jobs: Sequence[int]) -> int:
+        """Entries of the unchanged chunks among ``jobs`` (for the window prediction)."""
+        return sum(n for j in jobs for same, n in [self.chunks[j]] if same)
+
+    def tensors(self, jobs: Sequence[int]) -> tuple[int, int]:
+        """(entries, tensors) of the unchanged tensors, once every job of ``jobs`` was read."""
+        changed: dict[Hashable, bool] = {}
+        entries: dict[Hashable, int] = {}
+        for job in jobs:
+            same, n = self.chunks[job]
+            g = self.group_of(job)
+            changed[g] = changed.get(g, False) or not same
+            entries[g] = entries.get(g, 0) + n
+        unchanged = [g for g, c in changed.items() if not c]
+        return sum(entries[g] for g in unchanged), len(unchanged)
+
+
+#: integer dtypes of each item size, to compare floating tensors bit for bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: entries compared first: a changed chunk almost always differs among them, so it costs next to nothing
+_HEAD = 64
+
+
+def _equal(base: torch.Tensor, model: torch.Tensor) -> bool:
+    """Whether ``model`` equals ``base`` entry for entry, so that ``model − base`` is exactly zero: bit for bit when
+    the dtypes agree (a ``−0`` against a ``+0`` counts as a change: the tensor then merely stays in the
+    population), by value in fp32 otherwise (a LoRA view's fp32 rows over a bf16 base)."""
+    if base.shape != model.shape:
+        return False
+    a, b = base.reshape(-1), model.reshape(-1)
+    if a.device.type != "cpu":
+        return torch.equal(a.float(), b.float()) if a.dtype != b.dtype else torch.equal(a, b)
+    if a.dtype != b.dtype:
+        return (torch.equal(a[:_HEAD].float(), b[:_HEAD].float())
+                and bool(np.array_equal(a.float().numpy(), b.float().numpy())))
+    if a.element_size() not in _BITS:
+        return torch.equal(a, b)
+    bits = _BITS[a.element_size()]
+    a, b = a.view(bits), b.view(bits)
+    return torch.equal(a[:_HEAD], b[:_HEAD]) and bool(np.array_equal(a.numpy(), b.numpy()))
+
+
 def global_thresholds(jobs: Sequence[int], read: ChunkReader, densities: Sequence[float], *,
                       executor: ThreadPoolExecutor, progress: Callable[[Iterable], Iterable] = iter,
-                      l1: bool = True, read_stored: ChunkReader | None = None) -> GlobalStats:
+                      l1: bool = True, read_stored: ChunkReader | None = None,
+                      group_of: Callable[[int], Hashable] | None = None) -> GlobalStats:
     """Exact global thresholds of each model over every chunk ``read(job)`` returns (base, models, fp32); with
     ``l1`` also the L1 mass below the threshold and in total. With ``read_stored`` (the chunk in the checkpoints'
     dtype) the histograms come from the fused kernel — the same integers; a chunk it declines (a NaN/Inf) sends the
-    whole computation to the torch path, where ``read`` reports it."""
+    whole computation to the torch path, where ``read`` reports it.
+
+    ``group_of(job)`` names the tensor a chunk belongs to. With it, the population of the trim is the entries of
+    the tensors some model changes: a tensor whose task vectors are exactly zero in every model (an unadapted
+    module of a LoRA pool, a frozen layer) does not count, so ``k = ⌊density · N⌋`` with ``N`` the entries that can
+    change (``GlobalStats.total``; the left-out ones in ``unchanged_entries``). Without it, every entry counts."""
     if read_stored is not None:
         try:
-            return _global_thresholds(jobs, read, read_stored, densities, executor, progress, l1)
+            return _global_thresholds(jobs, read, read_stored, densities, executor, progress, l1, group_of)
         except _KernelDeclined:
             pass
-    return _global_thresholds(jobs, read, None, densities, executor, progress, l1)
+    return _global_thresholds(jobs, read, None, densities, executor, progress, l1, group_of)
 
 
 def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: ChunkReader | None,
                        densities: Sequence[float], executor: ThreadPoolExecutor,
-                       progress: Callable[[Iterable], Iterable], l1: bool) -> GlobalStats:
+                       progress: Callable[[Iterable], Iterable], l1: bool,
+                       group_of: Callable[[int], Hashable] | None = None) -> GlobalStats:
     n_models = len(densities)
-    windows = _predicted_windows(jobs, read, read_stored, densities, executor)
+    watch = _Unchanged(group_of) if group_of is not None else None
+    if watch is not None:
+        read = watch.watch(read)
+        read_stored = watch.watch(read_stored) if read_stored is not None else None
+    windows = _predicted_windows(jobs, read, read_stored, densities, executor,
+                                 zeros=watch.sampled if watch is not None else None)
     high = [w is None for w in windows]
     first = _histogram_pass(jobs, read, read_stored, high, windows, l1, executor, progress)
+    unchanged, unchanged_tensors = watch.tensors(jobs) if watch is not None else (0, 0)
+    for h in first:
+        h.drop_zeros(unchanged)
     selections: list[_Selection | None] = [None] * n_models
     for t, h in enumerate(first):
         if not high[t]:
@@ -346,6 +439,7 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
         again = _histogram_pass(jobs, read, read_stored, misses, [None] * n_models, l1, executor, progress)
         for t in range(n_models):
             if misses[t]:
+                again[t].drop_zeros(unchanged)
                 first[t], high[t] = again[t], True
 
     # the low counts of each partially trimmed model's bin, from one more pass
@@ -359,6 +453,8 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
     second: list[Histograms] = []
     if any(r is not None for r in rows):  # the bins' masses follow from their counts: no L1 arrays
         second = _histogram_pass(jobs, read, read_stored, [False] * n_models, rows, False, executor, progress)
+        for h in second:
+            h.drop_zeros(unchanged)
     for t, h in enumerate(first):
         if high[t]:
             low = second[t].low_counts if rows[t] is not None else None
@@ -371,6 +467,6 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
     )
     kept, totals = tuple(sel.kept for sel in done), tuple(sel.entries for sel in done)
     if not l1:
-        return GlobalStats(thresholds, (), (), kept, totals)
+        return GlobalStats(thresholds, (), (), kept, totals, unchanged, unchanged_tensors)
     return GlobalStats(thresholds, tuple(_exponent_mass(sel.below) for sel in done),
-                       tuple(_exponent_mass(sel.total) for sel in done), kept, totals)
+                       tuple(_exponent_mass(sel.total) for sel in done), kept, totals, unchanged, unchanged_tensors)

@@ -109,6 +109,10 @@ class LoraCheckpoint:
     checkpoint), ``total_bytes`` is the adapter file's size."""
 
     kind = "lora"
+    #: the adapter's ``base_model_name_or_path`` and whether it names the pool's base: True, or None when the two
+    #: cannot be compared (a local copy may live anywhere; only the factor shapes were checked)
+    base_reference: str | None = None
+    base_match: bool | None = None
 
     def __init__(self, path: Path, source: str, base: Checkpoint, adapter: Checkpoint, peft_config: dict[str, Any]
                  ) -> None:
@@ -318,17 +322,31 @@ def open_lora(folder: Path, base: Checkpoint | None, *, source: str | None = Non
         raise CompatibilityError(f"{folder} is a LoRA adapter; set `base_model` to the model it was trained on")
     cfg = read_adapter_config(folder)
     ref = cfg.get("base_model_name_or_path")
-    if _same_base(ref, base) is False:
+    match = _same_base(ref, base)
+    if match is False:
         raise CompatibilityError(f"{folder} is a LoRA adapter of {ref!r}, but the base model is {base.source!r}")
     weights = next((folder / f for f in ADAPTER_WEIGHTS if (folder / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no adapter weights in {folder}: expected {' or '.join(ADAPTER_WEIGHTS)}")
     adapter = open_checkpoint(weights)
     try:
-        return LoraCheckpoint(folder, source or str(folder), base, adapter, cfg)
+        view = LoraCheckpoint(folder, source or str(folder), base, adapter, cfg)
     except BaseException:
         adapter.close()
         raise
+    view.base_reference, view.base_match = (str(ref) if ref else None), match
+    return view
+
+
+def unverified_base_note(view: LoraCheckpoint) -> str | None:
+    """The warning for an adapter whose base cannot be checked against the local base (``base_match`` None)."""
+    if view.base_match is not None:
+        return None
+    if view.base_reference is None:
+        return (f"LoRA adapter {view.path} names no base model (base_model_name_or_path); assumed to be "
+                f"{view.base.path}: only the factor shapes could be checked")
+    return (f"LoRA adapter {view.path} was trained on {view.base_reference!r}, which cannot be compared with the local "
+            f"base {view.base.path}; assumed to be the same model: only the factor shapes could be checked")
 
 
 def open_model(path: str | os.PathLike[str], base: Checkpoint | None, *, allow_download: bool = False
@@ -347,4 +365,5 @@ def open_model(path: str | os.PathLike[str], base: Checkpoint | None, *, allow_d
     return open_checkpoint(text, allow_download=allow_download)
 
 
-__all__ = ["LoraCheckpoint", "LoraModule", "is_adapter_folder", "lora_scaling", "open_lora", "open_model"]
+__all__ = ["LoraCheckpoint", "LoraModule", "is_adapter_folder", "lora_scaling", "open_lora", "open_model",
+           "unverified_base_note"]

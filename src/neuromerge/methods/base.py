@@ -35,7 +35,9 @@ class GlobalStats:
     ``thresholds[t]``: the exact global magnitude threshold of model ``t`` (entries ``|τ_t| >= thr`` are kept).
     ``removed_l1[t]`` / ``total_l1[t]``: L1 mass of ``τ_t`` below the threshold / in total (float64 sums; empty
     tuples unless the method asked for them with ``needs_l1_mass``).
-    ``kept[t]`` / ``total[t]``: entry counts.
+    ``kept[t]`` / ``total[t]``: entry counts; ``total`` is the trim's population, the entries of the tensors some
+    model changes (the engine leaves out ``unchanged_entries`` entries of ``unchanged_tensors`` tensors whose task
+    vectors are exactly zero in every model).
     """
 
     thresholds: tuple[float, ...]
@@ -43,6 +45,8 @@ class GlobalStats:
     total_l1: tuple[float, ...]
     kept: tuple[int, ...]
     total: tuple[int, ...]
+    unchanged_entries: int = 0
+    unchanged_tensors: int = 0
 
     @property
     def removed_fraction(self) -> tuple[float, ...]:
@@ -128,11 +132,20 @@ class MergeMethod(Generic[P]):
     #: False for methods that only combine the models' weights (linear averaging): ``base_model`` may then be
     #: omitted and the first model provides the tensor names, non-merged tensors and config files
     needs_base: ClassVar[bool] = True
+    #: True for methods that combine the models' *weights* ``θ_t`` (linear averaging), not their task vectors: a base
+    #: also listed under ``models`` is then a model like any other (averaged with its weight, as mergekit does);
+    #: otherwise it is dropped from the experts (its task vector is zero). SLERP's two-model rule is separate.
+    averages_weights: ClassVar[bool] = False
 
     def global_densities(self, params: P, per_model: Sequence[P]) -> list[float] | None:
         """Per-model densities whose exact *global* top-k thresholds the statistics pass must compute, or None
         when the method needs no whole-model statistics."""
         return None
+
+    def check(self, name: str, params: P, per_model: Sequence[P]) -> None:
+        """Refuse (:class:`~neuromerge.errors.ConfigError`) resolved parameters of tensor ``name`` that the merge
+        would refuse; called for every merged tensor at planning, so that ``--dry-run`` refuses it too. Nothing
+        by default."""
 
     def needs_l1_mass(self, params: P) -> bool:
         """Whether the statistics pass must also sum the L1 mass of ``τ_t`` below/above each global threshold

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import Field
 
@@ -18,7 +20,8 @@ class LinearParams(MethodParams):
 @method
 class Linear(MergeMethod[LinearParams]):
     """``θ = Σ_t w_t θ_t / Σ_t w_t`` (``normalize: false``: ``Σ_t w_t θ_t``); the base is not used unless it
-    is listed among the models. With unit weights this is the uniform soup ``mean_t θ_t``.
+    is listed among the models (then it is averaged like any other model, as in mergekit). With unit weights this
+    is the uniform soup ``mean_t θ_t``.
 
     A zero weight sum with ``normalize: true`` is an error (mergekit would divide by zero)."""
 
@@ -29,6 +32,11 @@ class Linear(MergeMethod[LinearParams]):
     source = "Wortsman et al. 2022, arXiv 2203.05482; mergekit linear"
     chunkable = True
     needs_base = False
+    averages_weights = True
+
+    def check(self, name: str, params: LinearParams, per_model: Sequence[LinearParams]) -> None:
+        if params.normalize and float(sum(p.weight for p in per_model)) == 0.0:
+            raise ConfigError(f"{name}: the weights sum to 0, cannot normalize (set normalize: false)")
 
     def merge(self, x: MergeInput[LinearParams]) -> torch.Tensor:
         weights = x.weights
