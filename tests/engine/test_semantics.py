@@ -328,3 +328,30 @@ def test_config_path_that_is_a_folder(tmp_path: Path) -> None:
     folder = tmp_path / "cfg"
     folder.mkdir()
     _fails(folder, tmp_path / "o", "is a folder, expected a YAML file")
+
+
+@pytest.mark.parametrize("command", ["search", "route"])
+def test_search_and_route_config_that_is_a_folder(tmp_path: Path, command: str) -> None:
+    """Item 19 for the other YAML configs: a folder is named as one, not as a missing file."""
+    from typer.testing import CliRunner
+
+    from neuromerge.cli import app
+
+    folder = tmp_path / "cfg.yaml"
+    folder.mkdir()
+    args = (["search", str(folder), "-o", str(tmp_path / "o"), "--no-progress"] if command == "search"
+            else ["route", "build", "min_merging", "--config", str(folder), "-o", str(tmp_path / "o")])
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "is a folder, expected a YAML file" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_file_that_is_a_folder(tmp_path: Path) -> None:
+    from neuromerge.bench.suites import BenchError
+    from neuromerge.bench.taskfile import read_entries
+
+    (tmp_path / "tasks.yaml").mkdir()
+    with pytest.raises(BenchError, match="is a folder, expected a YAML file"):
+        read_entries(tmp_path / "tasks.yaml")

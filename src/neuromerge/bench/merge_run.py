@@ -96,6 +96,8 @@ def load_search_config(source: str | Path | dict[str, Any], **overrides: Any) ->
         raw = dict(source)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"search config {path} is a folder, expected a YAML file")
         if not path.is_file():
             raise ConfigError(f"search config {path} not found")
         raw = load_yaml(path, "search config") or {}

@@ -70,6 +70,8 @@ def _err(path: Path, msg: str) -> BenchError:
 def read_entries(path: str | Path) -> list[TaskEntry]:
     """Parse and validate the YAML file (all suites)."""
     p = Path(path)
+    if p.is_dir():
+        raise BenchError(f"task file {p} is a folder, expected a YAML file")
     if not p.is_file():
         raise BenchError(f"task file {p} does not exist")
     try:

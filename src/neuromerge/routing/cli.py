@@ -225,6 +225,8 @@ def route_inputs(target: str, config: Path | None, params: dict[str, Any]) -> li
 def _read_yaml(path: Path) -> dict[str, Any]:
     from neuromerge.textfile import load_yaml
 
+    if path.is_dir():
+        raise NeuromergeError(f"route config {path} is a folder, expected a YAML file")
     if not path.is_file():
         raise NeuromergeError(f"config {path} not found")
     params = load_yaml(path, "route config") or {}
