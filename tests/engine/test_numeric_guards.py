@@ -329,3 +329,135 @@ def test_bf16_output_counts_values_that_round_to_inf() -> None:
     assert res.out is not None
     stored_inf = int(torch.isinf(res.out.float()).sum())
     assert stored_inf >= 1 and res.nonfinite_out == stored_inf
+
+
+# -------------------------------------------------------------------------------- output dtype overflow (item 3)
+BIG = "model.layers.0.mlp.down_proj.weight"
+
+
+def _set_entry(folder: Path, name: str, value: float, index: tuple[int, ...] = (3, 4)) -> None:
+    f = folder / "model.safetensors"
+    sd = load_file(f)
+    sd[name][index] = value
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def fp32_family(make_family):
+    """A base and two fp32 experts whose Task Arithmetic merge (λ 1) puts 70000 at ``BIG[3, 4]``."""
+    base, experts = make_family("llama", n_experts=2, dtype=torch.float32)
+    _set_entry(base, BIG, 0.0)
+    _set_entry(experts[0], BIG, 70000.0)
+    _set_entry(experts[1], BIG, 0.0)
+    return base, experts
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_fp16_overflow_is_an_error_naming_tensor_and_value(fp32_family, tmp_path, monkeypatch, native: bool,
+                                                            method: str) -> None:
+    """A merged value of 70000 with ``dtype: float16`` (largest finite 65504) was written as ``inf`` with exit 0;
+    it is an error naming the tensor and the value, on the fused path and on the torch path."""
+    if not native:
+        monkeypatch.setattr(kernels, "_library", lambda: None)
+    base, experts = fp32_family
+    # task_arithmetic: θ0 + 1 · (τ_0 + τ_1); linear (no base, not normalized): θ_0 + θ_1; 70000 at BIG[3, 4]
+    params = {"lambda": 1.0} if method == "task_arithmetic" else {"normalize": False}
+    cfg = write_config(tmp_path / "c.yaml", method, base if method == "task_arithmetic" else None, experts,
+                       parameters=params, dtype="float16")
+    _fails(cfg, tmp_path / "o", f"merged tensor '{BIG}'", "beyond float16's range", "the largest is 70000",
+           "overflow: clamp")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["fused", "torch"])
+def test_fp16_overflow_clamp_is_counted(fp32_family, tmp_path, monkeypatch, native: bool) -> None:
+    """``overflow: clamp`` writes the dtype's largest finite value and counts it per tensor and in total in
+    ``merge_report.json``, with a warning; everything else is the plain conversion."""
+    if not native:
+        monkeypatch.setattr(kernels, "_library", lambda: None)
+    base, experts = fp32_family
+    _set_entry(experts[0], BIG, -80000.0, (5, 6))
+    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, parameters={"lambda": 1.0},
+                       dtype="float16", overflow="clamp")
+    res = runner.invoke(app, ["merge", str(cfg), "-o", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "2 values of 1 tensor(s) beyond float16's range were clamped" in res.output
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    assert out[BIG].dtype == torch.float16
+    assert float(out[BIG][3, 4]) == 65504.0 and float(out[BIG][5, 6]) == -65504.0
+    assert all(bool(torch.isfinite(t).all()) for t in out.values())
+    report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
+    assert report["overflow"] == {"mode": "clamp", "clamped_values": 2, "tensors": {BIG: 2}}
+    # no overflow: the section says so, and the bytes are the plain conversion's
+    cfg = write_config(tmp_path / "c2.yaml", "task_arithmetic", base, experts, parameters={"lambda": 0.5},
+                       dtype="float16", overflow="clamp")
+    neuromerge.merge(cfg, tmp_path / "o2", progress=False)
+    report = json.loads((tmp_path / "o2" / "merge_report.json").read_text())
+    assert report["overflow"] == {"mode": "clamp", "clamped_values": 0, "tensors": {}}
+
+
+def test_copied_base_value_beyond_fp16_is_an_error(fp32_family, tmp_path) -> None:
+    """A copied tensor (excluded, or the base's value converted to a narrower dtype) that does not fit is the same
+    error; ``overflow: clamp`` clamps and counts it."""
+    base, experts = fp32_family
+    _set_entry(base, "model.norm.weight", 1e6, (7,))
+    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, exclude=["norm"], dtype="float16")
+    _fails(cfg, tmp_path / "o", "copied tensor 'model.norm.weight'", "the largest is 1e+06")
+    cfg = write_config(tmp_path / "c2.yaml", "task_arithmetic", base, experts, exclude=["norm"], dtype="float16",
+                       overflow="clamp")
+    neuromerge.merge(cfg, tmp_path / "o2", progress=False)
+    report = json.loads((tmp_path / "o2" / "merge_report.json").read_text())
+    assert report["overflow"]["tensors"] == {"model.norm.weight": 1}
+    assert float(load_file(tmp_path / "o2" / "model.safetensors")["model.norm.weight"][7]) == 65504.0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["fused", "torch"])
+def test_bf16_rounding_overflow_is_an_error(fp32_family, tmp_path, monkeypatch, native: bool) -> None:
+    """A finite fp32 result above bfloat16's largest finite value rounds to Inf in bfloat16: the same error (the
+    fused kernel's store did not count it, so it was written as ``inf`` with exit 0)."""
+    if not native:
+        monkeypatch.setattr(kernels, "_library", lambda: None)
+    base, experts = fp32_family
+    _set_entry(base, BIG, 3.0e38)
+    _set_entry(experts[0], BIG, 3.4e38)
+    _set_entry(experts[1], BIG, 3.0e38)
+    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, parameters={"lambda": 1.0},
+                       dtype="bfloat16")
+    _fails(cfg, tmp_path / "o", f"merged tensor '{BIG}'", "beyond bfloat16's range", "the largest is 3.4e+38")
+
+
+def test_lora_factor_beyond_fp16_is_an_error(tmp_path) -> None:
+    """The LoRA output path: a factor entry that float16 cannot hold is the same error, or clamped and counted."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.helpers import save, tiny_model
+
+    base = save(tiny_model("llama"), tmp_path / "base")
+    adapters = []
+    for i in range(2):
+        torch.manual_seed(i)
+        model = get_peft_model(tiny_model("llama"), LoraConfig(init_lora_weights=False, r=2, lora_alpha=2,
+                                                               target_modules=["q_proj"]))
+        if i == 0:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = 1e6
+        model.save_pretrained(tmp_path / f"ad{i}")
+        adapters.append(tmp_path / f"ad{i}")
+    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, adapters, parameters={"lambda": 1.0},
+                       dtype="float16", output={"format": "lora", "rank": "concat"})
+    _fails(cfg, tmp_path / "o", "LoRA factor tensor", "lora_B", "beyond float16's range")
+    cfg = write_config(tmp_path / "c2.yaml", "task_arithmetic", base, adapters, parameters={"lambda": 1.0},
+                       dtype="float16", output={"format": "lora", "rank": "concat"}, overflow="clamp")
+    neuromerge.merge(cfg, tmp_path / "o2", progress=False)
+    report = json.loads((tmp_path / "o2" / "merge_report.json").read_text())
+    assert report["overflow"]["clamped_values"] == 1
+    (name,) = report["overflow"]["tensors"]
+    assert "lora_B" in name
+
+
+def test_in_memory_merge_refuses_fp16_overflow() -> None:
+    """``merge_state_dicts`` writes each tensor in the base's dtype: a float16 overflow is the same error there."""
+    base = {"w": torch.zeros(4, 4, dtype=torch.float16)}
+    model = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
+    with pytest.raises(NeuromergeError, match="beyond float16's range"):
+        merge_state_dicts("task_arithmetic", base, [model, model], parameters={"lambda": 1.0})
