@@ -279,6 +279,7 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     if isinstance(writer, LoraSink):  # fp32 rows: ΔW = merged − base is formed before any rounding to the dtype
         writer.add(tp.name, from_canonical(merged, tp.layout, storage_shape).to(device="cpu", dtype=torch.float32),
                    from_canonical(base_rows, tp.layout, storage_shape).cpu(), rows)
+        return tp.name, int(merged.numel()), dict(x.report)
     out, n_clamped = to_output_dtype(from_canonical(merged, tp.layout, storage_shape), tp.out_dtype, tensor=tp.name,
                                      mode=plan.config.overflow)
     writer.write(tp.name, out.cpu(), rows)
