@@ -10,6 +10,7 @@ models:
 parameters: {density: 0.2, lambda: 1.0}
 exclude: ["classifier\\\\..*"]
 dtype: bfloat16
+overflow: error                 # a value beyond `dtype`'s range is an error; clamp: clamped to it and counted
 seed: 0
 output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
 ```
@@ -133,6 +134,8 @@ class MergeConfig(BaseModel):
     layout: list[LayoutRule] = Field(default_factory=list)
     vocab: Literal["error", "shared"] = "error"
     allow_nonfinite: bool = False
+    #: a finite value that the output dtype cannot hold (70000 in float16): an error, or clamped to the dtype's range
+    overflow: Literal["error", "clamp"] = "error"
     shard_size: str | int = "5GB"
     output: OutputConfig = Field(default_factory=OutputConfig)
 

@@ -46,3 +46,7 @@ class OutputWriteError(NeuromergeError):
 class NotApplicable(NeuromergeError):
     """A method cannot do anything meaningful with these models (e.g. WEMoE when no expert changes an MLP weight);
     the bench reports its row as not applicable and goes on."""
+
+
+class DtypeOverflowError(NeuromergeError):
+    """A value does not fit the output dtype (e.g. 70000 in float16); `overflow: clamp` clamps such values instead."""

@@ -22,6 +22,7 @@ from .engine.plan import plan_statistics
 from .engine.reading import kernel_inputs
 from .engine.stats import global_thresholds
 from .methods import MergeInput
+from .numeric import to_output_dtype
 from .tensors import rng
 
 StateDict = Mapping[str, torch.Tensor]
@@ -78,12 +79,17 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
                             stats=stats, rows=rows, full_shape=tuple(b.shape))
             fused = impl.merge_fused(fx, base[n].dtype)
             if fused is not None:
-                out[n] = from_canonical(fused[0], layouts[n], base[n].shape).to(base[n].dtype)
+                out[n] = _output(from_canonical(fused[0], layouts[n], base[n].shape), base[n].dtype, n)
                 continue
         x = MergeInput(name=n, kind=kind, base=b, models=ms, params=params, per_model=per_model, stats=stats,
                        rows=rows, full_shape=tuple(b.shape), uniform=uniform)
-        out[n] = from_canonical(impl.merge(x), layouts[n], base[n].shape).to(base[n].dtype)
+        out[n] = _output(from_canonical(impl.merge(x), layouts[n], base[n].shape), base[n].dtype, n)
     return out
+
+
+def _output(merged: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``merged`` in the base's ``dtype``; a value beyond its range is an error, as in the engine."""
+    return to_output_dtype(merged, dtype, tensor=name, mode="error")[0]
 
 
 def __getattr__(name: str) -> Callable[..., dict[str, torch.Tensor]]:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 from ..io.output_guard import check_output
+from ..numeric import FiniteFloat
 from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
 from ..textfile import load_yaml
@@ -55,11 +56,11 @@ class SearchRunConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], description="search seeds")
     ops: list[str] = Field(default_factory=lambda: ["task_arithmetic"],
                            description=f"merge operators a merged group may use: {', '.join(SEARCH_OPERATORS)}")
-    coefficients: list[float] = Field(default_factory=lambda: [0.3], description="λ choices of the operators")
+    coefficients: list[FiniteFloat] = Field(default_factory=lambda: [0.3], description="λ choices of the operators")
     op_params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="extra parameters per operator")
     val_limit: int | None = Field(None, ge=1, description="validation examples per task (suite budget when unset)")
     quantize: bool = Field(True, description="8-bit per-channel library (False: stored in fp32)")
-    percentile: float = Field(DEFAULT_PERCENTILE, gt=50, le=100, description="clipping percentile of the 8-bit "
+    percentile: FiniteFloat = Field(DEFAULT_PERCENTILE, gt=50, le=100, description="clipping percentile of the 8-bit "
                                                                                 "quantizer")
     components: dict[str, str] = Field(default_factory=dict, description="component overrides: regex → name")
     storage_url: str | None = Field(None, description="SQLAlchemy URL of the Optuna RDB study the workers serve "
@@ -271,7 +272,7 @@ class RoutedMergeParams(RouterParams):
 
     search: str = Field(description="folder of a finished `neuromerge search`")
     point: str | int | None = Field(None, description="'high accuracy', 'mid', 'low storage' or a front index")
-    storage_mb: float | None = Field(None, gt=0, description="best score whose library fits in this many MB")
+    storage_mb: FiniteFloat | None = Field(None, gt=0, description="best score whose library fits in this many MB")
     feature_source: Literal["auto", "embeddings", "final"] = "embeddings"
     embed_base: bool = Field(True, description="store the backbone in the folder (transformers backbones; others "
                                                "are given to load_routed(..., module=))")

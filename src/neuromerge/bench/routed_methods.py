@@ -48,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from ..numeric import FiniteFloat
 from ..routing import emr as emr_lib
 from ..routing import min_merging as mm
 from ..routing import twin as twin_lib
@@ -75,14 +76,14 @@ class RouterParams(BaseModel):
     router_examples: int = Field(1000, ge=1, description="train inputs per in-domain task for the router")
     router_val_examples: int = Field(200, ge=1, description="validation inputs per task to score the router")
     router_epochs: int = Field(30, ge=1)
-    router_lr: float = Field(5e-4, gt=0)
+    router_lr: FiniteFloat = Field(5e-4, gt=0)
     router_hidden: int = Field(256, ge=1)
     router_layers: int = Field(3, ge=1)
     router_batch_size: int = Field(64, ge=1)
     feature_source: Literal["auto", "embeddings", "final"] = Field(
         "auto", description="router features: the cheap 'embeddings' pass, the 'final' hidden state, or 'auto'")
-    feature_tolerance: float = Field(0.01, ge=0, description="'auto' keeps 'embeddings' within this accuracy of "
-                                                             "'final'")
+    feature_tolerance: FiniteFloat = Field(0.01, ge=0, description="'auto' keeps 'embeddings' within this "
+                                                                   "accuracy of 'final'")
 
 
 class FactorParams(BaseModel):
@@ -92,7 +93,7 @@ class FactorParams(BaseModel):
 
     rank: int | None = Field(None, ge=1, description="SVD rank for experts that are not rank-r LoRA (None: the "
                                                      "suite's LoRA rank, else 16)")
-    factor_tol: float = Field(1e-6, ge=0, description="max discarded relative energy for exact LoRA factors")
+    factor_tol: FiniteFloat = Field(1e-6, ge=0, description="max discarded relative energy for exact LoRA factors")
 
 
 class MinMergingParams(RouterParams, FactorParams):
@@ -103,21 +104,21 @@ class MinMergingParams(RouterParams, FactorParams):
     uniform_router: bool = Field(False, description="replace the router by uniform weights 1/T")
     top_k: int = Field(2, ge=1)
     importance_examples: int = Field(200, ge=1, description="validation inputs per task for layer drop")
-    core_delta: float = Field(0.0, description="δ: a layer is core when I_{t,l} > δ")
-    core_top_fraction: float | None = Field(None, ge=0, le=1, description="cap the core set to this fraction")
+    core_delta: FiniteFloat = Field(0.0, description="δ: a layer is core when I_{t,l} > δ")
+    core_top_fraction: FiniteFloat | None = Field(None, ge=0, le=1, description="cap the core set to this fraction")
     prune_harmful: bool = Field(True, description="drop layers with I_{t,l} < −ε from the expert")
-    harmful_epsilon: float = Field(0.01, ge=0, description="ε of harmful-layer pruning (accuracy)")
+    harmful_epsilon: FiniteFloat = Field(0.01, ge=0, description="ε of harmful-layer pruning (accuracy)")
     harmful_min_examples: int = Field(2, ge=0, description="harmful only if dropping the layer gains at least this "
                                                            "many correct validation examples (harmful_threshold)")
-    neuron_keep: float = Field(0.9, ge=0, le=1, description="fraction of output neurons (rows of B) kept")
+    neuron_keep: FiniteFloat = Field(0.9, ge=0, le=1, description="fraction of output neurons (rows of B) kept")
     calib_examples: int = Field(128, ge=1, description="train inputs per task for the neuron activations")
 
 
 class TwinParams(RouterParams):
     """Twin-Merging: shared expert λ, exclusive rank fraction; router over the shared expert's final features."""
 
-    lam: float = Field(0.3, description="λ of the Task Arithmetic shared expert")
-    rank_fraction: float = Field(0.1, gt=0, le=1, description="exclusive rank r = ⌈fraction · min(out, in)⌉")
+    lam: FiniteFloat = Field(0.3, description="λ of the Task Arithmetic shared expert")
+    rank_fraction: FiniteFloat = Field(0.1, gt=0, le=1, description="exclusive rank r = ⌈fraction · min(out, in)⌉")
     feature_source: Literal["auto", "embeddings", "final"] = "final"
 
 
@@ -671,7 +672,7 @@ class RouteBuildConfig(BaseModel):
     train_examples: int = Field(1000, ge=1)
     val_examples: int = Field(200, ge=1)
     probe_steps: int = Field(100, ge=1)
-    probe_l2: float = Field(1e-3, ge=0)
+    probe_l2: FiniteFloat = Field(1e-3, ge=0)
     seed: int = 0
 
 

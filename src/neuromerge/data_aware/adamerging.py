@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from ..tensors.consensus import agreement_mask, elect_sign
 from ..tensors.selection import magnitude_threshold
 from .access import (
@@ -54,14 +55,14 @@ Granularity = Literal["layer", "task"]
 class AdaMergingParams(DataParams):
     granularity: Granularity = Field("layer", description="one λ per task and tensor (layer) or per task (task)")
     steps: int = Field(500, ge=0, description="Adam steps (official 500)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (official 1e-3)")
-    init: float = Field(0.3, description="initial λ (official 0.3)")
+    lr: FiniteFloat = Field(1e-3, gt=0, description="Adam learning rate (official 1e-3)")
+    init: FiniteFloat = Field(0.3, description="initial λ (official 0.3)")
     clamp: bool = Field(True, description="clamp λ to [0, 1] (official; fusion-bench's default is off)")
     batch_size: int = Field(16, ge=1, description="unlabelled test inputs per task per step (official 16)")
     examples: int | None = Field(None, ge=1, description="unlabelled test inputs per task (default: the suite's "
                                  "evaluation subset)")
     ties: bool = Field(False, description="AdaMerging++: TIES-select each task vector first")
-    density: float = Field(0.2, gt=0, le=1, description="AdaMerging++ kept fraction per task (official 0.2)")
+    density: FiniteFloat = Field(0.2, gt=0, le=1, description="AdaMerging++ kept fraction per task (official 0.2)")
 
 
 class AdaMergingPPParams(AdaMergingParams):

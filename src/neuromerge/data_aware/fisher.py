@@ -37,6 +37,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..numeric import FiniteFloat
 from .access import (
     BatchLike,
     DataParams,
@@ -53,7 +54,7 @@ class FisherParams(DataParams):
     examples: int = Field(256, ge=1, description="training examples per task for each expert's Fisher "
                           "(Matena & Raffel / fusion-bench: 256+)")
     normalize: bool = Field(True, description="weight each model by 1/‖F_t‖₂ (fusion-bench normalize_fisher_weight)")
-    min_weight: float = Field(1e-6, ge=0, description="ε added to every Fisher entry (official fisher_floor, "
+    min_weight: FiniteFloat = Field(1e-6, ge=0, description="ε added to every Fisher entry (official fisher_floor, "
                               "fusion-bench minimal_fisher_weight)")
     batch_size: int = Field(16, ge=1, description="batch size of the data loader (Fisher is per example anyway)")
 

@@ -37,13 +37,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..numeric import FiniteFloat
 from .access import BatchLike, DataParams, ModelAccess, StateDict, example_batches, mergeable_names, task_name
 
 
 class RegMeanParams(DataParams):
     examples: int = Field(256, ge=1, description="training examples per task whose linear-layer inputs form the "
                           "Gram matrices (official / fusion-bench: 256)")
-    alpha: float = Field(0.9, ge=0, le=1, description="G̃ = αG + (1−α)diag(G): scale of the off-diagonal Gram "
+    alpha: FiniteFloat = Field(0.9, ge=0, le=1, description="G̃ = αG + (1−α)diag(G): scale of the off-diagonal Gram "
                          "entries (reduce_non_diagonal_ratio)")
     batch_size: int = Field(16, ge=1, description="batch size of the forward passes")
     mask_padding: bool = Field(True, description="leave padding tokens out of the Grams (fusion-bench keeps them)")

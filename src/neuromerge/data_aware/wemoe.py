@@ -44,6 +44,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import NotApplicable
+from ..numeric import FiniteFloat
 from .access import (
     DataParams,
     ModelAccess,
@@ -61,8 +62,8 @@ MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 class WEMoEParams(DataParams):
     steps: int = Field(1000, ge=0, description="router training steps (fusion-bench max_steps 1000)")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the routers (fusion-bench 1e-4)")
-    init_lambda: float = Field(0.3, description="Task Arithmetic λ of the non-MLP tensors and initial router "
+    lr: FiniteFloat = Field(1e-4, gt=0, description="Adam learning rate of the routers (fusion-bench 1e-4)")
+    init_lambda: FiniteFloat = Field(0.3, description="Task Arithmetic λ of the non-MLP tensors and initial router "
                                "output bias (fusion-bench 0.3)")
     router_hidden_layers: Literal[0, 1, 2] = Field(2, description="router depth (fusion-bench 2)")
     gate: Literal["linear", "softmax"] = Field("linear", description="routing weights = router outputs (official) "

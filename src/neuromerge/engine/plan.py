@@ -119,7 +119,7 @@ class MergePlan:
     def _chunk_elems(self, p: TensorPlan) -> int:
         if p.action == "copy" or not p.chunks:
             return p.numel
-        row = p.numel // max(1, p.shape[0])
+        row = p.numel // max(1, p.shape[0]) if p.shape else 1  # a 0-d tensor (CLIP's logit_scale) is one entry
         return max(b - a for a, b in p.chunks) * row
 
 

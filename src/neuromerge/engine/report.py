@@ -67,9 +67,11 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
 
 def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
-                  peak_rss: int, lora: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``merge_report.json`` (``lora``: the LoRA output's ranks and discarded energies, when there is one),
-    ``provenance.json`` and the model card ``README.md``; return the report."""
+                  peak_rss: int, lora: dict[str, Any] | None = None, overflow: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Write ``merge_report.json`` (``lora``: the LoRA output's ranks and discarded energies, when there is one;
+    ``overflow``: the values clamped to the output dtype, ``overflow: clamp``), ``provenance.json`` and the model
+    card ``README.md``; return the report."""
     bytes_read = sum(c.bytes_read for c in plan.pool.checkpoints)
     keys = sorted({k for rep in per_tensor.values() for k in rep})
     sizes = {t.name: t.numel for t in plan.merged}
@@ -92,6 +94,8 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
     }
     if lora is not None:
         report["lora"] = lora
+    if overflow is not None:
+        report["overflow"] = overflow
     (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
     provenance = {
         "inputs": [_input_record(c, plan) for c in plan.pool.checkpoints],

@@ -30,6 +30,7 @@ from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_
 from ..io.output_guard import InputRef, check_output, check_writable
 from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files
 from ..methods import GlobalStats, MergeInput
+from ..numeric import to_output_dtype
 from ..tensors import rng
 from .layout import from_canonical
 from .memory import retain_freed_memory
@@ -149,9 +150,9 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
 
         t0 = time.perf_counter()
         # a LoRA output receives the merged rows of every merged tensor; copied tensors are the base's, not written
-        writer: ShardedWriter | LoraSink = LoraSink(plan.lora) if plan.lora is not None else ShardedWriter(
-            tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
-            max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"},
+        writer: ShardedWriter | LoraSink = LoraSink(plan.lora, cfg.overflow) if plan.lora is not None else (
+            ShardedWriter(tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
+                          max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"})
         )
         work = [("merge", tp, chunk) for tp, chunk in jobs] + ([] if plan.lora is not None else _copy_jobs(plan))
 
@@ -164,7 +165,11 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
 
         per_tensor: dict[str, dict[str, float]] = {}
         counts: dict[str, int] = {}
+        clamped: dict[str, int] = {}
         for name, numel, rep in bar(pool.map(run, work), len(work), "merge"):
+            n_clamped = int(rep.pop(CLAMPED, 0))
+            if n_clamped:
+                clamped[name] = clamped.get(name, 0) + n_clamped
             acc = per_tensor.setdefault(name, {})
             counts[name] = counts.get(name, 0) + numel
             for key, value in rep.items():
@@ -175,6 +180,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         lora = None
         if isinstance(writer, LoraSink):
             shards, lora = writer.finish(tmp)
+            clamped.update(shards.pop("clamped", {}))
         else:
             shards = writer.close(durable=durable)
         timings["merge"] = time.perf_counter() - t0
@@ -185,8 +191,11 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    if clamped:
+        warnings.append(_clamp_warning(plan, clamped))
     return write_reports(plan, tmp, stats=stats, per_tensor=per_tensor, shards=shards, timings=timings,
-                         warnings=warnings, threads=threads, peak_rss=_peak_rss(), lora=lora)
+                         warnings=warnings, threads=threads, peak_rss=_peak_rss(), lora=lora,
+                         overflow=_overflow_report(plan, clamped))
 
 
 def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings: dict[str, float], *,
@@ -201,12 +210,14 @@ def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings
         return delta_coefficients(plan.method.name, params, per_model)
 
     factors, per_module = concat_adapter(plan.lora, plan.pool.base, coefficients)
-    shards = write_adapter(tmp, plan.lora, factors, per_module)
+    shards = write_adapter(tmp, plan.lora, factors, per_module, plan.config.overflow)
+    clamped = shards.pop("clamped", {})
     timings["merge"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    warnings = list(plan.warnings) + ([_clamp_warning(plan, clamped)] if clamped else [])
     return write_reports(plan, tmp, stats=None, per_tensor={}, shards=shards, timings=timings,
-                         warnings=list(plan.warnings), threads=threads, peak_rss=_peak_rss(),
-                         lora=lora_report(plan.lora, per_module))
+                         warnings=warnings, threads=threads, peak_rss=_peak_rss(),
+                         lora=lora_report(plan.lora, per_module), overflow=_overflow_report(plan, clamped))
 
 
 def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
@@ -250,10 +261,15 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
         fused = plan.method.merge_fused(x, tp.out_dtype)
         if fused is not None:
             merged, nonfinite = fused
-            if nonfinite and not plan.config.allow_nonfinite:
+            if nonfinite and not plan.config.allow_nonfinite and merged.dtype == torch.float32:
                 raise _nonfinite_output(method_name, tp.name)
-            writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype), rows)
-            return tp.name, int(merged.numel()), dict(x.report)
+            # (a bfloat16 output with NaN/Inf may be a finite fp32 value that rounded to Inf: the torch path, bitwise
+            # the same for TA / TIES, tells an overflow of the dtype from a NaN/Inf of the method)
+            if not nonfinite or plan.config.allow_nonfinite:
+                out, n_clamped = to_output_dtype(from_canonical(merged, tp.layout, storage_shape), tp.out_dtype,
+                                                 tensor=tp.name, mode=plan.config.overflow)
+                writer.write(tp.name, out, rows)
+                return tp.name, int(merged.numel()), _with_clamped(x.report, n_clamped)
     base, models = read_all(plan.pool, tp, rows, allow_nonfinite=plan.config.allow_nonfinite, device=device)
     base_rows = base.clone() if isinstance(writer, LoraSink) else base  # a method may work in place on x.base
     row_numel = int(base[0].numel()) if base.dim() == 2 else 1
@@ -274,10 +290,31 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     if isinstance(writer, LoraSink):  # fp32 rows: ΔW = merged − base is formed before any rounding to the dtype
         writer.add(tp.name, from_canonical(merged, tp.layout, storage_shape).to(device="cpu", dtype=torch.float32),
                    from_canonical(base_rows, tp.layout, storage_shape).cpu(), rows)
-    else:
-        writer.write(tp.name, from_canonical(merged, tp.layout, storage_shape).to(dtype=tp.out_dtype, device="cpu"),
-                     rows)
-    return tp.name, int(merged.numel()), dict(x.report)
+        return tp.name, int(merged.numel()), dict(x.report)
+    out, n_clamped = to_output_dtype(from_canonical(merged, tp.layout, storage_shape), tp.out_dtype, tensor=tp.name,
+                                     mode=plan.config.overflow)
+    writer.write(tp.name, out.cpu(), rows)
+    return tp.name, int(merged.numel()), _with_clamped(x.report, n_clamped)
+
+
+#: key of a job's report that carries the number of values clamped to the output dtype (summed, not averaged)
+CLAMPED = "_clamped"
+
+
+def _with_clamped(report: dict[str, float], clamped: int) -> dict[str, float]:
+    return {**report, CLAMPED: clamped} if clamped else dict(report)
+
+
+def _overflow_report(plan: MergePlan, clamped: dict[str, int]) -> dict[str, Any]:
+    """The ``overflow`` section of ``merge_report.json``: the mode and the values clamped, per tensor and in total."""
+    return {"mode": plan.config.overflow, "clamped_values": sum(clamped.values()),
+            "tensors": dict(sorted(clamped.items()))}
+
+
+def _clamp_warning(plan: MergePlan, clamped: dict[str, int]) -> str:
+    dtype = plan.config.dtype or "the output dtype"
+    return (f"overflow: clamp: {sum(clamped.values())} values of {len(clamped)} tensor(s) beyond {dtype}'s range were "
+            "clamped to it (merge_report.json, overflow)")
 
 
 def _nonfinite_output(method_name: str, tensor: str) -> NeuromergeError:
@@ -303,15 +340,17 @@ def _copy_chunk(plan: MergePlan, tp: TensorPlan, chunk: tuple[int, int], kind: s
         owner = tp.extra_rows[2]
         ckpt = plan.pool.base if owner < 0 else plan.pool.models[owner]
         name = tp.name if owner < 0 else tp.sources[owner]
-        t = ckpt.read(name, chunk)
-        writer.write(tp.name, t.to(tp.out_dtype), chunk)
-        return tp.name, 0, {}
+        t, n_clamped = to_output_dtype(ckpt.read(name, chunk), tp.out_dtype, tensor=tp.name,
+                                       mode=plan.config.overflow, what="added rows of")
+        writer.write(tp.name, t, chunk)
+        return tp.name, 0, _with_clamped({}, n_clamped)
     rows = None if (not tp.shape or chunk == (0, tp.shape[0])) else chunk
     t = plan.pool.base.read(tp.name, rows)
-    if t.dtype.is_floating_point and t.dtype != tp.out_dtype:
-        t = t.to(tp.out_dtype)
+    n_clamped = 0
+    if t.dtype.is_floating_point and t.dtype != tp.out_dtype:  # the base's value converted: it must fit too
+        t, n_clamped = to_output_dtype(t, tp.out_dtype, tensor=tp.name, mode=plan.config.overflow, what="copied")
     writer.write(tp.name, t, rows)
-    return tp.name, 0, {}
+    return tp.name, 0, _with_clamped({}, n_clamped)
 
 
 def _canonical_shape(tp: TensorPlan) -> tuple[int, ...]:

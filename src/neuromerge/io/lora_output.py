@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from neuromerge.errors import CompatibilityError, ConfigError, NeuromergeError
 from neuromerge.io.checkpoint import Checkpoint
 from neuromerge.io.lora import LoraCheckpoint, LoraModule
+from neuromerge.numeric import OverflowMode, to_output_dtype
 from neuromerge.tensors.lowrank import concat_factors, truncated_svd_factors
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -217,16 +218,22 @@ def delta_coefficients(method: str, params: Any, per_model: Sequence[Any]) -> li
 
 # ------------------------------------------------------------------------------------------ writing
 def write_adapter(out_dir: Path, plan: LoraOutputPlan, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  report: dict[str, dict[str, float]]) -> dict[str, Any]:
+                  report: dict[str, dict[str, float]], overflow: OverflowMode = "error") -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir`` (the engine's atomic
     temporary folder). ``factors`` maps base weight names to ``(A, B)`` as ``r×n``/``m×r`` matrices; ``report``
-    gets per module ``rank``. Returns the shard summary the merge report expects."""
+    gets per module ``rank``. A factor entry beyond the adapter dtype's range is an error, or clamped with
+    ``overflow="clamp"`` (:func:`~neuromerge.numeric.to_output_dtype`). Returns the shard summary the merge report
+    expects, with ``clamped``: the clamped entries per factor that has some."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    clamped: dict[str, int] = {}
     for name, target in plan.targets.items():
-        a, b = target.factor_shapes(*factors[name])
-        tensors[target.a_key] = a.to(plan.dtype).contiguous()
-        tensors[target.b_key] = b.to(plan.dtype).contiguous()
+        for key, factor in zip((target.a_key, target.b_key), target.factor_shapes(*factors[name]), strict=True):
+            tensors[key], n = to_output_dtype(factor, plan.dtype, tensor=key, mode=overflow, what="LoRA factor")
+            tensors[key] = tensors[key].contiguous()
+            if n:
+                clamped[key] = n
+        a = tensors[target.a_key]
         ranks[target.module] = int(a.shape[0])
         report[name]["rank"] = float(a.shape[0])
     main_rank = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -252,7 +259,8 @@ def write_adapter(out_dir: Path, plan: LoraOutputPlan, factors: dict[str, tuple[
     save_file(tensors, str(out_dir / ADAPTER_FILE), metadata={"format": "pt", "merged_by": "neuromerge"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     size = (out_dir / ADAPTER_FILE).stat().st_size
-    return {"files": [ADAPTER_FILE, CONFIG_FILE], "index": None, "total_size": size, "bytes_written": size}
+    return {"files": [ADAPTER_FILE, CONFIG_FILE], "index": None, "total_size": size, "bytes_written": size,
+            "clamped": clamped}
 
 
 def lora_report(plan: LoraOutputPlan, per_module: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -276,8 +284,9 @@ class LoraSink:
 
     Thread-safe; :meth:`add` of the last rows of a module runs that module's SVD in the calling worker thread."""
 
-    def __init__(self, plan: LoraOutputPlan) -> None:
+    def __init__(self, plan: LoraOutputPlan, overflow: OverflowMode = "error") -> None:
         self.plan = plan
+        self.overflow = overflow
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.report: dict[str, dict[str, float]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
@@ -316,7 +325,7 @@ class LoraSink:
         missing = [t.module for n, t in self.plan.targets.items() if n not in self.factors]
         if missing:
             raise NeuromergeError(f"{len(missing)} LoRA module(s) not fully merged: {', '.join(missing[:5])}")
-        shards = write_adapter(out_dir, self.plan, self.factors, self.report)
+        shards = write_adapter(out_dir, self.plan, self.factors, self.report, self.overflow)
         return shards, lora_report(self.plan, self.report)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 #: the signatures version this module calls (``NM_ABI`` in ``_fused.c``)
-ABI = 7
+ABI = 8
 #: dtype codes of the kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 

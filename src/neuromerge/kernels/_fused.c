@@ -78,7 +78,7 @@ static inline __attribute__((always_inline)) int64_t load_block(const void *p, i
     return bad;
 }
 
-/* store fp32 values; returns how many are NaN/Inf */
+/* store fp32 values; returns how many are NaN/Inf as stored (in bf16, after rounding) */
 static inline __attribute__((always_inline)) int64_t store_block(void *p, int dtype, int64_t start, int64_t m, const float *in) {
     int32_t bad = 0;
     if (dtype == NM_BF16) {
@@ -87,9 +87,11 @@ static inline __attribute__((always_inline)) int64_t store_block(void *p, int dt
             uint32_t u = f32_to_bits(in[j]);
             uint32_t nonfinite = (u & 0x7F800000u) == 0x7F800000u;
             uint32_t nan = nonfinite & ((u & 0x007FFFFFu) != 0);
-            bad += (int32_t)nonfinite;
             uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-            d[j] = (uint16_t)(nan ? 0x7FC0u : rounded);
+            uint16_t v = (uint16_t)(nan ? 0x7FC0u : rounded);
+            /* counted after rounding: a finite fp32 value above bf16's largest (3.3895e38) rounds to Inf */
+            bad += (int32_t)((v & 0x7F80u) == 0x7F80u);
+            d[j] = v;
         }
     } else {
         float *d = (float *)p + start;
@@ -283,7 +285,7 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
             for (int64_t j = 0; j < m; j++) {
                 float p = y[j] * g[j];
                 lowest[j] = p < lowest[j] ? p : lowest[j];
-                float a = p > 0.0f ? p : 0.0f;
+                float a = p <= 0.0f ? 0.0f : p; /* relu that keeps NaN, as torch.relu: never a finite 0 */
                 tot[j] = tot[j] + a;
                 div[j] = div[j] + (a > 0.0f ? w : 0.0f);
             }
@@ -324,7 +326,7 @@ NM_CLONES int64_t nm_ties(int64_t n, int n_models, const void *base, const void 
                 float t_sum = 0.0f, d_sum = 0.0f;
                 for (int t = 0; t < n_models; t++) {
                     float p = tp[(size_t)t * TB + j] * -1.0f;
-                    float a = p > 0.0f ? p : 0.0f;
+                    float a = p <= 0.0f ? 0.0f : p;
                     t_sum = t_sum + a;
                     d_sum = d_sum + (a > 0.0f ? weights[t] : 0.0f);
                 }
@@ -993,7 +995,7 @@ NM_CLONES int64_t nm_abs_window(int64_t n, const void *base, const void *model, 
 
 /* Version of the kernels' signatures: neuromerge.kernels refuses a library whose number differs from its own (a stale
  * build left in place by a failed rebuild), instead of calling it with the wrong arguments. */
-#define NM_ABI 7
+#define NM_ABI 8
 int64_t nm_abi(void) { return NM_ABI; }
 
 /* The extension module itself is empty: it exists so that setuptools builds and installs the shared library,

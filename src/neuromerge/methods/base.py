@@ -16,6 +16,8 @@ from typing import ClassVar, Generic, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..numeric import FiniteFloat
+
 TensorKind = Literal["neuronal", "point"]
 
 
@@ -25,7 +27,7 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     #: multiplier of each model's task vector (mergekit's per-model ``weight``)
-    weight: float = Field(1.0, description="per-model multiplier of its task vector (or of its weights)")
+    weight: FiniteFloat = Field(1.0, description="per-model multiplier of its task vector (or of its weights)")
 
 
 @dataclass(frozen=True)

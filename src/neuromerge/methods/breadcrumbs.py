@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from ..tensors.sparsify import breadcrumbs_sparsify
 from .base import MergeInput, MethodParams
 from .registry import method
@@ -21,8 +22,8 @@ from .ties import density_field
 class BreadcrumbsMaskParams(MethodParams):
     """Mask parameters shared by both Breadcrumbs variants (per model, like mergekit)."""
 
-    density: float = density_field(0.15, "official code's starting point β = 0.15; mergekit's default 1.0")
-    gamma: float = Field(
+    density: FiniteFloat = density_field(0.15, "official code's starting point β = 0.15; mergekit's default 1.0")
+    gamma: FiniteFloat = Field(
         0.01, ge=0, lt=1, description="fraction of largest-magnitude entries dropped as outliers, per model"
     )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from .base import MergeInput, MergeMethod, MethodParams
 from .registry import method
 
@@ -25,10 +26,10 @@ from .registry import method
 class ConsensusParams(MethodParams):
     """Parameters of Consensus / TALL-mask merging."""
 
-    lam: float = Field(
+    lam: FiniteFloat = Field(
         0.3, alias="lambda", description="scale λ of the masked multi-task vector (Task Arithmetic's 0.3)"
     )
-    tall_lambda: float = Field(
+    tall_lambda: FiniteFloat = Field(
         0.6, ge=0, description="λ_tall of the TALL masks (FusionBench tall_mask_lambda default 0.6)"
     )
     k: int = Field(2, ge=0, description="keep weights activated by at least k TALL masks (prun_thre_k)")

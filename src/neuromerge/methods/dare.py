@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
+from ..numeric import FiniteFloat
 from ..tensors.sparsify import Rescale, dare_drop
 from .base import MergeInput, MethodParams
 from .registry import method
@@ -26,7 +27,7 @@ from .ties import density_field
 class DareParams(MethodParams):
     """Drop parameters shared by both DARE variants."""
 
-    density: float = density_field(0.5, "keep probability 1 − p; FusionBench's default p = 0.5")
+    density: FiniteFloat = density_field(0.5, "keep probability 1 − p; FusionBench's default p = 0.5")
     rescale: Rescale = Field(
         "inverse",
         description="inverse: kept / density = kept / (1 − p) (DARE paper, PEFT); l1: match the L1 norm "
@@ -43,7 +44,7 @@ class DareParams(MethodParams):
 
 
 class DareLinearParams(DareParams, LinearCombineParams):
-    lam: float = lam_field(1.0, "DARE default 1.0, as mergekit")
+    lam: FiniteFloat = lam_field(1.0, "DARE default 1.0, as mergekit")
 
 
 class DareTiesParams(DareParams, ConsensusCombineParams):

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from .. import kernels
 from ..errors import ConfigError
+from ..numeric import FiniteFloat
 from ..tensors.consensus import SignMethod, ties_merge
 from ..tensors.neurons import Reconstruction, merge_coefficients, neuron_merge, orthogonal_mix
 from ._common import TrimScope, fused_trim_applies, global_trim_thresholds, trimmed_deltas
@@ -29,18 +30,18 @@ from .registry import method
 class NeuroMergingParams(MethodParams):
     """Parameters of NeuroMerging (defaults and sources in docs/methods/neuromerging.md)."""
 
-    density: float = Field(
+    density: FiniteFloat = Field(
         0.2, gt=0, le=1, description="kept fraction of |τ_t| per model (official mask_rate = 1 − density) [code]"
     )
     scope: TrimScope = Field("global", description="trim threshold over the whole model (global) or per tensor")
-    lambda1: float = Field(0.0, description="scale of the parallel merge ψ∥ (0 in the released scripts) [code]")
-    lambda2: float | Literal["auto"] = Field(
+    lambda1: FiniteFloat = Field(0.0, description="scale of the parallel merge ψ∥ (0 in the released scripts) [code]")
+    lambda2: FiniteFloat | Literal["auto"] = Field(
         "auto", description="scale of ψ⊥ + point; 'auto' = 1/(1−σ), σ = max_t removed L1 fraction [paper]"
     )
     parallel_reconstruction: Reconstruction = Field(
         "paper", description="ψ∥ = c̄·w0 (paper) or c̄·w0/‖w0‖ (official code)"
     )
-    cum_threshold: float = Field(
+    cum_threshold: FiniteFloat = Field(
         1.0, gt=0, le=1, description="cumulative-variance threshold η of the per-neuron SVD (1 keeps all) [code]"
     )
     sign_method: SignMethod = Field("sum", description="TIES sign election: sum (official) or count")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from .base import MergeInput, MergeMethod, MethodParams
 from .registry import method
 
@@ -25,11 +26,12 @@ from .registry import method
 class PcbParams(MethodParams):
     """Parameters of PCB-Merging."""
 
-    density: float = Field(0.1, gt=0, le=1, description="kept fraction r of the balancing scores (pcb_ratio) [code]")
-    clip_ratio: float = Field(
+    density: FiniteFloat = Field(0.1, gt=0, le=1,
+                                 description="kept fraction r of the balancing scores (pcb_ratio) [code]")
+    clip_ratio: FiniteFloat = Field(
         1e-4, ge=0, lt=0.5, description="quantile clipping of |τ| at both ends (min_ratio = max_ratio) [code]"
     )
-    lam: float = Field(
+    lam: FiniteFloat = Field(
         1.0, alias="lambda", description="scale λ of the merged task vector (tuned on validation in the paper)"
     )
 

@@ -7,6 +7,7 @@ import math
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from .base import MergeInput, MergeMethod
 from .model_stock import UnweightedParams
 from .registry import method
@@ -18,7 +19,7 @@ NORM_EPS = 1e-8
 
 
 class SlerpParams(UnweightedParams):
-    t: float = Field(0.5, ge=0, le=1, description="interpolation factor: 0 = first model, 1 = second model")
+    t: FiniteFloat = Field(0.5, ge=0, le=1, description="interpolation factor: 0 = first model, 1 = second model")
 
 
 def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:

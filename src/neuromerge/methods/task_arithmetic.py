@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from .. import kernels
 from ..errors import ConfigError
+from ..numeric import FiniteFloat
 from ..tensors.consensus import SignMethod, elect_sign
 from ..tensors.sparsify import (
     TiesVariant,
@@ -43,13 +44,13 @@ def lam_field(default: float, note: str) -> Any:
 class CombineParams(MethodParams):
     """Parameters of the ``combine`` step shared by the family: the scaling ``λ`` (``lambda`` in configs)."""
 
-    lam: float = lam_field(1.0, "mergekit's default 1.0")
+    lam: FiniteFloat = lam_field(1.0, "mergekit's default 1.0")
 
 
 class LinearCombineParams(CombineParams):
     """Plain weighted sum of task vectors, optionally normalised by the weight sum."""
 
-    lam: float = lam_field(0.3, "METHODS.md / official Task Arithmetic default 0.3")
+    lam: FiniteFloat = lam_field(0.3, "METHODS.md / official Task Arithmetic default 0.3")
     normalize: bool = Field(False, description="divide Σ_t w_t τ_t by Σ_t w_t")
 
 

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from .. import kernels
+from ..numeric import FiniteFloat
 from ._common import TrimScope, fused_trim_applies, global_trim_thresholds, trimmed_deltas
 from .base import MergeInput
 from .registry import method
@@ -26,7 +27,7 @@ def density_field(default: float, note: str) -> Any:
 
 
 class TiesParams(ConsensusCombineParams):
-    density: float = density_field(0.2, "TIES paper k = 20 %; mergekit's default is 1.0 = no trim")
+    density: FiniteFloat = density_field(0.2, "TIES paper k = 20 %; mergekit's default is 1.0 = no trim")
     scope: TrimScope = Field(
         "global",
         description="trim threshold over the whole model per task (global, TIES paper) or per tensor "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..numeric import FiniteFloat
 from .base import MergeInput, MergeMethod, MethodParams
 from .registry import method
 
@@ -20,7 +21,7 @@ from .registry import method
 class TsvParams(MethodParams):
     """Parameters of TSV-Merge."""
 
-    lam: float = Field(
+    lam: FiniteFloat = Field(
         1.0, alias="lambda", description="scale α of the merged task vector (FusionBench's alpha, default 1)"
     )
 
