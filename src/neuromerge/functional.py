@@ -21,6 +21,7 @@ from .engine.layout import LayoutRules, from_canonical, to_canonical
 from .engine.plan import plan_statistics
 from .engine.reading import kernel_inputs
 from .engine.stats import global_thresholds
+from .engine.threads import one_torch_thread
 from .methods import MergeInput
 from .numeric import to_output_dtype
 from .tensors import rng
@@ -59,7 +60,7 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
     spec = plan_statistics(impl, resolver, names)  # the engine's rule: one density, over the tensors that ask
     if spec is not None:
         stat_names = [n for n in names if n in spec.tensors]
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1, initializer=one_torch_thread) as pool:
             stats = global_thresholds(range(len(stat_names)), lambda i: canonical(stat_names[i]), list(spec.densities),
                                       executor=pool, l1=spec.l1, group_of=lambda i: i)
     out = dict(base)

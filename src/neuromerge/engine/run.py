@@ -38,6 +38,7 @@ from .plan import DEFAULT_CHUNK_ELEMENTS, MergePlan, TensorPlan, build_plan, ope
 from .reading import all_finite, chunk_rows, read_all, read_stored_all
 from .report import write_reports
 from .stats import global_thresholds
+from .threads import one_torch_thread
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         return _execute_concat(plan, tmp, resolver, timings, threads=threads, t_start=t_start)
     jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
 
-    with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads, initializer=one_torch_thread) as pool:
         t0 = time.perf_counter()
         stats = _statistics(plan, resolver, jobs, pool, device, bar)
         timings["statistics"] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ import torch
 
 from .plan import MergePlan
 from .reading import chunk_rows, read_all
+from .threads import one_torch_thread
 
 
 def scan_inputs(plan: MergePlan, *, threads: int = 1, progress: Any = None) -> int:
@@ -33,6 +34,6 @@ def scan_inputs(plan: MergePlan, *, threads: int = 1, progress: Any = None) -> i
         base, _ = read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=False, device=cpu)
         return int(base.numel())
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, threads), initializer=one_torch_thread) as pool:
         results = pool.map(check, jobs)
         return sum(progress(results, len(jobs), "scan") if progress is not None else results)

@@ -26,6 +26,7 @@ from ..config import MergeConfig, load_config
 from ..engine.memory import retain_freed_memory
 from ..engine.plan import DEFAULT_CHUNK_ELEMENTS, MergePlan
 from ..engine.run import Progress, prepare, single_threaded_torch
+from ..engine.threads import one_torch_thread
 from ..errors import ConfigError, NeuromergeError
 from ..io.output_guard import check_output
 from ..io.writer import write_error
@@ -136,7 +137,8 @@ def inspect_plan(plan: MergePlan, density: float = 0.2, *, threads: int = 1, pro
     stays open; the caller closes it)."""
     bar = progress if callable(progress) else Progress(progress)
     t0 = time.perf_counter()
-    with single_threaded_torch(), ThreadPoolExecutor(max_workers=max(1, threads)) as executor:
+    with single_threaded_torch(), ThreadPoolExecutor(max_workers=max(1, threads),
+                                                     initializer=one_torch_thread) as executor:
         collected = collect(plan, density, executor=executor, progress=bar)
     report = build_report(plan, collected, density)
     report.timings_s["statistics"] = time.perf_counter() - t0
