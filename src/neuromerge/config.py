@@ -326,9 +326,21 @@ def validate_method_parameters(config: MergeConfig) -> None:
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models)
     ]
     for where, params in scopes:
+        canonical: dict[str, str] = {}
         for key, value in _clean(params).items():
             for candidate in _candidates(value):
                 _validate_one(cls, where, key, candidate)
+            field = _field_name(cls.Params, key)
+            if field in canonical:
+                raise ConfigError(f"{where}: {key!r} and {canonical[field]!r} name the same parameter; give it once")
+            canonical[field] = key
+            if where != "parameters" and field not in cls.per_model_params:
+                per_model = ", ".join(sorted(cls.per_model_params))
+                raise ConfigError(
+                    f"{where}.{key}: {key!r} is a global parameter of merge method {cls.name!r} (one value for the "
+                    f"whole merge, a per-model value would be ignored); set it under `parameters` "
+                    f"(per-model parameters: {per_model})"
+                )
 
 
 def _validate_one(cls: type[MergeMethod], where: str, key: str, value: Scalar) -> None:
@@ -343,6 +355,14 @@ def _validate_one(cls: type[MergeMethod], where: str, key: str, value: Scalar) -
     except ValidationError as err:
         msg = "; ".join(e["msg"] for e in err.errors())
         raise ConfigError(f"{where}.{key} = {value!r}: {msg}") from None
+
+
+def _field_name(params_cls: type[MethodParams], key: str) -> str:
+    """The field a parameter name means: itself, or the field it is the alias of (``lambda`` → ``lam``)."""
+    for name, info in params_cls.model_fields.items():
+        if key in (name, info.alias):
+            return name
+    return key
 
 
 @cache
@@ -408,8 +428,8 @@ class ParamResolver:
         out = {}
         for key, value in _clean(params).items():
             v = evaluate(value, name, t)
-            if v is not None:
-                out[key] = v
+            if v is not None:  # by field name: a per-model ``lam`` overrides a global ``lambda``
+                out[_field_name(self.cls.Params, key)] = v
         return out
 
     def resolve(self, name: str) -> tuple[MethodParams, list[MethodParams]]:

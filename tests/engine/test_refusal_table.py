@@ -262,6 +262,18 @@ def _(d: Path) -> list[str]:
     return merge(d, config(d, parameters={"densty": 0.2}))
 
 
+@case("global-parameter-per-model")
+def _(d: Path) -> list[str]:
+    base, experts = family(d)
+    models = [{"model": str(experts[0]), "parameters": {"lambda": 0.5}}, {"model": str(experts[1])}]
+    return merge(d, config(d, models=models))
+
+
+@case("alias-and-name")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, parameters={"lambda": 0.5, "lam": 0.7}))
+
+
 @case("out-of-range-parameter")
 def _(d: Path) -> list[str]:
     return merge(d, config(d, parameters={"density": 1.5}))

@@ -48,6 +48,7 @@ class Breadcrumbs(TaskVectorMerge[BreadcrumbsParams]):
 
     name = "breadcrumbs"
     Params = BreadcrumbsParams
+    per_model_params = frozenset({"weight", "density", "gamma"})
     summary = "drop top-γ outliers and the smallest |τ| per tensor (keep density), then θ0 + λ Σ w_t τ̂_t"
     source = "Davari & Belilovsky 2024, arXiv 2312.06795 (rezazzr/breadcrumbs); mergekit breadcrumbs"
     chunkable = False

@@ -66,6 +66,7 @@ class DareLinear(TaskVectorMerge[DareLinearParams]):
 
     name = "dare_linear"
     Params = DareLinearParams
+    per_model_params = frozenset({"weight", "density"})
     summary = "random drop (keep prob. density) + rescale 1/density, then θ0 + λ Σ w_t τ̃_t"
     source = "Yu et al. 2024, arXiv 2311.03099 (yule-BUAA/MergeLM); mergekit dare_linear; PEFT dare_linear"
     chunkable = True

@@ -87,6 +87,7 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
     name = "neuromerging"
     aliases = ("neuro_merging",)
     Params = NeuroMergingParams
+    per_model_params = frozenset({"weight", "density"})
     summary = "per-neuron parallel/orthogonal split; TIES on projections and on per-neuron SVD coordinates"
     source = "Fang et al. 2025, arXiv 2503.05320; official code ZzzitaoFang/NeuroMerging"
     chunkable = True

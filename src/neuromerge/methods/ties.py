@@ -53,6 +53,7 @@ class Ties(TaskVectorMerge[TiesParams]):
 
     name = "ties"
     Params = TiesParams
+    per_model_params = frozenset({"weight", "density"})
     summary = "trim top-k of |τ_t| (global), elect signs, disjoint mean; θ0 + λ τ_m"
     source = "Yadav et al. 2023, arXiv 2306.01708 (prateeksr/ties-merging); mergekit ties; PEFT ties"
     chunkable = True
