@@ -461,3 +461,27 @@ def test_in_memory_merge_refuses_fp16_overflow() -> None:
     model = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
     with pytest.raises(NeuromergeError, match="beyond float16's range"):
         merge_state_dicts("task_arithmetic", base, [model, model], parameters={"lambda": 1.0})
+
+
+def test_decomposition_of_nonfinite_inputs_is_one_line(make_family, tmp_path: Path) -> None:
+    """With `allow_nonfinite: true`, a NaN reaching TSV's SVD is a one-line error, not a LinAlgError traceback."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from neuromerge.cli import app
+    from tests.helpers import write_config
+
+    base, experts = make_family("llama", n_experts=2)
+    f = experts[0] / "model.safetensors"
+    sd = load_file(f)
+    name = next(n for n, t in sd.items() if t.dim() == 2 and "proj" in n)
+    sd[name][0, :] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+    for method in ("tsv",):
+        cfg = write_config(tmp_path / f"{method}.yaml", method, base, experts, allow_nonfinite=True)
+        out = tmp_path / f"out-{method}"
+        res = CliRunner().invoke(app, ["merge", str(cfg), "-o", str(out), "--no-progress"])
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "failed on" in lines[0], res.output
+        assert not out.exists()

@@ -282,7 +282,14 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
         name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
         params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape, uniform=uniform,
     )
-    merged = plan.method.merge(x)
+    try:
+        merged = plan.method.merge(x)
+    except torch.linalg.LinAlgError as err:  # an SVD / eigh that does not converge: NaN/Inf let in by allow_nonfinite
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeuromergeError(
+            f"{method_name} failed on {tp.name!r}: {first} (the tensor's inputs are not finite, or ill-conditioned; "
+            "with `allow_nonfinite: true` choose a method without a decomposition)"
+        ) from None
     if tuple(merged.shape) != tuple(base.shape):
         raise NeuromergeError(f"{method_name} returned shape {list(merged.shape)} for {tp.name!r}, "
                               f"expected {list(base.shape)}")
