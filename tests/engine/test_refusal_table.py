@@ -264,7 +264,7 @@ def _(d: Path) -> list[str]:
 
 @case("global-parameter-per-model")
 def _(d: Path) -> list[str]:
-    base, experts = family(d)
+    _base, experts = family(d)
     models = [{"model": str(experts[0]), "parameters": {"lambda": 0.5}}, {"model": str(experts[1])}]
     return merge(d, config(d, models=models))
 
