@@ -142,51 +142,50 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="show one method's parameters")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List the merge methods, or one method's parameters with their defaults."""
-    from .methods import available, get
+    """List every method (static, data-aware, routed, MERGE) with the command that runs it, or one method's
+    parameters with their defaults, ranges and descriptions."""
+    from . import catalog
 
     try:
-        classes = [get(name)] if name else list(available().values())
+        chosen = [catalog.get(name)] if name else catalog.entries()
+        rows = [catalog.describe(e, details=bool(name) or as_json) for e in chosen]
     except NeuromergeError as err:
         _fail(str(err))
         return
-    rows = [_describe(cls) for cls in classes]
     if as_json:
         typer.echo(json.dumps(rows if name is None else rows[0], indent=2, default=str))
         return
     if name is None:
         width = max(len(r["name"]) for r in rows)
+        cmd = max(len(r["command"]) for r in rows)
         for r in rows:
             alias = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
-            typer.echo(f"{r['name']:<{width}}  {r['summary']}{alias}")
+            typer.echo(f"{r['name']:<{width}}  {r['kind']:<10}  {r['command']:<{cmd}}  {r['summary']}{alias}")
+        typer.echo("`neuromerge methods NAME` shows a method's parameters")
         return
     r = rows[0]
     typer.echo(f"{r['name']}: {r['summary']}")
+    if r["aliases"]:
+        typer.echo(f"aliases: {', '.join(r['aliases'])}")
+    typer.echo(f"kind: {r['kind']}; command: neuromerge {r['command']}")
+    for other in r["also"]:
+        typer.echo(f"also: neuromerge {other}")
     if r["source"]:
         typer.echo(f"source: {r['source']}")
-    typer.echo(f"models: {r['models']}; row-chunkable: {r['chunkable']}")
-    typer.echo("parameters:")
-    for p in r["parameters"]:
-        typer.echo(f"  {p['name']:<24} default {p['default']!r:<10} {p['constraints']:<16} {p['description']}")
-
-
-def _describe(cls: Any) -> dict[str, Any]:
-    params = []
-    for fname, info in cls.Params.model_fields.items():
-        constraints = " ".join(
-            f"{k}{getattr(m, attr)}" for m in info.metadata
-            for k, attr in ((">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le")) if hasattr(m, attr)
-        )
-        ann = getattr(info.annotation, "__args__", None)
-        if ann and all(isinstance(a, str) for a in ann):
-            constraints = "|".join(ann)
-        params.append({"name": info.alias or fname, "default": info.default, "constraints": constraints,
-                       "description": info.description or ""})
-    maxm = cls.max_models
-    models = f"{cls.min_models}" if maxm == cls.min_models else f">= {cls.min_models}" + (
-        f", <= {maxm}" if maxm else "")
-    return {"name": cls.name, "aliases": list(cls.aliases), "summary": cls.summary, "source": cls.source,
-            "models": models, "chunkable": cls.chunkable, "parameters": params}
+    if r.get("docs"):
+        typer.echo(f"docs: {r['docs']}")
+    if "models" in r:
+        typer.echo(f"models: {r['models']}; row-chunkable: {r['chunkable']}")
+    if r.get("variants"):
+        typer.echo(f"variants (bench ablations included): {', '.join(r['variants'])}")
+    for i, section in enumerate(r["sections"]):
+        if r["kind"] in ("static", "data-aware") and i == 0:
+            typer.echo("parameters:")
+        else:
+            typer.echo(f"{section['name']} ({section['where']}):")
+        for p in section["parameters"]:
+            default = "(required)" if p.get("required") else f"default {p['default']!r:<10}"
+            typer.echo(f"  {p['name']:<24} {default:<18} {p['constraints']:<16} {p['description']}")
 
 
 @app.command()
