@@ -1,5 +1,5 @@
-"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``inspect``, ``search`` / ``search-worker`` (MERGE)
-and ``route`` (routed models: ``build``, ``info``)."""
+"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``export-experts``, ``inspect``, ``search`` /
+``search-worker`` (MERGE) and ``route`` (routed models: ``build``, ``info``)."""
 
 from __future__ import annotations
 
@@ -214,6 +214,54 @@ def bench(
                          task_file=task_file, seed=seed, progress=progress, threads=threads, mode=mode)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("export-experts")
+def export_experts(
+    suite: Annotated[str, typer.Argument(help="bench suite whose experts to export: text")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder to write (base/, experts/, heads/, data/, "
+                                      "tasks.yaml, merge.yaml, route.yaml)")],
+    mode: Annotated[str, typer.Option(help="full (HF model folders) or lora (PEFT adapters)")] = "full",
+    quick: Annotated[bool, typer.Option("--quick", help="the suite's quick budget (as `bench --quick`)")] = False,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
+    task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of expert training (as `bench --seed`)")] = 0,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="retrain cached experts")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
+    = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """Write a suite's experts (trained, or from the bench's cache) as HF folders or PEFT adapters, with its base,
+    heads, task data and ready merge / route configs."""
+    from .bench.cli import split_list
+    from .bench.export import export_experts as run_export
+    from .io.writer import install_signal_cleanup
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    install_signal_cleanup()
+    try:
+        res = run_export(out, suite, mode=mode, quick=quick, tasks=split_list(tasks, "tasks"), seed=seed,
+                         task_file=task_file, rebuild=rebuild, force=force, progress=progress,
+                         log=lambda msg: typer.echo(msg, err=True))
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"cannot write {out}: {err.strerror or err}")
+        return
+    for warning in res.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"exported {len(res.experts)} {res.mode} experts of the {res.suite} suite "
+               f"({', '.join(res.experts)}) and {len(res.tasks)} tasks to {res.out}")
+    typer.echo(f"  neuromerge merge {res.out / 'merge.yaml'} -o merged/")
+    if res.mode == "lora":
+        typer.echo(f"  neuromerge route build min_merging --config {res.out / 'route.yaml'} -o routed/")
 
 
 @app.command()
