@@ -1,5 +1,5 @@
-"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``inspect``, ``search`` / ``search-worker`` (MERGE)
-and ``route`` (routed models: ``build``, ``info``)."""
+"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``export-experts``, ``inspect``, ``search`` /
+``search-worker`` (MERGE) and ``route`` (routed models: ``build``, ``info``)."""
 
 from __future__ import annotations
 
@@ -153,51 +153,50 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="show one method's parameters")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List the merge methods, or one method's parameters with their defaults."""
-    from .methods import available, get
+    """List every method (static, data-aware, routed, MERGE) with the command that runs it, or one method's
+    parameters with their defaults, ranges and descriptions."""
+    from . import catalog
 
     try:
-        classes = [get(name)] if name else list(available().values())
+        chosen = [catalog.get(name)] if name else catalog.entries()
+        rows = [catalog.describe(e, details=bool(name) or as_json) for e in chosen]
     except NeuromergeError as err:
         _fail(str(err))
         return
-    rows = [_describe(cls) for cls in classes]
     if as_json:
         typer.echo(json.dumps(rows if name is None else rows[0], indent=2, default=str))
         return
     if name is None:
         width = max(len(r["name"]) for r in rows)
+        cmd = max(len(r["command"]) for r in rows)
         for r in rows:
             alias = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
-            typer.echo(f"{r['name']:<{width}}  {r['summary']}{alias}")
+            typer.echo(f"{r['name']:<{width}}  {r['kind']:<10}  {r['command']:<{cmd}}  {r['summary']}{alias}")
+        typer.echo("`neuromerge methods NAME` shows a method's parameters")
         return
     r = rows[0]
     typer.echo(f"{r['name']}: {r['summary']}")
+    if r["aliases"]:
+        typer.echo(f"aliases: {', '.join(r['aliases'])}")
+    typer.echo(f"kind: {r['kind']}; command: neuromerge {r['command']}")
+    for other in r["also"]:
+        typer.echo(f"also: neuromerge {other}")
     if r["source"]:
         typer.echo(f"source: {r['source']}")
-    typer.echo(f"models: {r['models']}; row-chunkable: {r['chunkable']}")
-    typer.echo("parameters:")
-    for p in r["parameters"]:
-        typer.echo(f"  {p['name']:<24} default {p['default']!r:<10} {p['constraints']:<16} {p['description']}")
-
-
-def _describe(cls: Any) -> dict[str, Any]:
-    params = []
-    for fname, info in cls.Params.model_fields.items():
-        constraints = " ".join(
-            f"{k}{getattr(m, attr)}" for m in info.metadata
-            for k, attr in ((">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le")) if hasattr(m, attr)
-        )
-        ann = getattr(info.annotation, "__args__", None)
-        if ann and all(isinstance(a, str) for a in ann):
-            constraints = "|".join(ann)
-        params.append({"name": info.alias or fname, "default": info.default, "constraints": constraints,
-                       "description": info.description or ""})
-    maxm = cls.max_models
-    models = f"{cls.min_models}" if maxm == cls.min_models else f">= {cls.min_models}" + (
-        f", <= {maxm}" if maxm else "")
-    return {"name": cls.name, "aliases": list(cls.aliases), "summary": cls.summary, "source": cls.source,
-            "models": models, "chunkable": cls.chunkable, "parameters": params}
+    if r.get("docs"):
+        typer.echo(f"docs: {r['docs']}")
+    if "models" in r:
+        typer.echo(f"models: {r['models']}; row-chunkable: {r['chunkable']}")
+    if r.get("variants"):
+        typer.echo(f"variants (bench ablations included): {', '.join(r['variants'])}")
+    for i, section in enumerate(r["sections"]):
+        if r["kind"] in ("static", "data-aware") and i == 0:
+            typer.echo("parameters:")
+        else:
+            typer.echo(f"{section['name']} ({section['where']}):")
+        for p in section["parameters"]:
+            default = "(required)" if p.get("required") else f"default {p['default']!r:<10}"
+            typer.echo(f"  {p['name']:<24} {default:<18} {p['constraints']:<16} {p['description']}")
 
 
 @app.command()
@@ -226,6 +225,54 @@ def bench(
                          task_file=task_file, seed=seed, progress=progress, threads=threads, mode=mode)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("export-experts")
+def export_experts(
+    suite: Annotated[str, typer.Argument(help="bench suite whose experts to export: text")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder to write (base/, experts/, heads/, data/, "
+                                      "tasks.yaml, merge.yaml, route.yaml)")],
+    mode: Annotated[str, typer.Option(help="full (HF model folders) or lora (PEFT adapters)")] = "full",
+    quick: Annotated[bool, typer.Option("--quick", help="the suite's quick budget (as `bench --quick`)")] = False,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
+    task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of expert training (as `bench --seed`)")] = 0,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="retrain cached experts")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
+    = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """Write a suite's experts (trained, or from the bench's cache) as HF folders or PEFT adapters, with its base,
+    heads, task data and ready merge / route configs."""
+    from .bench.cli import split_list
+    from .bench.export import export_experts as run_export
+    from .io.writer import install_signal_cleanup
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    install_signal_cleanup()
+    try:
+        res = run_export(out, suite, mode=mode, quick=quick, tasks=split_list(tasks, "tasks"), seed=seed,
+                         task_file=task_file, rebuild=rebuild, force=force, progress=progress,
+                         log=lambda msg: typer.echo(msg, err=True))
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"cannot write {out}: {err.strerror or err}")
+        return
+    for warning in res.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"exported {len(res.experts)} {res.mode} experts of the {res.suite} suite "
+               f"({', '.join(res.experts)}) and {len(res.tasks)} tasks to {res.out}")
+    typer.echo(f"  neuromerge merge {res.out / 'merge.yaml'} -o merged/")
+    if res.mode == "lora":
+        typer.echo(f"  neuromerge route build min_merging --config {res.out / 'route.yaml'} -o routed/")
 
 
 @app.command()
