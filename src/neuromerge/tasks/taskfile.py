@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import TaskError
 from ..paths import looked_for, resolve_path
@@ -74,6 +74,13 @@ class TaskEntry(BaseModel):
     classes: list[str] | None = None
     label_words: list[str] | None = Field(None, min_length=2, description="causal LMs: one word per class")
     prompt: str | None = Field(None, description="with label_words: a format string with {text}")
+
+    @field_validator("classes", "label_words", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(w, bool) for w in v):
+            raise ValueError("a word was read as true/false (YAML reads yes / no / on / off so); quote it: 'no'")
+        return v
 
 
 def _err(path: Path, msg: str) -> TaskError:
