@@ -21,6 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "neuromerge"
 LAYERS: dict[str, int] = {
     "tensors": 0, "kernels": 0, "errors": 0, "numeric": 0, "textfile": 0, "paths": 0,
     "engine": 1, "methods": 1, "io": 1, "config": 1, "functional": 1, "task_vector": 1,
+    "catalog": 1,  # the methods' descriptions; upper-layer models are named by "module:attr" strings
     "tasks": 2,
     "routing": 3, "search": 3, "data_aware": 3, "inspection": 3,
     "bench": 4,
