@@ -78,7 +78,7 @@ def resolve(ref: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------------- routed / search
 #: where a routed method's configuration is defined (``neuromerge route build NAME --config``)
-ROUTE_CONFIG = "neuromerge.bench.routed_methods:RouteBuildConfig"
+ROUTE_CONFIG = "neuromerge.routing.build_config:RouteBuildConfig"
 _ROUTE_CONFIG_SECTION = ParamSection("route build config", ROUTE_CONFIG, "top-level keys of --config", skip=("params",))
 
 ROUTED: tuple[CatalogEntry, ...] = (
@@ -89,25 +89,25 @@ ROUTED: tuple[CatalogEntry, ...] = (
                 "gates with the top expert alone in its core layers",
         source="Liang 2025, arXiv 2510.17890 (no public code; reconstruction in docs/min_merging.md)",
         also=("bench SUITE --mode lora --methods min_merging",),
-        sections=(ParamSection("params", "neuromerge.bench.routed_methods:MinMergingParams", "params: of --config"),
+        sections=(ParamSection("params", "neuromerge.routing.build:MinMergingParams", "params: of --config"),
                   _ROUTE_CONFIG_SECTION),
-        variants="neuromerge.bench.routed_methods:VARIANTS", docs="docs/min_merging.md"),
+        variants="neuromerge.routing.build:VARIANTS", docs="docs/min_merging.md"),
     CatalogEntry(
         name="twin", kind="routed", command="route build twin", aliases=("twin_merging", "twin-merging"),
         summary="Twin-Merging: Task Arithmetic shared expert + SVD-compressed exclusive vectors mixed by a soft router",
         source="Lu et al. 2024, arXiv 2406.15479 (LZY-the-boys/Twin-Merging)",
         also=("bench SUITE --methods twin",),
-        sections=(ParamSection("params", "neuromerge.bench.routed_methods:TwinParams", "params: of --config"),
+        sections=(ParamSection("params", "neuromerge.routing.build:TwinParams", "params: of --config"),
                   _ROUTE_CONFIG_SECTION),
-        variants="neuromerge.bench.routed_methods:VARIANTS", docs="docs/min_merging.md"),
+        variants="neuromerge.routing.build:VARIANTS", docs="docs/min_merging.md"),
     CatalogEntry(
         name="emr", kind="routed", command="route build emr", aliases=("emr_merging", "emr-merging"),
         summary="EMR-Merging: unified task vector + per-task masks and rescalers, the task picked by a router",
         source="Huang et al. 2024, arXiv 2405.17461 (harveyhuang18/EMR_Merging)",
         also=("bench SUITE --methods emr:router",),
-        sections=(ParamSection("params", "neuromerge.bench.routed_methods:EMRParams", "params: of --config"),
+        sections=(ParamSection("params", "neuromerge.routing.build:EMRParams", "params: of --config"),
                   _ROUTE_CONFIG_SECTION),
-        variants="neuromerge.bench.routed_methods:VARIANTS", docs="docs/min_merging.md"),
+        variants="neuromerge.routing.build:VARIANTS", docs="docs/min_merging.md"),
     CatalogEntry(
         name="wemoe", kind="routed", command="route build wemoe", aliases=("we-moe",),
         summary="WEMoE: Task Arithmetic outside the MLPs; routed MLPs W0 + Σ r_t(x) τ_t, routers trained by "
@@ -123,9 +123,9 @@ ROUTED: tuple[CatalogEntry, ...] = (
         summary="MERGE: per-component task partitions searched by surrogate-assisted NSGA-II (accuracy vs storage), "
                 "an 8-bit module library and a router that runs each input's chain",
         source="Qiu, Wu, Feng, Tan 2026, arXiv 2602.06552 (no public code; reconstruction in docs/merge_search.md)",
-        sections=(ParamSection("search config", "neuromerge.bench.merge_run:SearchRunConfig",
+        sections=(ParamSection("search config", "neuromerge.search.merge_run:SearchRunConfig",
                                "neuromerge search CONFIG"),
-                  ParamSection("route build merge", "neuromerge.bench.merge_run:RoutedMergeParams",
+                  ParamSection("route build merge", "neuromerge.search.merge_run:RoutedMergeParams",
                                "neuromerge route build merge --config")),
         docs="docs/merge_search.md"),
 )

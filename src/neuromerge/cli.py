@@ -330,8 +330,8 @@ def search(
 ) -> None:
     """MERGE: surrogate-assisted NSGA-II over per-component task partitions; writes the Pareto set (pareto.json),
     pareto.png, hypervolume.png and the representative points against the static merges."""
-    from .bench.merge_run import load_search_config, run_merge_search
     from .io.output_guard import check_output
+    from .search.merge_run import load_search_config, run_merge_search
 
     try:
         # a search only adds files to its folder, so a config kept inside it (resumed with --resume) is fine; the
@@ -361,7 +361,7 @@ def search_worker(
     max_idle: Annotated[float | None, typer.Option(help="exit after this many seconds without work")] = None,
 ) -> None:
     """Evaluate configurations of a distributed `neuromerge search` (same config, same storage URL)."""
-    from .bench.merge_run import load_search_config, run_search_worker
+    from .search.merge_run import load_search_config, run_search_worker
 
     try:
         n = run_search_worker(load_search_config(config, storage_url=storage), max_idle_s=max_idle)
@@ -377,7 +377,22 @@ def _add_route() -> None:
     app.add_typer(route_app, name="route")
 
 
+def _register_bench_suites() -> None:
+    """A config's ``suite: NAME`` (``search``, ``search-worker``, ``route build merge``, ``inspect --suite``) names
+    one of the bench's suites. The library resolves names through a registered provider and never imports the
+    bench: the command registers the bench's here, importing it only when a name is resolved."""
+    from .tasks.named import register_suite_provider
+
+    def provider(name: str, **kwargs: Any) -> Any:
+        from .bench.tasksets import suite_taskset
+
+        return suite_taskset(name, **kwargs)
+
+    register_suite_provider(provider)
+
+
 _add_route()
+_register_bench_suites()
 
 
 #: commands whose process ends without the interpreter's teardown (see :func:`main`)

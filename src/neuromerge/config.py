@@ -237,13 +237,11 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
 
 
 def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
-    """Model paths written relative to the config file resolve against its folder when they exist there."""
+    """Model paths written relative to the config file resolve against its folder (:mod:`neuromerge.paths`)."""
+    from .paths import resolve_str
 
     def fix(p: str | None) -> str | None:
-        if p is None or Path(p).is_absolute() or Path(p).exists():
-            return p
-        candidate = base_dir / p
-        return str(candidate) if candidate.exists() else p
+        return None if p is None else resolve_str(p, base_dir)
 
     models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
     return config.model_copy(update={"base_model": fix(config.base_model), "models": models})

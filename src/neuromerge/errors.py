@@ -50,3 +50,20 @@ class NotApplicable(NeuromergeError):
 
 class DtypeOverflowError(NeuromergeError):
     """A value does not fit the output dtype (e.g. 70000 in float16); `overflow: clamp` clamps such values instead."""
+
+
+class TaskError(ConfigError):
+    """Bad models-plus-task-data input (layer 2, :mod:`neuromerge.tasks`): a task file, a task's data, a model
+    folder or an expert that a pipeline cannot use, a contract object without a hook a pipeline needs. The bench's
+    ``BenchError`` is a subclass."""
+
+
+def validation_lines(err: object, prefix: str = "") -> list[str]:
+    """One line per problem of a pydantic ``ValidationError`` (duck-typed: anything with ``errors()``):
+    ``"{prefix}{field}: {message}"`` (an unknown key: ``"unknown key"``; a missing one: ``"missing (required)"``)."""
+    lines = []
+    for e in err.errors():  # type: ignore[attr-defined]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = {"extra_forbidden": "unknown key", "missing": "missing (required)"}.get(e["type"], e["msg"])
+        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('. ')}: {msg}")
+    return lines

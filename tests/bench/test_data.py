@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from neuromerge.bench import data
-from neuromerge.bench.suites import BenchError
-from neuromerge.errors import ConfigError
+from neuromerge.errors import ConfigError, TaskError
 
 
 def _toy(n_per_class: tuple[int, ...] = (50, 30, 20)) -> tuple[list[str], list[int], list[str]]:
@@ -78,9 +77,9 @@ def test_cleaning_drops_empty_nan_and_conflicting_duplicates():
 
 
 def test_too_small_class_and_bad_labels_raise():
-    with pytest.raises(BenchError, match="fewer than 3"):
+    with pytest.raises(TaskError, match="fewer than 3"):
         data.make_splits("toy", ["a", "b", "c", "d"], [0, 0, 0, 1], ["x", "y"], seed=0, sizes=None)
-    with pytest.raises(BenchError, match="outside"):
+    with pytest.raises(TaskError, match="outside"):
         data.make_splits("toy", ["a"], [5], ["x", "y"], seed=0, sizes=None)
 
 

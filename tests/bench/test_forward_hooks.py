@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuromerge.bench import data
-from neuromerge.bench.lora_experts import lora_experts, lora_factors
-from neuromerge.bench.suite import Batch, Budget, Expert, Split, Suite, TaskData
-from neuromerge.bench.suites import BenchError
+from neuromerge.errors import TaskError
+from neuromerge.routing.lora_factors import lora_experts, lora_factors
+from neuromerge.tasks.contract import Batch, Budget, Expert, Split, Suite, TaskData
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,7 +114,7 @@ def test_base_hooks_raise_and_generic_evaluate_module() -> None:
     suite = _ToySuite(x, y)
     for call in (lambda: suite.module({}), lambda: suite.feature_module(),
                  lambda: suite.pooled(nn.Identity(), Batch({}, y), "final")):
-        with pytest.raises(BenchError, match="suite 'toy' has no forward hooks"):
+        with pytest.raises(TaskError, match="suite 'toy' has no forward hooks"):
             call()
     assert suite.expert_rank() is None
     lin = nn.Linear(4, 3)
@@ -159,16 +159,16 @@ def test_lora_factors_reproduce_low_rank_delta() -> None:
 
 def test_lora_factors_raise_on_full_rank_or_unfactorable_delta() -> None:
     base, expert, _ = _lowrank_pair()
-    with pytest.raises(BenchError, match=r"a\.weight.*not of rank ≤ 1"):
+    with pytest.raises(TaskError, match=r"a\.weight.*not of rank ≤ 1"):
         lora_factors(base, expert, rank=1)  # the rank-2 delta does not fit in rank 1
     full = {**expert, "b.weight": base["b.weight"] + _seeded((7, 4), 8)}
-    with pytest.raises(BenchError, match=r"b\.weight"):
+    with pytest.raises(TaskError, match=r"b\.weight"):
         lora_factors(base, full, rank=3)
     bias = {**expert, "a.bias": base["a.bias"] + 1}
-    with pytest.raises(BenchError, match=r"a\.bias changed"):
+    with pytest.raises(TaskError, match=r"a\.bias changed"):
         lora_factors(base, bias, rank=3)
     assert sorted(lora_factors(base, bias, rank=3, exclude=[r"\.bias$"])) == ["a", "c"]
-    with pytest.raises(BenchError, match="different tensors"):
+    with pytest.raises(TaskError, match="different tensors"):
         lora_factors(base, {k: v for k, v in expert.items() if k != "a.bias"}, rank=3)
 
 

@@ -24,8 +24,8 @@ from neuromerge.bench import llm_model as lm
 from neuromerge.bench.cache import cached
 from neuromerge.bench.data import make_splits, raw_text_dataset
 from neuromerge.bench.llm import IN_DOMAIN, OUT_OF_DOMAIN, PPL_TASK, LLMSuite
-from neuromerge.bench.suite import Budget, Expert, TaskData
-from neuromerge.bench.suites import BenchError
+from neuromerge.errors import TaskError
+from neuromerge.tasks.contract import Budget, Expert, TaskData
 
 BUDGET = Budget(quick=True, train_steps=6, batch_size=4, eval_examples=8,
                 extra={"max_text_tokens": 16, "val_examples": 8, "ppl_examples": 4, "ppl_tokens": 24, "eval_batch": 8})
@@ -106,7 +106,7 @@ def test_label_words_are_single_distinct_tokens(suite: LLMSuite) -> None:
         assert all(len(i) == 1 for i in ids), (name, words, ids)
         assert [tok.decode(i) for i in ids] == list(words)
         assert len({i[0] for i in ids}) == len(words)
-    with pytest.raises(BenchError, match="single"):
+    with pytest.raises(TaskError, match="single"):
         suite.template("mine", ["antidisestablishmentarianism", "b"])
 
 
@@ -187,9 +187,9 @@ def test_evaluate_reloads_only_given_tensors(suite: LLMSuite, sentiment: TaskDat
     assert suite.evaluate(base, None, sentiment, "val", BUDGET) == acc_base
     assert suite.evaluate(expert.backbone, None, sentiment, "test", BUDGET) == expert.test_score
     assert not torch.equal(suite.model().state_dict()[key], noisy)
-    with pytest.raises(BenchError, match="not SmolLM2"):
+    with pytest.raises(TaskError, match="not SmolLM2"):
         suite.evaluate({"encoder.weight": noisy}, None, sentiment, "val", BUDGET)
-    with pytest.raises(BenchError, match="head"):
+    with pytest.raises(TaskError, match="head"):
         suite.evaluate(base, {"weight": noisy}, sentiment, "val", BUDGET)
 
 
@@ -203,5 +203,5 @@ def test_tasks_and_dialogue_perplexity(suite: LLMSuite) -> None:
     assert all(t.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in t for t in ppl.test.inputs)
     value = suite.evaluate(suite.backbone_state(), None, ppl, "test", BUDGET)
     assert 1.0 < value < 1000.0
-    with pytest.raises(BenchError, match="lora"):
+    with pytest.raises(TaskError, match="lora"):
         suite.train_expert(tasks["sentiment"], BUDGET, "full", seed=0)

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from neuromerge.bench import grids, protocol, suites
-from neuromerge.bench.suite import Budget, Expert, Suite, TaskData
-from neuromerge.bench.suites import BenchError
 from neuromerge.bench.taskfile import make_tensor_splits
 from neuromerge.bench.text import fit_linear
+from neuromerge.errors import TaskError
 from neuromerge.functional import merge_state_dicts
 from neuromerge.methods import available, get
+from neuromerge.tasks.contract import Budget, Expert, Suite, TaskData
 
 D = 6
 
@@ -187,16 +187,16 @@ def test_cache_entry_of_another_version_is_rebuilt(cache_dir):
 
 def test_bad_input_errors(cache_dir, monkeypatch):
     suite = ToySuite()
-    with pytest.raises(BenchError, match="unknown method 'nope'"):
+    with pytest.raises(TaskError, match="unknown method 'nope'"):
         protocol.run_suite(suite, ["nope"], quick=True, progress=False)
-    with pytest.raises(BenchError, match=r"unknown task 'zz'.*t0, t1, t2, ood"):
+    with pytest.raises(TaskError, match=r"unknown task 'zz'.*t0, t1, t2, ood"):
         protocol.run_suite(suite, ["linear"], tasks=["zz"], quick=True, progress=False)
-    with pytest.raises(BenchError, match="no in-domain task"):
+    with pytest.raises(TaskError, match="no in-domain task"):
         protocol.run_suite(suite, ["linear"], tasks=["ood"], quick=True, progress=False)
-    with pytest.raises(BenchError, match="unknown suite 'nope'; available: text, vision, llm"):
+    with pytest.raises(TaskError, match="unknown suite 'nope'; available: text, vision, llm"):
         suites.get_suite("nope")
     monkeypatch.setitem(suites.SUITES, "ghost", ("ghost_module_xyz", "Ghost", "not there"))
-    with pytest.raises(BenchError, match="registered but its module"):
+    with pytest.raises(TaskError, match="registered but its module"):
         suites.get_suite("ghost")
     assert suite.trained == Counter()  # validation happens before any training
 
@@ -275,10 +275,10 @@ def test_model_folder_is_evaluated_by_tensor_name(cache_dir, tmp_path):
     assert only_ood.rows[-1].test == {} and only_ood.rows[-1].mean is None
     save_file({"toy.encoder.layer.0.dense.weight": base["encoder.layer.0.dense.weight"]},
               str(folder / "model.safetensors"))
-    with pytest.raises(BenchError, match=r"no tensor named 'encoder\.layer\.0\.dense\.bias'"):
+    with pytest.raises(TaskError, match=r"no tensor named 'encoder\.layer\.0\.dense\.bias'"):
         protocol.load_merged_backbone(folder, base)
     trained = sum(suite.trained.values())
-    with pytest.raises(BenchError, match="does not exist"):
+    with pytest.raises(TaskError, match="does not exist"):
         protocol.run_suite(suite, tasks=["t0"], quick=True, model=tmp_path / "nowhere", progress=False)
     assert sum(suite.trained.values()) == trained  # refused before any training
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuromerge.bench.suite import Budget
-from neuromerge.bench.suites import BenchError
 from neuromerge.bench.taskfile import load_task_file, map_labels, read_entries
-from neuromerge.errors import ConfigError
+from neuromerge.errors import ConfigError, TaskError
+from neuromerge.tasks.contract import Budget
 
 BUDGET = Budget(quick=True, eval_examples=10, extra={"train_examples": 30, "val_examples": 8})
 
@@ -116,15 +115,15 @@ def test_errors(tmp_path, body, files, message):
     suite = "vision" if "vision" in body else "text"
     with pytest.raises(ConfigError, match=message) as info:
         load_task_file(f, suite, BUDGET, reserved=["sentiment"])
-    assert isinstance(info.value, BenchError) and "\n" not in str(info.value)
+    assert isinstance(info.value, TaskError) and "\n" not in str(info.value)
     assert str(f) in str(info.value)
 
 
 def test_missing_file_and_label_mapping_rules(tmp_path):
-    with pytest.raises(BenchError, match="does not exist"):
+    with pytest.raises(TaskError, match="does not exist"):
         read_entries(tmp_path / "none.yaml")
     assert map_labels([1, 3.0, "3", " 1 "]) == ([0, 1, 1, 0], ["1", "3"])
     assert map_labels(["b", "a", 1]) == ([2, 1, 0], ["1", "a", "b"])  # mixed: all treated as strings
     assert map_labels([True, False, True]) == ([1, 0, 1], ["False", "True"])
-    with pytest.raises(BenchError, match="not one of the declared classes"):
+    with pytest.raises(TaskError, match="not one of the declared classes"):
         map_labels(["a", "c"], ["a", "b"])

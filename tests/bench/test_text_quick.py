@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from neuromerge.bench.suite import Budget
 from neuromerge.bench.text import LORA_TARGETS, TextSuite
+from neuromerge.tasks.contract import Budget
 
 METHODS = ["task_arithmetic", "ties"]
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from neuromerge.bench import vision, vision_data
-from neuromerge.bench.suite import Budget, Expert, Split, TaskData
-from neuromerge.bench.suites import BenchError
+from neuromerge.errors import TaskError
 from neuromerge.functional import merge_state_dicts
+from neuromerge.tasks.contract import Budget, Expert, Split, TaskData
 
 TINY = Budget(quick=True, train_steps=30, batch_size=32, eval_examples=200, probe_steps=100,
               extra={"bn_reestimate": True, "bn_batches": 2, "bn_batch_size": 64, "train_examples": 600,
@@ -128,10 +128,10 @@ def test_rotated_and_inverted_mnist_share_the_mnist_partition() -> None:
 
 def test_bad_image_tasks_are_rejected() -> None:
     images = torch.zeros(10, 1, 32, 32)
-    with pytest.raises(BenchError, match="fewer than 3"):
+    with pytest.raises(TaskError, match="fewer than 3"):
         vision_data.make_image_splits("x", vision_data.ImageSet(images, torch.tensor([0] * 8 + [1] * 2), ["a", "b"],
                                                                 ""))
-    with pytest.raises(BenchError, match="outside"):
+    with pytest.raises(TaskError, match="outside"):
         vision_data.make_image_splits("x", vision_data.ImageSet(images, torch.tensor([0] * 9 + [5]), ["a", "b"], ""))
 
 
@@ -247,9 +247,9 @@ def test_probe_and_evaluate_do_not_modify_the_backbone(suite: vision.VisionSuite
     assert first > 0.3  # a linear probe on frozen ImageNet features separates digits well above chance (0.1)
     assert suite.evaluate(base, head, mnist_task, "val", TINY) == first  # memoised statistics: same result
     assert all(torch.equal(copy[k], base[k]) for k in base)
-    with pytest.raises(BenchError, match="head"):
+    with pytest.raises(TaskError, match="head"):
         suite.evaluate(base, None, mnist_task, "val", TINY)
-    with pytest.raises(BenchError, match="unknown expert mode"):
+    with pytest.raises(TaskError, match="unknown expert mode"):
         suite.train_expert(mnist_task, TINY, "adapter", seed=0)
 
 

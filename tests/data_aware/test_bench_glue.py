@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from neuromerge.bench.data_methods import DATA_METHODS, resolve_params, run_data_method, runners
-from neuromerge.bench.suite import Budget, Expert
 from neuromerge.data_aware.access import TensorAccess
 from neuromerge.data_aware.wemoe import WEMoEModel
 from neuromerge.errors import ConfigError
+from neuromerge.tasks.contract import Budget, Expert
 
 from .fixtures import bert_factory, bert_setup
 

@@ -17,13 +17,15 @@ from typer.testing import CliRunner
 
 import neuromerge
 from neuromerge import kernels, numeric
-from neuromerge.bench import merge_run, routed_methods
 from neuromerge.cli import app
 from neuromerge.engine.run import prepare
 from neuromerge.errors import ConfigError, NeuromergeError, NonFiniteError
 from neuromerge.functional import merge_state_dicts
 from neuromerge.methods import available, registry
 from neuromerge.methods.base import GlobalStats, MergeInput
+from neuromerge.routing import build as routed_methods
+from neuromerge.routing import build_config
+from neuromerge.search import merge_run
 from tests.helpers import write_config
 
 runner = CliRunner()
@@ -208,7 +210,7 @@ def _float_fields(model: type[pydantic.BaseModel]) -> list[str]:
 PARAMETER_MODELS = sorted(
     {cls.Params for cls in available().values()} | {
         routed_methods.MinMergingParams, routed_methods.TwinParams, routed_methods.EMRParams,
-        routed_methods.RouteBuildConfig, merge_run.SearchRunConfig,
+        build_config.RouteBuildConfig, merge_run.SearchRunConfig,
     }, key=lambda m: m.__name__,
 )
 

@@ -349,9 +349,9 @@ def test_search_and_route_config_that_is_a_folder(tmp_path: Path, command: str) 
 
 
 def test_task_file_that_is_a_folder(tmp_path: Path) -> None:
-    from neuromerge.bench.suites import BenchError
     from neuromerge.bench.taskfile import read_entries
+    from neuromerge.errors import TaskError
 
     (tmp_path / "tasks.yaml").mkdir()
-    with pytest.raises(BenchError, match="is a folder, expected a YAML file"):
+    with pytest.raises(TaskError, match="is a folder, expected a YAML file"):
         read_entries(tmp_path / "tasks.yaml")

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 import neuromerge
 from neuromerge.cli import app
-from neuromerge.inspection import InspectReport, figures, inspect, inspect_plan, suite_pool
+from neuromerge.inspection import InspectReport, figures, inspect, inspect_plan
 from neuromerge.inspection import stats as stats_module
 from neuromerge.inspection.components import component_of
 from neuromerge.inspection.mergeability import component_groups, component_mergeability, merged_component
 from neuromerge.inspection.stats import BINS
-from neuromerge.inspection.suite_pool import BENCH_MISSING, BenchUnavailable, SuiteExperts
+from neuromerge.inspection.suite_pool import SuiteExperts
 from tests.helpers import write_config
 
 runner = CliRunner()
@@ -352,10 +352,9 @@ def test_component_mergeability_merges_only_that_component(tmp_path: Path) -> No
 
 def test_mergeability_without_the_bench_is_reported_not_a_crash(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing() -> Any:
-        raise BenchUnavailable(BENCH_MISSING)
+    from neuromerge.tasks import named
 
-    monkeypatch.setattr(suite_pool, "_bench", missing)
+    monkeypatch.setattr(named, "_PROVIDER", [])  # no provider of named suites (the bench) is registered
     base = _base()
     cfg = _pool(tmp_path, base, _random_experts(base, 2, seed=14))
     res = runner.invoke(app, ["inspect", str(cfg), "-o", str(tmp_path / "o"), "--suite", "text", "--no-progress"])

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from neuromerge.bench.suite import Budget
-from neuromerge.bench.suites import BenchError
 from neuromerge.bench.taskfile import load_task_file, read_entries
 from neuromerge.cli import app
-from neuromerge.errors import ConfigError
+from neuromerge.errors import ConfigError, TaskError
+from neuromerge.tasks.contract import Budget
 from neuromerge.textfile import load_yaml, read_text
 
 runner = CliRunner()
@@ -44,8 +43,8 @@ def test_read_text_names_file_offset_line_and_column(tmp_path: Path) -> None:
     assert str(err.value) == f"config file {f} is not UTF-8 text: {LATIN1_AT}; save it as UTF-8"
     f.write_bytes(b"\xef\xbb\xbfa: 1\n")  # a byte-order mark is dropped
     assert read_text(f) == "a: 1\n" and load_yaml(f) == {"a": 1}
-    with pytest.raises(BenchError, match=r"d\.txt cannot be read"):
-        read_text(tmp_path / "d.txt", error=BenchError)
+    with pytest.raises(TaskError, match=r"d\.txt cannot be read"):
+        read_text(tmp_path / "d.txt", error=TaskError)
 
 
 def test_load_yaml_malformed_is_one_line(tmp_path: Path) -> None:
@@ -86,7 +85,7 @@ def test_route_config_not_utf8(tmp_path: Path) -> None:
 def test_task_file_yaml_not_utf8(tmp_path: Path) -> None:
     f = tmp_path / "tasks.yaml"
     f.write_bytes(b"tasks:\n  - {name: caf\xe9, suite: text, file: d.csv}\n")
-    with pytest.raises(BenchError, match=r"task file .*tasks\.yaml is not UTF-8 text: byte 0xe9 at offset 21 "
+    with pytest.raises(TaskError, match=r"task file .*tasks\.yaml is not UTF-8 text: byte 0xe9 at offset 21 "
                                          r"\(line 2, column 15\)"):
         read_entries(f)
 
@@ -97,12 +96,12 @@ def test_task_data_jsonl_and_csv_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_bytes(good[:40] + b"\xff" + good[40:])
     f = tmp_path / "tasks.yaml"
     f.write_text("tasks:\n  - {name: mine, suite: text, file: d.jsonl}\n")
-    with pytest.raises(BenchError) as err:
+    with pytest.raises(TaskError) as err:
         load_task_file(f, "text", BUDGET)
     msg = str(err.value)
     assert msg.startswith(f"task file {f}: task 'mine': data file ") and "d.jsonl is not UTF-8 text: byte 0xff at " \
         "offset 40 (line 2, column 10)" in msg, msg
     (tmp_path / "d.csv").write_bytes(b"text,label\nhello,1\nwor\xffld,2\n")
     f.write_text("tasks:\n  - {name: mine, suite: text, file: d.csv}\n")
-    with pytest.raises(BenchError, match=r"d\.csv is not UTF-8 text: byte 0xff at offset 22 \(line 3, column 4\)"):
+    with pytest.raises(TaskError, match=r"d\.csv is not UTF-8 text: byte 0xff at offset 22 \(line 3, column 4\)"):
         load_task_file(f, "text", BUDGET)

@@ -434,7 +434,7 @@ class FakeSuite:
 
 @pytest.fixture(scope="module")
 def fake_problem_parts():
-    from neuromerge.bench.suite import Budget, Expert, Split, TaskData
+    from neuromerge.tasks.contract import Budget, Expert, Split, TaskData
 
     g = torch.Generator().manual_seed(11)
     base = {"_conv_stem.weight": torch.randn(8, 6, generator=g), "_blocks.0.fc.weight": torch.randn(8, 8, generator=g),
@@ -454,7 +454,7 @@ def fake_problem_parts():
 
 
 def test_merge_problem_objectives(fake_problem_parts, tmp_path: Path) -> None:
-    from neuromerge.bench.merge_search import MergeProblem
+    from neuromerge.search.merge_problem import MergeProblem
 
     base, experts, tasks, budget = fake_problem_parts
     suite = FakeSuite()
@@ -480,9 +480,9 @@ def test_merge_problem_objectives(fake_problem_parts, tmp_path: Path) -> None:
 
 
 def test_representative_table(fake_problem_parts) -> None:
-    from neuromerge.bench.merge_search import MergeProblem, representative_points, representative_table
     from neuromerge.search.archive import Evaluation
     from neuromerge.search.encoding import Configuration as SearchConfig
+    from neuromerge.search.merge_problem import MergeProblem, representative_points, representative_table
 
     base, experts, tasks, budget = fake_problem_parts
     problem = MergeProblem(FakeSuite(), base, experts, tasks, budget, ops=("task_arithmetic", "average"))
@@ -508,7 +508,7 @@ def test_representative_table(fake_problem_parts) -> None:
 def test_low_storage_point_ignores_header_byte_differences() -> None:
     from types import SimpleNamespace as P
 
-    from neuromerge.bench.merge_search import representative_points
+    from neuromerge.search.merge_problem import representative_points
 
     archive = [P(f1=90.0, f2=1000), P(f1=95.0, f2=1005), P(f1=99.0, f2=1100), P(f1=100.0, f2=2000)]
     points = representative_points(archive)

@@ -15,8 +15,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from neuromerge.bench import routed_methods as rm
 from neuromerge.cli import app
+from neuromerge.tasks.hf import HFSuite
 
 from .test_routed_methods import FAST, hf_fixture, tiny_bert
 
@@ -56,8 +56,8 @@ def no_probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return f
 
-    monkeypatch.setattr(rm.HFSuite, "__init__", forbidden("HFSuite"))
-    monkeypatch.setattr(rm.HFSuite, "fit_probe", forbidden("fit_probe"))
+    monkeypatch.setattr(HFSuite, "__init__", forbidden("HFSuite"))
+    monkeypatch.setattr(HFSuite, "fit_probe", forbidden("fit_probe"))
     return calls
 
 
@@ -180,9 +180,10 @@ def test_every_problem_listed_one_line_each_before_any_probe(tmp_path: Path, no_
     want = [
         f"{cfg}: seq_len: Input should be greater than or equal to 4",
         f"{cfg}: colour: unknown key",
-        f"{cfg}: experts.b: adapter folder gone does not exist (looked for ",
-        f"{cfg}: experts.c: {tmp_path / 'notpeft'} has no adapter_config.json; give a PEFT LoRA adapter folder",
-        f"{cfg}: experts.d: no task 'd' of suite text or llm in {tmp_path / 'tasks.yaml'} (found: a, b, c)",
+        f"{cfg}: experts.b: expert gone does not exist (looked for ",
+        f"{cfg}: experts.c: {tmp_path / 'notpeft'} is neither a PEFT LoRA adapter folder (no adapter_config.json) "
+        "nor a model checkpoint (",
+        f"{cfg}: experts.d: no task 'd' in {tmp_path / 'tasks.yaml'} (found: a, b, c)",
         f"{cfg}: tasks: task 'c': data file {tmp_path / 'c.jsonl'} does not exist",
         f"{cfg}: params.top_k: Input should be greater than or equal to 1",
         f"{cfg}: params.nope: unknown key",

@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from neuromerge.bench import routed_methods as rm
-from neuromerge.bench.suite import Batch, Budget, Expert, Split, Suite, TaskData, mean_pool, module_output
-from neuromerge.bench.suites import BenchError
+from neuromerge.bench import routed_methods as bench_routed
+from neuromerge.errors import TaskError
 from neuromerge.routing import HierarchicalGates, LowRankExpert, RoutedModel
+from neuromerge.routing import build as rm
 from neuromerge.routing import min_merging as mm
 from neuromerge.routing.emr import emr_experts, emr_storage_bytes, emr_unify
 from neuromerge.routing.twin import exclusive_rank, task_arithmetic_state, twin_experts
+from neuromerge.tasks.contract import Batch, Budget, Expert, Split, Suite, TaskData, mean_pool, module_output
 
 StateDict = dict[str, torch.Tensor]
 VOCAB, SEQ, HIDDEN, RANK = 40, 8, 32, 2
@@ -305,7 +306,7 @@ def test_mean_abs_outputs_skips_padding() -> None:
 # --- hierarchical gates end to end -----------------------------------------------------------------------------
 def test_hierarchical_gates_core_everywhere_is_the_top_expert() -> None:
     suite, base, experts, _ = make_setup([{0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0}], n=8, label_from_expert=False)
-    from neuromerge.bench.lora_experts import lora_factors
+    from neuromerge.routing.lora_factors import lora_factors
 
     factors = [lora_factors(base, e.backbone, RANK) for e in experts]
     low = [LowRankExpert(f"e{i}", f) for i, f in enumerate(factors)]
@@ -381,8 +382,8 @@ def test_emr_builder_oracle_equals_the_reconstructed_expert() -> None:
         torch.testing.assert_close(forward(built.model, ids), forward(suite.module(static), ids), atol=1e-4,
                                    rtol=1e-4)
     assert built.storage_bytes < built.meta["runtime_bytes"]
-    assert rm.runners().keys() == rm.VARIANTS.keys()
-    with pytest.raises(BenchError, match="calib_examples"):
+    assert bench_routed.runners().keys() == rm.VARIANTS.keys()
+    with pytest.raises(TaskError, match="calib_examples"):
         rm.resolve_params("emr:router", FAST)
 
 
@@ -450,7 +451,7 @@ def test_route_build_config_round_trip_equals_the_peft_expert(tmp_path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "min_merging" and manifest["tasks"] == ["t0", "t1"]
     assert manifest["extra"]["meta"]["factors_exact"] is True
-    with pytest.raises(BenchError, match="bench ablation"):
+    with pytest.raises(TaskError, match="bench ablation"):
         find_builder("emr")({**cfg, "variant": "emr:oracle", "params": ROUTER_FAST}, tmp_path / "x")
 
 
@@ -486,7 +487,7 @@ def test_route_build_wemoe_trains_routers_and_round_trips(tmp_path) -> None:
         a = model(input_ids=ids, attention_mask=mask).last_hidden_state
         b = load_routed(out)(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    with pytest.raises(BenchError, match=r"^route build config: params\.nope: unknown key$"):  # before any fitting
+    with pytest.raises(TaskError, match=r"^route build config: params\.nope: unknown key$"):  # before any fitting
         find_builder("wemoe")({**cfg, "params": {"nope": 1}}, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -499,7 +500,7 @@ def test_bench_runner_produces_a_scored_module_with_storage_and_latency() -> Non
     ctx = SimpleNamespace(suite=suite, base=base, in_domain=tasks, experts={e.task: e for e in experts},
                           budget=Budget(quick=True, eval_examples=40), seed=0,
                           clock=lambda _phase: contextlib.nullcontext())
-    runner, transductive = rm.runners()["emr:router"]
+    runner, transductive = bench_routed.runners()["emr:router"]
     produced = runner(ctx, "emr:router")
     assert not transductive and not produced.oracle and isinstance(produced.module, RoutedModel)
     numels = [base[f"{m}.weight"].numel() for m in LORA_MODULES]

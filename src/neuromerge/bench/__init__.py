@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .suites import BenchError, available_suites, get_suite
+from .tasksets import register as _register_suites
+
+_register_suites()  # the library resolves `suite: NAME` (search configs, inspect --suite) through the bench
 
 if TYPE_CHECKING:
     from .protocol import BenchResults

@@ -34,19 +34,23 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
-import torch
-
-from .suite import Split, TaskData
+from ..tasks.splits import (  # noqa: F401  (the library's split rules, re-exported for the suites)
+    SPLIT_FRACTIONS,
+    _seed_of,
+    clean_texts,
+    make_splits,
+    make_tensor_splits,
+    split_fingerprint,
+    stratified_cap,
+    stratified_indices,
+)
+from .suite import TaskData
 from .suites import BenchError
 
-#: train / validation / test fractions of every class
-SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 #: a chatterbot topic (or language) is "well populated" when it has at least this many distinct statements
 CHATTER_MIN_STATEMENTS = 100
 #: chatterbot-corpus folders of the Latin-script languages used by ``language_id`` (class order)
@@ -173,116 +177,6 @@ def raw_text_dataset(name: str) -> RawText:
         raise BenchError(f"unknown text dataset {name!r}; known: {', '.join(TEXT_DATASETS)}") from None
     texts, labels, classes = loader()
     return list(texts), list(labels), list(classes)
-
-
-def clean_texts(texts: Sequence[Any], labels: Sequence[int]) -> tuple[list[str], list[int]]:
-    """Strip; drop empty, NaN and non-string texts; keep one copy of a repeated text when its labels agree and
-    drop every copy when they disagree. Order of first occurrence is kept."""
-    seen: dict[str, int] = {}
-    conflicting: set[str] = set()
-    for t, y in zip(texts, labels, strict=True):
-        if not isinstance(t, str):
-            continue
-        s = t.strip()
-        if not s:
-            continue
-        if s in seen and seen[s] != int(y):
-            conflicting.add(s)
-        seen.setdefault(s, int(y))
-    kept = [(t, y) for t, y in seen.items() if t not in conflicting]
-    return [t for t, _ in kept], [y for _, y in kept]
-
-
-def _seed_of(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def stratified_indices(labels: Sequence[int], num_classes: int, *, seed: int, name: str = "",
-                       fractions: Sequence[float] = SPLIT_FRACTIONS) -> list[list[list[int]]]:
-    """Per split, per class, the example indices: every class is shuffled by a generator seeded by
-    ``(seed, name, class)`` and cut at the cumulative ``fractions`` (rounded), the last split taking the rest."""
-    by_class: list[list[int]] = [[] for _ in range(num_classes)]
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    out: list[list[list[int]]] = [[[] for _ in range(num_classes)] for _ in fractions]
-    for c, idx in enumerate(by_class):
-        g = torch.Generator().manual_seed(_seed_of(seed, name, c))
-        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        bounds = [0] + [round(len(idx) * sum(fractions[: k + 1])) for k in range(len(fractions) - 1)] + [len(idx)]
-        for k in range(len(fractions)):
-            out[k][c] = perm[bounds[k]: bounds[k + 1]]
-    return out
-
-
-def stratified_cap(per_class: Sequence[int], cap: int) -> list[int]:
-    """How many examples of each class to keep so that at most ``cap`` remain, proportional to the class sizes
-    (largest remainder), every non-empty class keeping at least one when ``cap`` allows."""
-    total = sum(per_class)
-    if cap >= total:
-        return list(per_class)
-    quota = [cap * n / total for n in per_class]
-    keep = [math.floor(q) for q in quota]
-    if cap >= sum(1 for n in per_class if n):
-        for c, n in enumerate(per_class):
-            if n and keep[c] == 0:
-                keep[c] = 1
-    rest = cap - sum(keep)
-    order = sorted(range(len(per_class)), key=lambda c: (-(quota[c] - keep[c]), c))
-    for c in order:
-        if rest <= 0:
-            break
-        if keep[c] < per_class[c]:
-            keep[c] += 1
-            rest -= 1
-    while sum(keep) > cap:  # the minimum-one rule overshot: take from the largest classes
-        c = max(range(len(keep)), key=lambda i: (keep[i], -i))
-        keep[c] -= 1
-    return keep
-
-
-def split_fingerprint(name: str, classes: Sequence[str], splits: Sequence[Split]) -> str:
-    """SHA-256 of the task name, its class names and every split's texts and labels."""
-    h = hashlib.sha256(name.encode())
-    h.update("\x1f".join(classes).encode())
-    for s in splits:
-        h.update(b"\x1e")
-        for t in s.inputs:
-            h.update(t.encode())
-            h.update(b"\x1f")
-        h.update(s.labels.numpy().tobytes())
-    return h.hexdigest()
-
-
-def make_splits(name: str, texts: Sequence[Any], labels: Sequence[int], classes: Sequence[str], *, seed: int,
-                sizes: Sequence[int | None] | None, in_domain: bool = True, source: str = "") -> TaskData:
-    """A :class:`TaskData` with fixed, seeded, stratified, disjoint train / val / test splits of the cleaned
-    corpus (:func:`clean_texts`; 60 / 20 / 20 % per class), each split capped at ``sizes[k]`` examples when
-    ``sizes`` is given (``None`` entries: uncapped; stratified: class proportions kept, a class-wise prefix of the
-    full split, so a small run's split is a subset of a large run's). Inside a split, examples are ordered by a
-    seeded shuffle."""
-    if len(texts) != len(labels):
-        raise BenchError(f"task {name!r}: {len(texts)} texts but {len(labels)} labels")
-    bad = [y for y in labels if not 0 <= int(y) < len(classes)]
-    if bad:
-        raise BenchError(f"task {name!r}: label {bad[0]} outside 0..{len(classes) - 1}")
-    ctexts, clabels = clean_texts(texts, labels)
-    counts = [clabels.count(c) for c in range(len(classes))]
-    empty = [classes[c] for c, n in enumerate(counts) if n < 3]
-    if empty:
-        raise BenchError(f"task {name!r}: class(es) {', '.join(map(repr, empty))} have fewer than 3 examples "
-                         "(one per split needed)")
-    parts = stratified_indices(clabels, len(classes), seed=seed, name=name)
-    splits = []
-    for k, per_class in enumerate(parts):
-        if sizes is not None and sizes[k] is not None:
-            keep = stratified_cap([len(p) for p in per_class], int(sizes[k]))
-            per_class = [p[:n] for p, n in zip(per_class, keep, strict=True)]
-        idx = [i for p in per_class for i in p]
-        g = torch.Generator().manual_seed(_seed_of(seed, name, "order", k))
-        idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        splits.append(Split([ctexts[i] for i in idx], torch.tensor([clabels[i] for i in idx], dtype=torch.long)))
-    return TaskData(name=name, classes=list(classes), train=splits[0], val=splits[1], test=splits[2],
-                    in_domain=in_domain, source=source, fingerprint=split_fingerprint(name, classes, splits))
 
 
 SOURCES: dict[str, str] = {

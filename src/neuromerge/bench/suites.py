@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import ConfigError
+from ..errors import TaskError
 from .suite import Suite
 
 
-class BenchError(ConfigError):
-    """Bad benchmark input: unknown suite / task / method, a bad task file, missing data package..."""
+class BenchError(TaskError):
+    """Bad benchmark input: unknown suite / task / method, missing data package... (the library's
+    :class:`~neuromerge.errors.TaskError`, raised by the harness)."""
 
 
 #: suite name -> (module under ``neuromerge.bench``, class name, one-line description)

@@ -1,8 +1,10 @@
-"""How data-aware merges reach a model and its data: the :class:`ModelAccess` protocol (contract C).
+"""How data-aware merges reach a model and its data: the forward hooks of the tasks contract.
 
 Fisher, RegMean, AdaMerging and WEMoE need three things besides the weights: a *module* built from a state dict,
-*batches* of a task's examples, and the *logits* of a task's head over a module's output. Bench suites provide
-exactly these hooks (contract A: ``Suite.module`` / ``Suite.batches`` / ``Suite.logits``), so every suite is a
+*batches* of a task's examples, and the *logits* of a task's head over a module's output. These are the forward
+hooks of the one "models + task data" contract, :class:`neuromerge.tasks.Suite` (``module`` / ``batches`` /
+``logits``); :class:`ModelAccess` is their structural type, defined in :mod:`neuromerge.tasks.contract` and
+re-exported here, so every suite — built-in or a user's model folder (:class:`neuromerge.tasks.hf.HFSuite`) — is a
 :class:`ModelAccess`; :class:`TensorAccess` is a tiny in-memory one for tests and small experiments.
 
 Shared helpers: :func:`mergeable_names` (which tensors a data-aware method merges: floating tensors not matching
@@ -17,41 +19,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
-
-
-@runtime_checkable
-class BatchLike(Protocol):
-    """A batch as contract A's ``neuromerge.bench.suite.Batch``: ``module(**inputs)`` runs; ``mask`` is the
-    ``(B, T)`` attention mask of token models (1 = real token) or None."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    mask: torch.Tensor | None
-
-
-@runtime_checkable
-class ModelAccess(Protocol):
-    """What a data-aware merge needs from a model family (a bench ``Suite`` satisfies it).
-
-    ``module(backbone)``: a *new* backbone module in eval mode, fp32, loaded with ``backbone`` (its state_dict keys
-    are the backbone's). ``batches(task, split, budget, limit=, batch_size=)``: the first ``limit`` examples of a
-    split, deterministic. ``logits(module, head, task, batch)``: ``(B, C)`` class scores of ``task``, differentiable;
-    ``module`` may be a wrapper forwarding ``**kwargs`` to the backbone.
-    """
-
-    def module(self, backbone: StateDict) -> nn.Module: ...
-
-    def batches(self, task: Any, split: Any, budget: Any, *, limit: int | None = None,
-                batch_size: int | None = None) -> Sequence[BatchLike]: ...
-
-    def logits(self, module: nn.Module, head: StateDict | None, task: Any, batch: BatchLike) -> torch.Tensor: ...
+from ..tasks.contract import BatchLike, ModelAccess, StateDict  # the contract's (one definition), re-exported
 
 
 # --------------------------------------------------------------------------------------------------- helpers

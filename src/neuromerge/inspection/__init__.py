@@ -43,16 +43,17 @@ ConfigSource = MergeConfig | dict[str, Any] | str | Path
 
 
 def inspect(config: ConfigSource | None, out: str | Path | None = None, *, density: float = 0.2,
-            threads: int | None = None, suite: str | None = None, quick: bool = False, seed: int = 0,
+            threads: int | None = None, suite: str | Any = None, quick: bool = False, seed: int = 0,
             figures: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, allow_download: bool = False,
             progress: bool | None = None) -> InspectReport:
     """Inspect the pool of ``config`` (YAML path, dict or MergeConfig; it needs a ``base_model``).
 
     ``out``: folder for ``inspect.json`` and the PNG figures (nothing is written when None); ``density``: kept
     fraction of the global per-expert trim used for sign conflicts (as TIES / NeuroMerging); ``threads``: workers
-    (default: CPU cores; the numbers do not depend on it); ``suite``: a bench suite name for per-component
-    mergeability (``quick``/``seed``: its budget and expert seed); with ``config=None`` the pool itself is the
-    suite's experts. ``chunk_elements`` bounds the rows read at once, as in ``merge``.
+    (default: CPU cores; the numbers do not depend on it); ``suite``: for per-component mergeability, a
+    :class:`~neuromerge.tasks.TaskSet` (any contract object with its experts) or a suite name resolved by the
+    registered provider (the bench's; ``quick``/``seed``: its budget and expert seed); with ``config=None`` the
+    pool itself is the suite's experts. ``chunk_elements`` bounds the rows read at once, as in ``merge``.
     """
     t_start = time.perf_counter()
     if not 0 < density <= 1:
@@ -175,13 +176,13 @@ def build_report(plan: MergePlan, collected: Collected, density: float) -> Inspe
                          components=components, tensors=tensors, summary=summary, warnings=list(plan.warnings))
 
 
-def _mergeability(suite: str, experts: SuiteExperts | None, *, quick: bool, seed: int, progress: Any
+def _mergeability(suite: str | Any, experts: SuiteExperts | None, *, quick: bool, seed: int, progress: Any
                   ) -> Mergeability:
     from .mergeability import component_mergeability
 
     try:
         se = experts or load_suite_experts(suite, quick=quick, seed=seed, progress=progress)
     except BenchUnavailable:
-        return Mergeability(suite=suite, quick=quick, mode="", seed=seed, operator="", reference={}, rows=[],
+        return Mergeability(suite=str(suite), quick=quick, mode="", seed=seed, operator="", reference={}, rows=[],
                             available=False, note=BENCH_MISSING)
     return component_mergeability(se, progress=progress)

@@ -1,6 +1,7 @@
-"""A bench suite's experts as an inspection pool: the cached experts of :mod:`neuromerge.bench.protocol`
-(``cached_expert``: trained once, then read from the user cache) and, for ``neuromerge inspect --suite S``
-without a config, the same experts written as model folders with a merge config over them.
+"""A suite's experts as an inspection pool: a :class:`~neuromerge.tasks.TaskSet` (any contract object with its
+experts; a named suite — ``neuromerge inspect --suite S`` — is resolved by the registered provider, the bench's:
+its cached experts, trained once) and, without a merge config, the same experts written as model folders with a
+merge config over them.
 """
 
 from __future__ import annotations
@@ -20,48 +21,47 @@ BENCH_MISSING = "mergeability needs the bench suites (neuromerge.bench with its 
 
 
 class BenchUnavailable(ConfigError):
-    """``--suite`` was given but :mod:`neuromerge.bench` (or its protocol) is not there."""
+    """``--suite`` was given but no provider of named suites (the bench's) is registered."""
 
 
 @dataclass
 class SuiteExperts:
     """A suite with its budget, in-domain tasks, pre-trained backbone and one cached expert per task."""
 
-    suite: Any  # neuromerge.bench.suite.Suite
-    budget: Any  # neuromerge.bench.suite.Budget
-    tasks: list[Any]  # neuromerge.bench.suite.TaskData
+    suite: Any  # neuromerge.tasks.Suite
+    budget: Any  # neuromerge.tasks.Budget
+    tasks: list[Any]  # neuromerge.tasks.TaskData
     base: dict[str, torch.Tensor]
-    experts: list[Any]  # neuromerge.bench.suite.Expert
+    experts: list[Any]  # neuromerge.tasks.Expert
     mode: str
     seed: int
     quick: bool
 
+    @classmethod
+    def from_taskset(cls, ts: Any, *, quick: bool = False) -> SuiteExperts:
+        """The pool of a :class:`~neuromerge.tasks.TaskSet`."""
+        return cls(ts.suite, ts.budget, list(ts.tasks), ts.base, list(ts.experts), ts.mode, ts.seed,
+                   bool(getattr(ts.budget, "quick", quick)))
 
-def _bench() -> tuple[Any, Any]:
-    try:
-        from ..bench import protocol, suites
-    except ImportError:
-        raise BenchUnavailable(BENCH_MISSING) from None
-    if not hasattr(protocol, "cached_expert") or not hasattr(suites, "get_suite"):
+
+def _resolver() -> Callable[..., Any]:
+    """The library's resolver of named suites; :class:`BenchUnavailable` when no provider is registered."""
+    from ..tasks.named import has_suite_provider, resolve_suite
+
+    if not has_suite_provider():
         raise BenchUnavailable(BENCH_MISSING)
-    return protocol, suites
+    return resolve_suite
 
 
 def load_suite_experts(suite: Any, *, quick: bool = False, seed: int = 0, mode: str | None = None,
                        progress: Callable[[Iterable, int, str], Iterable] | None = None) -> SuiteExperts:
-    """The suite ``suite`` (a name or a Suite) and its in-domain experts, from the bench cache (trained when
-    absent, exactly as ``neuromerge bench`` trains them)."""
-    protocol, suites = _bench()
-    s = suites.get_suite(suite) if isinstance(suite, str) else suite
-    mode = mode or s.modes[0]
-    if mode not in s.modes:
-        raise ConfigError(f"suite {s.name!r} has no expert mode {mode!r}; modes: {', '.join(s.modes)}")
-    budget = s.budget(quick)
-    tasks = [t for t in s.tasks(budget) if t.in_domain]
-    base = s.backbone_state()
-    bar = progress or (lambda items, total, desc: items)
-    experts = [protocol.cached_expert(s, t, budget, mode, seed, base)[0] for t in bar(tasks, len(tasks), "experts")]
-    return SuiteExperts(s, budget, tasks, base, experts, mode, seed, quick)
+    """The pool of ``suite``: a :class:`~neuromerge.tasks.TaskSet` as given, or a named suite (its in-domain
+    experts from the provider: the bench's cache, trained when absent, exactly as ``neuromerge bench`` trains
+    them). ``progress``: shown while a named suite's experts are made when it is enabled."""
+    if not isinstance(suite, str):
+        return SuiteExperts.from_taskset(suite, quick=quick)
+    ts = _resolver()(suite, quick=quick, seed=seed, mode=mode, progress=bool(getattr(progress, "enabled", False)))
+    return SuiteExperts.from_taskset(ts, quick=quick)
 
 
 def _write_model(state: dict[str, torch.Tensor], folder: Path, model_type: str | None) -> Path:

@@ -24,8 +24,19 @@ def method(cls: M) -> M:
     return cls
 
 
+#: modules of the upper layers whose methods join the registry, imported by name with the built-in ones (the
+#: data-aware methods: ``neuromerge methods`` lists their parameters; the static engine refuses them). Layer 1 holds
+#: no ``import`` of them (DESIGN.md's layer rule, tests/test_layers.py).
+EXTENSIONS: tuple[str, ...] = ("neuromerge.data_aware.methods",)
+
+
 def _load_builtin() -> None:
+    import importlib
+
     from . import builtin  # noqa: F401  (imports every method module, which registers itself)
+
+    for name in EXTENSIONS:
+        importlib.import_module(name)
 
 
 def available() -> dict[str, type[MergeMethod]]:

@@ -28,7 +28,7 @@ BUILDER_MODULES = {
     "min_merging": "neuromerge.routing.min_merging",
     "twin": "neuromerge.routing.twin",
     "emr": "neuromerge.routing.emr",
-    "merge": "neuromerge.bench.merge_run",
+    "merge": "neuromerge.search.merge_run",
     "wemoe": "neuromerge.routing.wemoe",
 }
 

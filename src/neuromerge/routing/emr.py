@@ -104,8 +104,8 @@ def emr_storage_bytes(tau_uni: Mapping[str, torch.Tensor], n_tasks: int) -> int:
 def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,
               allow_download: bool = False) -> Path:
     """``neuromerge route build emr -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task
-    data (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`)."""
-    from neuromerge.bench.routed_methods import build_from_config
+    data (:class:`neuromerge.routing.build_config.RouteBuildConfig`)."""
+    from neuromerge.routing.build_config import build_from_config
 
     return build_from_config("emr", params, Path(out), force=force, source=source, allow_download=allow_download)
 

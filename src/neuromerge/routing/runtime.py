@@ -40,6 +40,7 @@ from neuromerge.errors import CompatibilityError, ConfigError, NeuromergeError
 from neuromerge.routing.experts import DenseExpert, Expert, LowRankExpert, stored_bytes, validate_experts
 from neuromerge.routing.policy import GatePolicy
 from neuromerge.routing.router import Router
+from neuromerge.tasks.contract import output_of  # noqa: F401  (re-exported: routing.runtime.output_of)
 
 FeatureFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 _CACHE_KWARGS = ("past_key_values", "cache", "cache_position", "use_cache")  # "cache": transformers >= 5.2x
@@ -300,30 +301,6 @@ class RoutedConv2d(RoutedLinear):
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
         """``y + conv1x1(h, B)``."""
         return y.add_(F.conv2d(h, b_rows.t()[:, :, None, None]))
-
-
-class _Reached(Exception):
-    """Raised by :func:`output_of`'s hook to stop a forward pass once the wanted output exists."""
-
-
-def output_of(model: nn.Module, submodule: nn.Module, kwargs: dict[str, Any]) -> Any:
-    """The output of ``submodule`` during ``model(**kwargs)``; the pass stops right there (a forward hook raises
-    after recording it), so only the layers up to ``submodule`` run. Hooks registered on ``submodule`` earlier still
-    run first. Returns None when ``submodule`` did not run."""
-    seen: list[Any] = []
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        seen.append(out)
-        raise _Reached
-
-    handle = submodule.register_forward_hook(hook)
-    try:
-        model(**kwargs)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    return seen[0] if seen else None
 
 
 def pool_features(output: Any, mask: torch.Tensor | None) -> torch.Tensor:

@@ -89,8 +89,8 @@ def twin_experts(shared: Mapping[str, torch.Tensor], experts: Sequence[Mapping[s
 def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,
               allow_download: bool = False) -> Path:
     """``neuromerge route build twin -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task
-    data (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`)."""
-    from neuromerge.bench.routed_methods import build_from_config
+    data (:class:`neuromerge.routing.build_config.RouteBuildConfig`)."""
+    from neuromerge.routing.build_config import build_from_config
 
     return build_from_config("twin", params, Path(out), force=force, source=source, allow_download=allow_download)
 

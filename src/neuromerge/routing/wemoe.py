@@ -18,7 +18,7 @@ the saved model's. Without ``base_ref`` and ``embed_base`` every backbone tensor
 needs ``module=`` (a module of the same architecture: its tensors are all replaced).
 
 ``neuromerge route build wemoe`` (:func:`cli_build`) builds one from a Hugging Face base, PEFT adapters and a task
-file (:func:`neuromerge.bench.routed_methods.build_wemoe_from_config`); from Python, build the model with
+file (:func:`neuromerge.routing.build_config.build_wemoe_from_config`); from Python, build the model with
 :func:`neuromerge.data_aware.wemoe.wemoe_merge_models` and save it with :func:`save_wemoe`.
 """
 
@@ -217,8 +217,8 @@ def load_wemoe(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] |
 def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,
               allow_download: bool = False) -> Path:
     """``neuromerge route build wemoe -o OUT --config CONFIG``: a Hugging Face base + PEFT LoRA adapters + task data
-    (:class:`neuromerge.bench.routed_methods.RouteBuildConfig`; ``params`` are WEMoE's)."""
-    from neuromerge.bench.routed_methods import build_wemoe_from_config
+    (:class:`neuromerge.routing.build_config.RouteBuildConfig`; ``params`` are WEMoE's)."""
+    from neuromerge.routing.build_config import build_wemoe_from_config
 
     return build_wemoe_from_config(params, Path(out), force=force, source=source, allow_download=allow_download)
 

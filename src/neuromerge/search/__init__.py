@@ -1,8 +1,10 @@
 """Generic surrogate-assisted NSGA-II search over per-component task partitions (MERGE, METHODS.md §2).
 
-Knows nothing about models: the caller supplies ``evaluate(config) -> float`` (maximize) and
+The search core knows nothing about models: the caller supplies ``evaluate(config) -> float`` (maximize) and
 ``storage(config) -> int`` (bytes, minimize). See :mod:`.nsga` for the algorithm, :mod:`.encoding` for the
-configuration encoding, :mod:`.distributed` for running the exact evaluations on Optuna workers.
+configuration encoding, :mod:`.distributed` for running the exact evaluations on Optuna workers. MERGE on models:
+:mod:`.merge_problem` (the two objectives over any :class:`neuromerge.tasks.TaskSet`) and :mod:`.merge_run`
+(``neuromerge search``, ``search-worker``, ``route build merge``), imported on demand.
 """
 
 from __future__ import annotations
