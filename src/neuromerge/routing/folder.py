@@ -317,8 +317,9 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
     :class:`~neuromerge.data_aware.wemoe.WEMoEModel` (:func:`neuromerge.routing.wemoe.load_wemoe`).
 
     ``base`` overrides the base model's location: a local model folder used instead of the embedded ``base/`` or
-    the manifest's recorded reference — for a base that moved; its header hash must still match the recorded one unless ``check_hash=False`` (a base with other weights but the routed modules' shapes then
-    loads; the routed model is no longer the one built). ``feature_fn`` supplies the router's feature function when
+    the manifest's recorded reference — for a base that moved; its header hash must still match the recorded one
+    unless ``check_hash=False`` (a base with other weights but the routed modules' shapes then loads; the routed
+    model is no longer the one built). ``feature_fn`` supplies the router's feature function when
     the model was saved with a custom one; ``module`` gives a MERGE or WEMoE folder its backbone when it neither
     embeds nor names one. The returned model's ``heads`` attribute holds the folder's per-task heads
     (:func:`read_heads`: ``{task: {"weight" (C, d), "bias" (C,)}}``, empty when the folder has none). Errors:
