@@ -205,7 +205,7 @@ def head_subset(task: TaskData, split: Literal["train", "val", "test"], n: int) 
     data = getattr(task, split)
     if len(data) <= n:
         return task
-    cut = Split(data.inputs[:n], data.labels[:n])
+    cut = Split(data.inputs[:n], data.labels[:n], rows=None if data.rows is None else data.rows[:n])
     return dataclasses.replace(task, **{split: cut}, fingerprint=f"{task.fingerprint or task.name}|{split}:{n}")
 
 
