@@ -63,7 +63,11 @@ def route_build(method: str, config: str | os.PathLike[str] | Mapping[str, Any],
         path = call_builder(method, params, out, force=force, source=source, allow_download=allow_download)
     finally:
         torch.set_num_threads(previous)
-    for line in near_chance(read_manifest(path).get("router_validation")):
+    try:
+        validation = read_manifest(path).get("router_validation")
+    except NeuromergeError:  # a registered builder that writes no routed-model manifest
+        validation = None
+    for line in near_chance(validation):
         warnings.warn(line, RouterNearChanceWarning, stacklevel=2)
     return Path(path)
 

@@ -250,7 +250,10 @@ def build(
     typer.echo(f"wrote routed model {method} to {path}")
     from neuromerge.routing.folder import read_manifest
 
-    trust = trust_summary(read_manifest(path))
+    try:
+        trust = trust_summary(read_manifest(path))
+    except NeuromergeError:  # a registered builder that writes no routed-model manifest: nothing to summarize
+        return
     for line in trust_lines(trust):
         typer.echo(line)
     for w in trust["router_warnings"]:

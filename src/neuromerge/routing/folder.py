@@ -13,8 +13,9 @@ Layout (format ``neuromerge-routed``, version 1)::
     base/                the base model (``save_pretrained``: sharded safetensors + config) when embedded
 
 ``heads``, ``router_validation`` and ``inputs`` are optional (older folders and Python-built models without them
-load; ``load_routed(...).heads`` is then empty). Every routed method's folder (MERGE and WEMoE included) writes
-them through :func:`write_trust`, and :func:`load_routed` gives every model it returns a ``heads`` attribute
+load; ``load_routed(...).heads`` is then empty). ``route build`` writes them through :func:`write_trust` for every
+method (WEMoE: no ``router_validation``, its per-MLP routers are no task classifiers; MERGE: no ``inputs``, its
+data is the search's), and :func:`load_routed` gives every model it returns a ``heads`` attribute
 (:func:`read_heads`).
 
 The folder is written atomically (:class:`neuromerge.io.writer.AtomicOutput`: a temporary sibling folder
