@@ -8,7 +8,9 @@ Python API:
 - :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
 - :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
 - :func:`methods` — the registered merge methods;
-- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module.
+- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module;
+- :func:`route_build` — build a routed model (MIN-Merging, Twin, EMR, WEMoE, MERGE) from a config, as
+  ``neuromerge route build`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods"]
+__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods", "route_build"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -43,6 +45,15 @@ def load_routed(folder: Any, **kwargs: Any) -> Any:
     from .routing.folder import load_routed as _load
 
     return _load(folder, **kwargs)
+
+
+def route_build(method: str, config: Any, out: Any, **kwargs: Any) -> Any:
+    """Build the routed model ``method`` that ``config`` (YAML path or mapping) describes into ``out``; returns the
+    folder. See :func:`neuromerge.routing.api.route_build` for the options (``force``, ``threads``,
+    ``allow_download``)."""
+    from .routing.api import route_build as _route_build
+
+    return _route_build(method, config, out, **kwargs)
 
 
 def methods() -> dict[str, Any]:

@@ -327,11 +327,18 @@ def search(
     = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the search recorded in OUT")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
+    = None,
 ) -> None:
     """MERGE: surrogate-assisted NSGA-II over per-component task partitions; writes the Pareto set (pareto.json),
     pareto.png, hypervolume.png and the representative points against the static merges."""
     from .io.output_guard import check_output
     from .search.merge_run import load_search_config, run_merge_search
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     try:
         # a search only adds files to its folder, so a config kept inside it (resumed with --resume) is fine; the

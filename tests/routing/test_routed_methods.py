@@ -400,7 +400,9 @@ def hf_fixture(tmp_path, targets: tuple[str, ...] = ("query", "value")) -> tuple
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     base_dir = tmp_path / "base"
     tiny_bert(pooler=True).save_pretrained(base_dir)
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False).save_pretrained(base_dir)
+    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file=` keyword is ignored: every word is [UNK])
+    ids = {tok: i for i, tok in enumerate(vocab.read_text().split())}
+    BertTokenizerFast(vocab=ids, do_lower_case=False).save_pretrained(base_dir)
     merged = []
     entries = []
     g = torch.Generator().manual_seed(5)

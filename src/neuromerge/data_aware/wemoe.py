@@ -181,6 +181,8 @@ class WEMoEModel(nn.Module):
                 self.register_buffer(f"db__{_key(lin)}", None if b is None else b.float(), persistent=True)
                 self._linear_group[lin] = g.name
         self.force_gates: torch.Tensor | None = None
+        #: per-task linear heads ``{task: {"weight" (C, d), "bias" (C,)}}`` (set by ``load_routed``; empty here)
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self._gates: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         modules = dict(self.backbone.named_modules())

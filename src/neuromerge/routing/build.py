@@ -124,6 +124,9 @@ class RoutedBuild:
     oracle: bool = False
     #: the backbone differs from the base state (Twin's shared expert, averaged non-linear tensors)
     backbone_changed: bool = False
+    #: the router's per-task validation accuracy against chance (:func:`.router_fit.router_validation`); None
+    #: without a trained router
+    router_validation: dict[str, dict[str, Any]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -202,7 +205,7 @@ def head_subset(task: TaskData, split: Literal["train", "val", "test"], n: int) 
     data = getattr(task, split)
     if len(data) <= n:
         return task
-    cut = Split(data.inputs[:n], data.labels[:n])
+    cut = Split(data.inputs[:n], data.labels[:n], rows=None if data.rows is None else data.rows[:n])
     return dataclasses.replace(task, **{split: cut}, fingerprint=f"{task.fingerprint or task.name}|{split}:{n}")
 
 
@@ -315,7 +318,8 @@ def build_min_merging(suite: Suite, base_state: StateDict, experts: Sequence[Exp
         model = RoutedModel(module, lowrank, router=fr.router, policy=policy, **routing_kwargs(suite, fr.source))
         meta.update(fr.meta)
     meta["nonzero_bytes"] = _nonzero_row_bytes(lowrank)
-    return RoutedBuild(model, meta, _storage(model), backbone_changed=an["backbone"] is not base_state)
+    return RoutedBuild(model, meta, _storage(model), backbone_changed=an["backbone"] is not base_state,
+                       router_validation=None if p.uniform_router else fr.validation)
 
 
 def _constant_features(base: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -352,7 +356,7 @@ def build_twin(suite: Suite, base_state: StateDict, experts: Sequence[Expert], t
                         **routing_kwargs(suite, fr.source))
     meta = {"tasks": names, "lam": p.lam, "rank_fraction": p.rank_fraction, "discarded_energy": discarded,
             "modules": len(modules), **fr.meta}
-    return RoutedBuild(model, meta, _storage(model), backbone_changed=True)
+    return RoutedBuild(model, meta, _storage(model), backbone_changed=True, router_validation=fr.validation)
 
 
 def build_emr(suite: Suite, base_state: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskData],
@@ -378,7 +382,7 @@ def build_emr(suite: Suite, base_state: StateDict, experts: Sequence[Expert], ta
     meta = {"tasks": names, "rescalers": dict(zip(names, info["rescalers"], strict=True)), "modules": len(modules),
             "runtime_bytes": _storage(model), "oracle": p.oracle, **fr.meta}
     return RoutedBuild(model, meta, int(info["compact_bytes"]) + router_bytes, oracle=p.oracle,
-                       backbone_changed=backbone is not base_state)
+                       backbone_changed=backbone is not base_state, router_validation=fr.validation)
 
 
 # ------------------------------------------------------------------------------------------------ variants

@@ -10,25 +10,31 @@ problem before anything is loaded or fitted; :func:`build_inputs` opens the mode
 Each task's data is split 60 / 20 / 20 (seeded); the train split feeds the router and the calibration, the validation
 split the router choice and MIN-Merging's layer importance, scored by a linear probe fit on the expert's final
 features (the adapters' own heads are not used) — or, for a causal LM and a task entry with ``label_words``, by
-label-word likelihood. Relative paths resolve against the config file's folder (:mod:`neuromerge.paths`); the routed
-folder records absolute paths, so it loads from any working directory. ``base`` may be a Hugging Face id in the
+label-word likelihood. The routed folder records what the build read (:func:`input_record`: the manifest's
+``inputs``), the router's validation accuracy per task against chance (``router_validation``) and each task's probe
+head (``heads/<task>.safetensors``): :mod:`neuromerge.routing.folder`. Relative paths resolve against the config
+file's folder (:mod:`neuromerge.paths`); the routed folder records absolute paths, so it loads from any working
+directory. ``base`` may be a Hugging Face id in the
 local cache (downloaded only with ``--allow-download``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, ValidationError
 
 from ..errors import TaskError, validation_lines
 from ..paths import config_dir
-from ..tasks.contract import Budget, Expert, StateDict, TaskData
+from ..tasks.contract import Budget, Expert, Split, StateDict, TaskData
 from ..tasks.hf import HFSuite, UserModelConfig, check_user_model, open_user_model, resolved_config
+from ..tasks.splits import SPLIT_FRACTIONS
 
 
 class RouteBuildConfig(UserModelConfig):
@@ -90,6 +96,54 @@ def build_inputs(raw: Mapping[str, Any], *, source: str | os.PathLike[str] | Non
     return cfg, ts.suite, ts.budget, tasks, ts.base, ts.experts  # type: ignore[return-value]
 
 
+def split_sha256(split: Split) -> str:
+    """SHA-256 of a split's inputs (texts, or an image tensor's bytes) and labels, in split order."""
+    h = hashlib.sha256()
+    if isinstance(split.inputs, torch.Tensor):
+        h.update(split.inputs.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        for t in split.inputs:
+            h.update(str(t).encode())
+            h.update(b"\x1f")
+    h.update(b"\x1e")
+    h.update(split.labels.numpy().tobytes())
+    return h.hexdigest()
+
+
+def input_record(tasks: Sequence[TaskData], suite: Any, *, seed: int, files: Mapping[str, str] | None = None,
+                 router_validation: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest's ``inputs``: per task, ``seed`` (of the 60 / 20 / 20 split), ``file`` (its data file, when
+    known), ``fingerprint`` (the splits' content hash) and per split ``train`` / ``val`` / ``test``:
+
+    ``n`` (examples in the split), ``used`` (the build read the split's first ``used`` examples: router, probe,
+    calibration, layer importance, WEMoE's unlabelled test inputs — the suite's ``reads``, when it counts them),
+    ``router`` (the first ``router`` examples trained the router — train — or scored it — val), ``rows`` (each
+    example's record index in the data file, in split order) and ``sha256`` (:func:`split_sha256`). Rows outside
+    every ``rows[:used]`` were never read by the build."""
+    reads: Mapping[tuple[str, str], int] = getattr(suite, "reads", None) or {}
+    out: dict[str, Any] = {}
+    for t in tasks:
+        rv = (router_validation or {}).get(t.name) or {}
+        entry: dict[str, Any] = {"seed": int(seed), "fractions": list(SPLIT_FRACTIONS)}
+        if files and t.name in files:
+            entry["file"] = str(files[t.name])
+        entry["fingerprint"] = t.fingerprint
+        for split in ("train", "val", "test"):
+            data: Split = getattr(t, split)
+            router = int(rv.get("train_n", 0)) if split == "train" else int(rv.get("n", 0)) if split == "val" else 0
+            entry[split] = {"n": len(data), "used": int(reads.get((t.name, split), router)), "router": router,
+                            "rows": list(data.rows) if data.rows is not None else None, "sha256": split_sha256(data)}
+        out[t.name] = entry
+    return out
+
+
+def _data_files(cfg: RouteBuildConfig, names: Sequence[str]) -> dict[str, str]:
+    """Task name → absolute data file of its task-file entry."""
+    from ..tasks.taskfile import data_file, user_entries
+
+    return {e.name: str(data_file(cfg.tasks, e)) for e in user_entries(cfg.tasks, list(names))}
+
+
 def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: bool = False,
                       source: str | os.PathLike[str] | None = None, allow_download: bool = False) -> Path:
     """Build and save a routed model from a :class:`RouteBuildConfig` (the ``route build`` CLI; ``source``: the
@@ -113,8 +167,13 @@ def build_from_config(method: str, raw: Mapping[str, Any], out: Path, *, force: 
     embed = cfg.embed_base or built.backbone_changed
     extra = {"variant": variant, "storage_bytes": built.storage_bytes, "meta": built.meta,
              "config": cfg.model_dump()}
-    return save_routed(built.model, out, base_ref=checked[1], embed_base=embed, tasks=[t.name for t in tasks],
-                       method=method, extra=json.loads(json.dumps(extra, default=str)), force=force)
+    names = [t.name for t in tasks]
+    inputs = input_record(tasks, suite, seed=cfg.seed, files=_data_files(cfg, names),
+                          router_validation=built.router_validation)
+    return save_routed(built.model, out, base_ref=checked[1], embed_base=embed, tasks=names,
+                       method=method, extra=json.loads(json.dumps(extra, default=str)), force=force,
+                       heads={e.task: e.head for e in experts}, router_validation=built.router_validation,
+                       inputs=inputs)
 
 
 def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = False,
@@ -135,9 +194,12 @@ def build_wemoe_from_config(raw: Mapping[str, Any], out: Path, *, force: bool = 
     model = wemoe_merge_models(suite, base, [e.backbone for e in experts], [e.head for e in experts], tasks, budget,
                                params, seed=cfg.seed, info=info)
     extra = {"variant": "wemoe", "meta": info, "config": cfg.model_dump()}
-    return save_wemoe(model, out, base_ref=checked[1], embed_base=cfg.embed_base, tasks=[t.name for t in tasks],
-                      extra=json.loads(json.dumps(extra, default=str)), force=force)
+    names = [t.name for t in tasks]
+    return save_wemoe(model, out, base_ref=checked[1], embed_base=cfg.embed_base, tasks=names,
+                      extra=json.loads(json.dumps(extra, default=str)), force=force,
+                      heads={e.task: e.head for e in experts},
+                      inputs=input_record(tasks, suite, seed=cfg.seed, files=_data_files(cfg, names)))
 
 
-__all__ = ["RouteBuildConfig", "build_from_config", "build_inputs", "build_wemoe_from_config",
-           "validate_route_build"]
+__all__ = ["RouteBuildConfig", "build_from_config", "build_inputs", "build_wemoe_from_config", "input_record",
+           "split_sha256", "validate_route_build"]

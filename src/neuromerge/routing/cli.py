@@ -127,7 +127,58 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
         "policy": policy,
         "router": doc["router"],
         "base": {"ref": base.get("ref"), "embedded": base.get("embedded", False), "class": base.get("class")},
+        **trust_summary(doc),
     }
+
+
+def trust_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a user checks before trusting a routed folder: ``router_validation`` (per task ``accuracy``, ``n``,
+    ``chance``, ``train_n``), ``router_pooled`` (accuracy over all validation inputs against the majority share),
+    ``router_warnings`` (near or below chance: :func:`~neuromerge.routing.router_fit.near_chance`), ``heads`` (the
+    tasks with a stored head) and ``inputs`` (per task and split: ``n``, ``used``, ``router``; the rows are in
+    manifest.json). None / empty for folders written before these were recorded."""
+    from neuromerge.routing.router_fit import near_chance, pooled_validation
+
+    rv = doc.get("router_validation")
+    inputs = doc.get("inputs") or {}
+    splits = ("train", "val", "test")
+    return {
+        "router_validation": rv,
+        "router_pooled": pooled_validation(rv) if rv else None,
+        "router_warnings": near_chance(rv),
+        "heads": sorted(doc.get("heads") or {}),
+        "inputs": {t: {"seed": e.get("seed"), "file": e.get("file"),
+                       **{k: {f: e[k].get(f) for f in ("n", "used", "router")} for k in splits if k in e}}
+                   for t, e in inputs.items()},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}%"
+
+
+def trust_lines(s: dict[str, Any]) -> list[str]:
+    """Text lines of :func:`trust_summary`: router validation per task against chance, then the inputs."""
+    lines = []
+    rv = s.get("router_validation")
+    if rv:
+        pooled = s["router_pooled"]
+        lines.append(f"router validation: {_pct(pooled['accuracy'])} on {pooled['n']} inputs (majority share "
+                     f"{_pct(pooled['chance'])})")
+        for t, v in rv.items():
+            train = f", trained on {v['train_n']}" if "train_n" in v else ""
+            lines.append(f"  {t}: {_pct(v['accuracy'])} on {v['n']} validation inputs (chance {_pct(v['chance'])})"
+                         f"{train}")
+    elif s.get("method") == "wemoe":
+        lines.append("router validation: - (WEMoE's per-MLP routers weight experts; they are not task classifiers)")
+    if s.get("heads") is not None:
+        lines.append(f"heads: {', '.join(s['heads']) or '-'}")
+    for t, e in (s.get("inputs") or {}).items():
+        parts = [f"{k} {e[k]['used']}/{e[k]['n']}" + (f" (router {e[k]['router']})" if e[k].get("router") else "")
+                 for k in ("train", "val", "test") if k in e]
+        lines.append(f"inputs {t}: read {', '.join(parts)}; split seed {e['seed']}" +
+                     (f", {e['file']}" if e.get("file") else ""))
+    return lines
 
 
 def _text(s: dict[str, Any]) -> str:
@@ -142,6 +193,8 @@ def _text(s: dict[str, Any]) -> str:
     lines.append(f"router: {json.dumps(r['config'])}, features {json.dumps(r['feature'])}")
     b = s["base"]
     lines.append(f"base: {b['ref'] or '-'}{' (embedded)' if b['embedded'] else ''} [{b['class']}]")
+    lines += trust_lines(s)
+    lines += [f"warning: {w}" for w in s.get("router_warnings") or []]
     return "\n".join(lines)
 
 
@@ -150,7 +203,8 @@ def info(
     folder: Annotated[Path, typer.Argument(help="routed-model folder")],
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Summarize the routed model in FOLDER: method, tasks, experts, storage, policy, router, base."""
+    """Summarize the routed model in FOLDER: method, tasks, experts, storage, policy, router, base, the router's
+    validation accuracy per task against chance, the stored heads and the inputs the build read."""
     from neuromerge.routing.folder import read_manifest
 
     try:
@@ -172,10 +226,17 @@ def build(
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch a base given as a Hugging Face id "
                                                                           "that is not in the local cache")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
+    = None,
 ) -> None:
     """Build a routed model into OUT: `route build CONFIG.yaml -o OUT` (the config names its `method`) or
     `route build METHOD --config CONFIG.yaml -o OUT`. Relative paths in the config resolve against its folder;
-    every problem of the config is reported (one `error:` line each) before anything is loaded."""
+    every problem of the config is reported (one `error:` line each) before anything is loaded. Prints the
+    router's validation accuracy per task against chance (a `warning:` when near or below it)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         method, params, source = _method_and_params(target, config)
         if embed_base:
@@ -187,6 +248,16 @@ def build(
         _fail(err)
         raise typer.Exit(2) from None
     typer.echo(f"wrote routed model {method} to {path}")
+    from neuromerge.routing.folder import read_manifest
+
+    try:
+        trust = trust_summary(read_manifest(path))
+    except NeuromergeError:  # a registered builder that writes no routed-model manifest: nothing to summarize
+        return
+    for line in trust_lines(trust):
+        typer.echo(line)
+    for w in trust["router_warnings"]:
+        typer.echo(f"warning: {w}", err=True)
 
 
 #: builder parameters that name an input path (RouteBuildConfig's base / tasks / experts, MERGE's search folder)

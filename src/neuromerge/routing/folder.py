@@ -3,10 +3,20 @@
 Layout (format ``neuromerge-routed``, version 1)::
 
     manifest.json        method, tasks, experts (name, kind, per-module rank and stored keys), gate policy,
-                         router config + feature source, base {ref, class, header_hash, shapes, embedded}
+                         router config + feature source, base {ref, class, header_hash, shapes, embedded},
+                         heads {task: file}, router_validation {task: {accuracy, n, chance, train_n}},
+                         inputs {task: {seed, file, fingerprint, train/val/test: {n, used, router, rows, sha256}}}
     experts.safetensors  every distinct expert tensor once (keys t0, t1, …; identical tensors share a key)
     router.safetensors   the router's state dict (absent when the model has no router)
+    heads/<task>.safetensors  each task's linear head over the final pooled features: weight (C, d), bias (C,)
+                         (the expert's probe head; absent for tasks scored without a head, e.g. by label words)
     base/                the base model (``save_pretrained``: sharded safetensors + config) when embedded
+
+``heads``, ``router_validation`` and ``inputs`` are optional (older folders and Python-built models without them
+load; ``load_routed(...).heads`` is then empty). ``route build`` writes them through :func:`write_trust` for every
+method (WEMoE: no ``router_validation``, its per-MLP routers are no task classifiers; MERGE: no ``inputs``, its
+data is the search's), and :func:`load_routed` gives every model it returns a ``heads`` attribute
+(:func:`read_heads`).
 
 The folder is written atomically (:class:`neuromerge.io.writer.AtomicOutput`: a temporary sibling folder
 renamed into place). Loading checks the base against the manifest's header hash (SHA-256 of the weight files'
@@ -19,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +51,51 @@ MANIFEST = "manifest.json"
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 BASE_DIR = "base"
+HEADS_DIR = "heads"
+
+Heads = Mapping[str, Mapping[str, torch.Tensor] | None]
+
+
+def _head_file(task: str) -> str:
+    if not task or "/" in task or "\\" in task or task in (".", ".."):
+        raise ConfigError(f"task name {task!r} cannot name a head file")
+    return f"{HEADS_DIR}/{task}.safetensors"
+
+
+def write_trust(tmp: Path, *, heads: Heads | None = None, router_validation: dict[str, Any] | None = None,
+                inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write each task's head to ``tmp/heads/<task>.safetensors`` (``weight (C, d)``, ``bias (C,)``, float32; a
+    task whose head is None gets no file) and return the manifest's ``heads`` / ``router_validation`` / ``inputs``
+    entries (module docstring)."""
+    files: dict[str, str] = {}
+    for task, head in (heads or {}).items():
+        if head is None:
+            continue
+        w, b = head.get("weight"), head.get("bias")
+        if w is None or b is None or w.dim() != 2 or b.shape != (w.shape[0],):
+            shapes = {k: tuple(v.shape) for k, v in head.items()}
+            raise ConfigError(f"head of task {task!r} must be weight (C, d) and bias (C,), got {shapes}")
+        rel = _head_file(task)
+        (tmp / HEADS_DIR).mkdir(exist_ok=True)
+        save_file({"weight": w.detach().float().cpu().contiguous(), "bias": b.detach().float().cpu().contiguous()},
+                  str(tmp / rel), metadata={"format": "pt"})
+        files[task] = rel
+    return {"heads": files, "router_validation": router_validation, "inputs": inputs}
+
+
+def read_heads(folder: str | os.PathLike[str], doc: Mapping[str, Any] | None = None
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """``{task: {"weight": (C, d), "bias": (C,)}}``: the heads the manifest lists (empty when it lists none);
+    :class:`CheckpointError` when a listed file is missing or lacks a tensor."""
+    folder = Path(folder)
+    doc = read_manifest(folder) if doc is None else doc
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for task, rel in (doc.get("heads") or {}).items():
+        tensors = _load_tensors(folder / rel)
+        if set(tensors) != {"weight", "bias"}:
+            raise CheckpointError(f"{folder / rel} must hold exactly 'weight' and 'bias', has {sorted(tensors)}")
+        out[task] = tensors
+    return out
 
 
 def _expert_entries(experts: list[Expert]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -90,13 +146,15 @@ def _header_hash(path: str | os.PathLike[str]) -> str:
 
 def save_routed(model: RoutedModel, folder: str | os.PathLike[str], *, base_ref: str | None = None,
                 embed_base: bool = False, tasks: list[str], method: str, extra: dict | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, heads: Heads | None = None, router_validation: dict[str, Any] | None = None,
+                inputs: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``folder`` (see the module docstring); returns the folder's path.
 
     ``base_ref``: a local model folder (recorded as an absolute path) or a cached HF id of the base (its header
     hash is recorded); with
     ``embed_base`` the base's weights and config are written to ``base/`` (``save_pretrained`` of the base with
-    its original linear layers). One of the two is required. ``force`` replaces an existing folder.
+    its original linear layers). One of the two is required. ``force`` replaces an existing folder. ``heads``
+    (task → ``{"weight", "bias"}`` or None), ``router_validation`` and ``inputs``: :func:`write_trust`.
     """
     if base_ref is None and not embed_base:
         raise ConfigError("save_routed needs base_ref (a path or HF id of the base) or embed_base=True")
@@ -122,6 +180,7 @@ def save_routed(model: RoutedModel, folder: str | os.PathLike[str], *, base_ref:
             header_hash = _header_hash(tmp / BASE_DIR)
         else:
             header_hash = _header_hash(base_ref)  # type: ignore[arg-type]
+        trust = write_trust(tmp, heads=heads, router_validation=router_validation, inputs=inputs)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -133,6 +192,7 @@ def save_routed(model: RoutedModel, folder: str | os.PathLike[str], *, base_ref:
             "base": {"ref": base_ref, "embedded": bool(embed_base), "class": type(model.base).__name__,
                      "header_hash": header_hash, "shapes": shapes},
             "storage_bytes": model.storage_bytes(),
+            **trust,
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -257,11 +317,16 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
     :class:`~neuromerge.routing.recombination.ChainRoutedModel`, for a WEMoE folder (``method: wemoe``) a
     :class:`~neuromerge.data_aware.wemoe.WEMoEModel` (:func:`neuromerge.routing.wemoe.load_wemoe`).
 
-    ``base`` overrides the base model's location; ``feature_fn`` supplies the router's feature function when
+    ``base`` overrides the base model's location: a local model folder used instead of the embedded ``base/`` or
+    the manifest's recorded reference — for a base that moved; its header hash must still match the recorded one
+    unless ``check_hash=False`` (a base with other weights but the routed modules' shapes then loads; the routed
+    model is no longer the one built). ``feature_fn`` supplies the router's feature function when
     the model was saved with a custom one; ``module`` gives a MERGE or WEMoE folder its backbone when it neither
-    embeds nor names one. Errors: :class:`CheckpointError` for a missing / unreadable file or an unknown manifest
-    version, :class:`CompatibilityError` when the base differs (header hash, routed shapes) or the router's output
-    size differs from the number of experts.
+    embeds nor names one. The returned model's ``heads`` attribute holds the folder's per-task heads
+    (:func:`read_heads`: ``{task: {"weight" (C, d), "bias" (C,)}}``, empty when the folder has none). Errors:
+    :class:`CheckpointError` for a missing / unreadable file or an unknown manifest version,
+    :class:`CompatibilityError` when the base differs (header hash, routed shapes) or the router's output size
+    differs from the number of experts.
     """
     folder = Path(folder)
     doc = read_manifest(folder)
@@ -273,6 +338,7 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
         from .wemoe import load_wemoe
 
         return load_wemoe(folder, base=base, module=module, check_hash=check_hash)
+    heads = read_heads(folder, doc)
     entries, rconf = doc["experts"], doc["router"]
     config = rconf.get("config")
     if config is not None and int(config["n_out"]) != len(entries):
@@ -303,5 +369,7 @@ def load_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] 
             raise ConfigError(f"{folder} routes with a custom feature function; pass load_routed(..., feature_fn=)")
     else:
         module = feature.get("module")
-    return RoutedModel(model, experts, router=router, policy=policy_from_dict(doc["policy"]), feature_module=module,
-                       feature_fn=fn, mask_kwarg=feature.get("mask_kwarg", "attention_mask")).eval()
+    routed = RoutedModel(model, experts, router=router, policy=policy_from_dict(doc["policy"]), feature_module=module,
+                         feature_fn=fn, mask_kwarg=feature.get("mask_kwarg", "attention_mask")).eval()
+    routed.heads = heads
+    return routed

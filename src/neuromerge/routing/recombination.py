@@ -508,6 +508,8 @@ class ChainRoutedModel(nn.Module):
         self.feature_fn = feature_fn
         self.mask_kwarg = mask_kwarg
         self.last_tasks: torch.Tensor | None = None
+        #: per-task linear heads ``{task: {"weight" (C, d), "bias" (C,)}}`` (set by ``load_routed``; empty here)
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self._forced: torch.Tensor | None = None
         #: chain tensors cast to the backbone's dtype / device: ``(content key, dtype, device) → tensor``, valid for
         #: the backbone layout ``_cast_layout`` (rebuilt when the backbone is converted or moved)
@@ -626,15 +628,27 @@ class ChainRoutedModel(nn.Module):
 
 
 def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *, base_ref: str | None = None,
-                      embed_base: bool = False, extra: dict | None = None, force: bool = False) -> Path:
+                      embed_base: bool = False, extra: dict | None = None, force: bool = False,
+                      heads: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+                      router_validation: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> Path:
     """Write a routed-model folder of method ``merge``: ``manifest.json``, ``library.safetensors``,
     ``router.safetensors`` (+ ``base/`` when ``embed_base``; transformers backbones only).
 
     The backbone supplies the router's features (frozen base weights): ``base_ref`` (path or HF id, its header
-    hash is recorded) or ``embed_base``; with neither, :func:`load_chain_routed` needs ``module=``.
+    hash is recorded) or ``embed_base``; with neither, :func:`load_chain_routed` needs ``module=``. ``heads``,
+    ``router_validation``, ``inputs``: :func:`neuromerge.routing.folder.write_trust`.
     """
     from neuromerge.io.writer import AtomicOutput
-    from neuromerge.routing.folder import BASE_DIR, FORMAT, MANIFEST, ROUTER_FILE, VERSION, _header_hash, manifest_ref
+    from neuromerge.routing.folder import (
+        BASE_DIR,
+        FORMAT,
+        MANIFEST,
+        ROUTER_FILE,
+        VERSION,
+        _header_hash,
+        manifest_ref,
+        write_trust,
+    )
 
     base_ref = manifest_ref(base_ref)
     lib, router = model.library, model.router
@@ -656,6 +670,7 @@ def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *
                    if model.feature_fn is None else {"kind": "fn", "name": _feature_name(model.feature_fn),
                                                      "mask_kwarg": model.mask_kwarg})
         router_bytes = sum(t.numel() * t.element_size() for t in router.state_dict().values()) if router else 0
+        trust = write_trust(tmp, heads=heads, router_validation=router_validation, inputs=inputs)
         manifest = {
             "format": FORMAT, "version": VERSION, "method": METHOD, "tasks": list(lib.tasks),
             "library": {"file": LIBRARY_FILE, "storage_bytes": lib.storage_bytes(), "modules": lib.n_modules(),
@@ -664,6 +679,7 @@ def save_chain_routed(model: ChainRoutedModel, folder: str | os.PathLike[str], *
             "base": {"ref": base_ref, "embedded": bool(embed_base), "class": type(model.backbone).__name__,
                      "header_hash": header_hash, "shapes": shapes},
             "storage_bytes": {"library": lib.storage_bytes(), "router": router_bytes},
+            **trust,
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -689,6 +705,7 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
         ROUTER_FILE,
         _base_module,
         _load_tensors,
+        read_heads,
         read_manifest,
     )
     from neuromerge.routing.router import Router
@@ -720,5 +737,7 @@ def load_chain_routed(folder: str | os.PathLike[str], *, base: str | os.PathLike
         fn = feature_fn or FEATURE_FNS.get(feature.get("name", ""))
         if fn is None:
             raise ConfigError(f"{folder} routes with a custom feature function; pass feature_fn=")
-    return ChainRoutedModel(module.eval(), library, router, feature_module=feature.get("module"), feature_fn=fn,
-                            mask_kwarg=feature.get("mask_kwarg", "attention_mask")).eval()
+    model = ChainRoutedModel(module.eval(), library, router, feature_module=feature.get("module"), feature_fn=fn,
+                             mask_kwarg=feature.get("mask_kwarg", "attention_mask")).eval()
+    model.heads = read_heads(folder, doc)
+    return model

@@ -414,6 +414,8 @@ class RoutedModel(nn.Module):
         self.expert_names = [e.name for e in experts]
         self.expert_kinds = [e.kind for e in experts]
         self.last_probs: torch.Tensor | None = None
+        #: per-task linear heads ``{task: {"weight" (C, d), "bias" (C,)}}`` (set by ``load_routed``; empty here)
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self._state = _State()
         feat = None
         if self.feature_module is not None:

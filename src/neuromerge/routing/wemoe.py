@@ -44,6 +44,7 @@ from neuromerge.routing.folder import (
     MANIFEST,
     ROUTER_FILE,
     VERSION,
+    Heads,
     _base_module,
     _base_path,
     _build_base,
@@ -52,7 +53,9 @@ from neuromerge.routing.folder import (
     _header_hash,
     _load_tensors,
     manifest_ref,
+    read_heads,
     read_manifest,
+    write_trust,
 )
 
 METHOD = "wemoe"
@@ -83,7 +86,8 @@ def _changed(state: dict[str, torch.Tensor], ref: nn.Module | None, where: str) 
 
 def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: str | None = None,
                embed_base: bool = False, extra: dict | None = None, force: bool = False,
-               tasks: Sequence[str] | None = None) -> Path:
+               tasks: Sequence[str] | None = None, heads: Heads | None = None,
+               inputs: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``folder`` (see the module docstring); returns the folder's path.
 
     ``base_ref``: a local transformers folder or cached HF id of the base θ0 the model was built on (its header hash
@@ -91,6 +95,8 @@ def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: s
     backbone itself to ``base/`` (transformers backbones only; the tokenizer is copied from a ``base_ref`` folder).
     With neither, the whole backbone is stored. ``tasks``: the experts' names (default ``task0``, ``task1``…).
     ``force`` replaces an existing folder. Writing is atomic (:class:`~neuromerge.io.writer.AtomicOutput`).
+    ``heads`` (task → ``{"weight", "bias"}``) and ``inputs``: :func:`neuromerge.routing.folder.write_trust`
+    (WEMoE's per-MLP routers are not task classifiers: no ``router_validation``).
     """
     backbone = model.backbone
     base_ref = manifest_ref(base_ref)
@@ -125,6 +131,7 @@ def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: s
         del ref
         save_file({**stored, **taus}, str(tmp / WEMOE_FILE), metadata={"format": "pt"})
         save_file(routers, str(tmp / ROUTER_FILE), metadata={"format": "pt"})
+        trust = write_trust(tmp, heads=heads, inputs=inputs)
         first = next(iter(model.routers.values()))
         manifest = {
             "format": FORMAT,
@@ -145,6 +152,7 @@ def save_wemoe(model: WEMoEModel, folder: str | os.PathLike[str], *, base_ref: s
             "base": {"ref": base_ref, "embedded": bool(embed_base), "class": type(backbone).__name__,
                      "header_hash": header_hash, "shapes": shapes, "is_backbone": bool(embed_base)},
             "storage_bytes": {"backbone": _nbytes(stored), "task_vectors": _nbytes(taus), "routers": _nbytes(routers)},
+            **trust,
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -210,8 +218,10 @@ def load_wemoe(folder: str | os.PathLike[str], *, base: str | os.PathLike[str] |
     except RuntimeError as e:
         raise CompatibilityError(f"{ROUTER_FILE} of {folder} does not match its config: "
                                  f"{str(e).splitlines()[0]}") from None
-    return WEMoEModel(backbone, groups, deltas, {g.name: routers[_key(g.name)] for g in groups},
-                      gate=spec["gate"]).eval()
+    model = WEMoEModel(backbone, groups, deltas, {g.name: routers[_key(g.name)] for g in groups},
+                       gate=spec["gate"]).eval()
+    model.heads = read_heads(folder, doc)
+    return model
 
 
 def cli_build(params: dict[str, Any], out: Path, *, force: bool = False, source: Path | None = None,

@@ -349,7 +349,9 @@ def build_routed(params: dict[str, Any], out: Path, *, force: bool = False, sour
     extra = {"search": str(folder), "point": entry, "suite": cfg.suite, "router": fitted.meta,
              "heads": "per task, from the suite's experts"}
     return save_chain_routed(model, out, embed_base=p.embed_base and hasattr(backbone, "save_pretrained"), extra=extra,
-                             force=force)
+                             force=force, heads={t.name: e.head for t, e in zip(problem.tasks, problem.experts,
+                                                                                 strict=True)},
+                             router_validation=fitted.validation)
 
 
 register_builder("merge", build_routed)

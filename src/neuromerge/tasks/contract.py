@@ -40,10 +40,13 @@ FeatureSource = Literal["embeddings", "final"]
 
 @dataclass
 class Split:
-    """Inputs (a list of strings, or an ``(N, C, H, W)`` float tensor of images) and integer labels."""
+    """Inputs (a list of strings, or an ``(N, C, H, W)`` float tensor of images) and integer labels; ``rows``: each
+    example's record index in its data file (0-based: a CSV data row, a non-empty JSONL line, an ``.npz`` image),
+    in split order, when the split was cut from a file (None otherwise)."""
 
     inputs: Any
     labels: torch.Tensor
+    rows: list[int] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -288,6 +288,9 @@ class HFSuite(Suite):
         self.rank: int | None = None  # the adapters' LoRA rank, set once they are read (None: a full expert)
         self._tokens: dict[tuple, list[list[int]]] = {}
         self._words: dict[tuple, list[int]] = {}
+        #: ``(task name, split) → n``: the first ``n`` examples of the split that :meth:`batches` handed out so far
+        #: (what a build read: recorded in a routed folder's manifest, ``inputs``)
+        self.reads: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------------------------ the ABC
     def budget(self, quick: bool) -> Budget:
@@ -360,6 +363,7 @@ class HFSuite(Suite):
                 enc = self.tokenizer(texts, truncation=True, max_length=self.seq_len) if texts else {"input_ids": []}
                 self._tokens[key] = [list(s) for s in enc["input_ids"]]
         seqs = self._tokens[key] if limit is None else self._tokens[key][:limit]
+        self.reads[(task.name, split)] = max(self.reads.get((task.name, split), 0), len(seqs))
         return token_batches(seqs, getattr(task, split).labels, batch_size or self.batch_size, self.pad_id)
 
     def _prompt_ids(self, prompt: str, text: str) -> list[int]:

@@ -28,19 +28,25 @@ SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 def clean_texts(texts: Sequence[Any], labels: Sequence[int]) -> tuple[list[str], list[int]]:
     """Strip; drop empty, NaN and non-string texts; keep one copy of a repeated text when its labels agree and
     drop every copy when they disagree. Order of first occurrence is kept."""
-    seen: dict[str, int] = {}
+    kept, ys, _ = clean_rows(texts, labels)
+    return kept, ys
+
+
+def clean_rows(texts: Sequence[Any], labels: Sequence[int]) -> tuple[list[str], list[int], list[int]]:
+    """:func:`clean_texts` plus, for every kept text, the index of its first occurrence in ``texts`` (its row)."""
+    seen: dict[str, tuple[int, int]] = {}
     conflicting: set[str] = set()
-    for t, y in zip(texts, labels, strict=True):
+    for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
         if not isinstance(t, str):
             continue
         s = t.strip()
         if not s:
             continue
-        if s in seen and seen[s] != int(y):
+        if s in seen and seen[s][0] != int(y):
             conflicting.add(s)
-        seen.setdefault(s, int(y))
-    kept = [(t, y) for t, y in seen.items() if t not in conflicting]
-    return [t for t, _ in kept], [y for _, y in kept]
+        seen.setdefault(s, (int(y), i))
+    kept = [(t, y, i) for t, (y, i) in seen.items() if t not in conflicting]
+    return [t for t, _, _ in kept], [y for _, y, _ in kept], [i for _, _, i in kept]
 
 
 def _seed_of(*parts: Any) -> int:
@@ -109,13 +115,13 @@ def make_splits(name: str, texts: Sequence[Any], labels: Sequence[int], classes:
     corpus (:func:`clean_texts`; 60 / 20 / 20 % per class), each split capped at ``sizes[k]`` examples when
     ``sizes`` is given (``None`` entries: uncapped; stratified: class proportions kept, a class-wise prefix of the
     full split, so a small run's split is a subset of a large run's). Inside a split, examples are ordered by a
-    seeded shuffle."""
+    seeded shuffle; each split's ``rows`` are the examples' positions in ``texts`` (a repeated text: its first)."""
     if len(texts) != len(labels):
         raise TaskError(f"task {name!r}: {len(texts)} texts but {len(labels)} labels")
     bad = [y for y in labels if not 0 <= int(y) < len(classes)]
     if bad:
         raise TaskError(f"task {name!r}: label {bad[0]} outside 0..{len(classes) - 1}")
-    ctexts, clabels = clean_texts(texts, labels)
+    ctexts, clabels, crows = clean_rows(texts, labels)
     counts = [clabels.count(c) for c in range(len(classes))]
     empty = [classes[c] for c, n in enumerate(counts) if n < 3]
     if empty:
@@ -130,7 +136,8 @@ def make_splits(name: str, texts: Sequence[Any], labels: Sequence[int], classes:
         idx = [i for p in per_class for i in p]
         g = torch.Generator().manual_seed(_seed_of(seed, name, "order", k))
         idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        splits.append(Split([ctexts[i] for i in idx], torch.tensor([clabels[i] for i in idx], dtype=torch.long)))
+        splits.append(Split([ctexts[i] for i in idx], torch.tensor([clabels[i] for i in idx], dtype=torch.long),
+                            rows=[crows[i] for i in idx]))
     return TaskData(name=name, classes=list(classes), train=splits[0], val=splits[1], test=splits[2],
                     in_domain=in_domain, source=source, fingerprint=split_fingerprint(name, classes, splits))
 
@@ -152,7 +159,7 @@ def make_tensor_splits(name: str, inputs: torch.Tensor, labels: Sequence[int], c
             keep = stratified_cap([len(q) for q in per_class], int(sizes[k]))
             per_class = [q[:n] for q, n in zip(per_class, keep, strict=True)]
         idx = torch.tensor(sorted(i for q in per_class for i in q), dtype=torch.long)
-        split = Split(inputs[idx].contiguous(), y[idx])
+        split = Split(inputs[idx].contiguous(), y[idx], rows=idx.tolist())
         h.update(split.inputs.numpy().tobytes())
         h.update(split.labels.numpy().tobytes())
         splits.append(split)
