@@ -8,7 +8,10 @@ Python API:
 - :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
 - :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
 - :func:`methods` — the registered merge methods;
-- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module.
+- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module;
+- ``search(config, out, ...)`` — a MERGE search (``neuromerge search``) on a named suite or on your own model
+  (the package :mod:`neuromerge.search` is callable: :func:`neuromerge.search.merge_run.search`);
+- :func:`route_build` — build a routed-model folder (``neuromerge route build METHOD``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods"]
+__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods", "route_build",
+           "search"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -45,6 +49,38 @@ def load_routed(folder: Any, **kwargs: Any) -> Any:
     return _load(folder, **kwargs)
 
 
+def route_build(method: str, config: Any, out: Any, *, force: bool = False, allow_download: bool = False,
+                **params: Any) -> Any:
+    """``neuromerge route build METHOD --config CONFIG -o OUT`` from Python: ``method`` one of ``min_merging``,
+    ``twin``, ``emr``, ``wemoe``, ``merge``; ``config`` a YAML file (relative paths resolve against its folder) or a
+    mapping (against the working directory); ``params`` override its keys. Returns the routed-model folder
+    (:func:`load_routed` loads it). Every problem of the config is one line of the raised error."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .io.output_guard import check_output
+    from .routing.cli import call_builder, route_inputs
+    from .textfile import load_yaml
+
+    source = None
+    if isinstance(config, dict):
+        raw = dict(config)
+    else:
+        source = Path(config)
+        if not source.is_file():
+            raise ConfigError(f"route config {source} not found" if not source.is_dir()
+                              else f"route config {source} is a folder, expected a YAML file")
+        raw = load_yaml(source, "route config") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must hold a mapping of parameters")
+    if raw.get("method", method) != method:
+        raise ConfigError(f"the config's method {raw['method']!r} differs from {method!r}")
+    raw.pop("method", None)
+    raw.update(params)
+    check_output(Path(out), route_inputs(method, source, raw))
+    return call_builder(method, raw, Path(out), force=force, source=source, allow_download=allow_download)
+
+
 def methods() -> dict[str, Any]:
     """Registered merge methods by name."""
     from .methods import available
@@ -53,6 +89,10 @@ def methods() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "search":  # the package is callable (neuromerge.search(config, out, ...))
+        import importlib
+
+        return importlib.import_module(".search", __name__)
     if name in ("TaskVector", "Weights"):
         from . import task_vector
 
