@@ -210,10 +210,11 @@ def expert_factors(suite: Suite, base: StateDict, experts: Sequence[Expert], mod
         out.append(f)
         ranks[e.task], discarded[e.task] = rank, _discarded_energy(sub_base, sub, f)
         approx.append(e.task)
-    if approx:
-        worst = max(discarded[n] for n in approx)
-        warnings.warn(f"expert(s) {', '.join(approx)} are not LoRA adapters: approximating each changed module by a "
-                      f"rank-{rank} truncated SVD (discarded energy up to {worst:.3g} of ‖ΔW‖²; set 'rank' to choose)",
+    worst = max((discarded[n] for n in approx), default=0.0)
+    if approx and (p.rank is None or worst > p.factor_tol):  # a chosen rank that loses nothing needs no warning
+        why = "are not LoRA adapters: " if p.rank is None else ""
+        warnings.warn(f"expert(s) {', '.join(approx)} {why}approximating each changed module by a rank-{rank} "
+                      f"truncated SVD (discarded energy up to {worst:.3g} of ‖ΔW‖²; set 'rank' to choose)",
                       stacklevel=2)
     return out, {"factor_rank": rank, "factors_exact": not approx, "factor_ranks": ranks,
                  "discarded_energy": discarded}

@@ -27,6 +27,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -107,7 +108,7 @@ class SearchRunConfig(BaseModel):
     def _check(self) -> SearchRunConfig:
         from . import SearchSettings
 
-        problems = self.source_problems()
+        problems = source_problems(self.model_dump())
         bad = [o for o in self.ops if o not in SEARCH_OPERATORS]
         if bad or not self.ops:
             problems.append(f"ops must be a non-empty subset of {', '.join(SEARCH_OPERATORS)}; got {self.ops}")
@@ -122,30 +123,8 @@ class SearchRunConfig(BaseModel):
         return self
 
     def source_problems(self) -> list[str]:
-        """What is wrong with the choice of models: exactly one of ``suite:`` or a user's model (``base``,
-        ``tasks`` = task file, ``experts``), and no key of the other kind."""
-        given = [k for k in USER_ONLY_KEYS if getattr(self, k) is not None]
-        if self.suite is not None and self.base is not None:
-            return ["give either `suite:` (a named suite) or `base:` + `tasks:` + `experts:` (your own model), "
-                    "not both"]
-        if self.suite is None and self.base is None:
-            return ["give `suite:` (a named suite: text, vision, llm) or `base:` + `tasks:` + `experts:` (your own "
-                    "model)"]
-        out = []
-        if self.suite is not None:
-            out += [f"{k}: applies to your own model (base:), not to suite {self.suite!r}" for k in given]
-            if isinstance(self.tasks, str):
-                out.append("tasks: with `suite:`, a list of the suite's task names (a task file goes with `base:`)")
-            return out
-        if not isinstance(self.tasks, str):
-            out.append("tasks: with `base:`, the task file (YAML) listing every expert's task data")
-        if not self.experts:
-            out.append("experts: missing (required with `base:`): {task name: adapter folder or checkpoint}")
-        elif len(self.experts) < 2:
-            out.append(f"experts: MERGE needs at least 2 experts, got {len(self.experts)}")
-        out += [f"{k}: applies to a named suite only (your model's data budget: seq_len, val_examples, …)"
-                for k in SUITE_ONLY_KEYS if getattr(self, k) not in (None, False)]
-        return out
+        """What is wrong with the choice of models (:func:`source_problems`)."""
+        return source_problems(self.model_dump())
 
     @property
     def user_model(self) -> bool:
@@ -166,6 +145,33 @@ class SearchRunConfig(BaseModel):
 
         return (cls or SearchSettings)(budget=self.budget, pop_size=self.population, seeds=tuple(self.seeds),
                                        n_trees=self.n_trees, pool_factor=self.pool_factor)
+
+
+def source_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a search config's choice of models: exactly one of ``suite:`` or a user's model
+    (``base``, ``tasks`` = task file, ``experts`` ≥ 2), and no key of the other kind (one line each)."""
+    given = [k for k in USER_ONLY_KEYS if raw.get(k) is not None]
+    suite, base, tasks, experts = raw.get("suite"), raw.get("base"), raw.get("tasks"), raw.get("experts")
+    if suite is not None and base is not None:
+        return ["give either `suite:` (a named suite) or `base:` + `tasks:` + `experts:` (your own model), not both"]
+    if suite is None and base is None:
+        return ["give `suite:` (a named suite: text, vision, llm) or `base:` + `tasks:` + `experts:` (your own "
+                "model)"]
+    out = []
+    if suite is not None:
+        out += [f"{k}: applies to your own model (base:), not to suite {suite!r}" for k in given]
+        if isinstance(tasks, str):
+            out.append("tasks: with `suite:`, a list of the suite's task names (a task file goes with `base:`)")
+        return out
+    if not isinstance(tasks, str):
+        out.append("tasks: with `base:`, the task file (YAML) listing every expert's task data")
+    if not experts:
+        out.append("experts: missing (required with `base:`): {task name: adapter folder or checkpoint}")
+    elif isinstance(experts, Mapping) and len(experts) < 2:
+        out.append(f"experts: MERGE needs at least 2 experts, got {len(experts)}")
+    out += [f"{k}: applies to a named suite only (your model's data budget: seq_len, val_examples, …)"
+            for k in SUITE_ONLY_KEYS if raw.get(k) not in (None, False)]
+    return out
 
 
 def _config_lines(err: ValidationError) -> list[str]:
@@ -210,6 +216,7 @@ def load_search_config(source: str | Path | dict[str, Any] | SearchRunConfig, *,
         cfg = SearchRunConfig.model_validate(raw)
     except ValidationError as err:
         problems += _config_lines(err)
+        problems += [p for p in source_problems(raw) if p not in problems]  # not reached when a field failed
     found = None
     if isinstance(raw.get("base"), str) and raw.get("suite") is None:  # the user's model: every path, headers only
         found = check_user_model(raw, config_dir(path), allow_download=allow_download)
