@@ -317,7 +317,8 @@ def inspect(
 
 @app.command()
 def search(
-    config: Annotated[Path, typer.Argument(help="search config YAML (suite, tasks, operators, budget…)")],
+    config: Annotated[Path, typer.Argument(help="search config YAML (suite or base/tasks/experts, operators, "
+                                                "budget…)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="search folder (resumable)")],
     budget: Annotated[int | None, typer.Option(help="exact evaluations per seed (default 300)")] = None,
     seeds: Annotated[int | None, typer.Option(help="number of search seeds 0..K-1 (default 1)")] = None,
