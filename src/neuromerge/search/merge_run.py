@@ -1,10 +1,13 @@
 """``neuromerge search`` and ``neuromerge route build merge``: MERGE (METHODS.md §2) end to end on a contract object.
 
-A search config (YAML, validated by :class:`SearchRunConfig` before any weight is read) names the suite, its tasks
-and expert mode, the operators and coefficients each component may use and the search settings. The search
-(:func:`run_merge_search`) takes any :class:`~neuromerge.tasks.TaskSet` (a suite or a user's model with its
-experts; ``taskset=``), or resolves the config's ``suite:`` name through the registered provider
-(:func:`neuromerge.tasks.named.resolve_suite`: the bench trains or loads the suite's per-task experts), builds
+A search config (YAML, validated by :class:`SearchRunConfig` before any weight is read) names either a suite (its
+tasks and expert mode) or the user's own model (``base`` folder, ``tasks`` file, ``experts``: adapters or full
+checkpoints), the operators and coefficients each component may use and the search settings. The search
+(:func:`run_merge_search`; :func:`search` = ``neuromerge.search(config, out, ...)``) takes any
+:class:`~neuromerge.tasks.TaskSet` (``taskset=``), or opens the config's model (:func:`open_taskset`: a ``suite:``
+name through the registered provider, :func:`neuromerge.tasks.named.resolve_suite`, whose bench trains or loads
+the per-task experts; a user's model through :func:`neuromerge.tasks.hf.open_user_model`, its inputs' content
+digest saved as :data:`INPUTS_FILE` so resume, workers and ``route build merge`` refuse changed files), builds
 :class:`~.merge_problem.MergeProblem`
 (f1 = mean normalized validation accuracy with each task running its own chain, f2 = exact library bytes), runs the
 surrogate-assisted NSGA-II (:func:`neuromerge.search.run_search`; locally or with PostgreSQL workers) and writes,
