@@ -10,7 +10,9 @@ Python API:
 - :func:`methods` — the registered merge methods;
 - :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module;
 - :func:`route_build` — build a routed model (MIN-Merging, Twin, EMR, WEMoE, MERGE) from a config, as
-  ``neuromerge route build`` does.
+  ``neuromerge route build`` does;
+- ``search(config, out, ...)`` — a MERGE search (``neuromerge search``) on a named suite or on your own model
+  (the package :mod:`neuromerge.search` is callable: :func:`neuromerge.search.merge_run.search`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods", "route_build"]
+__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods", "route_build",
+           "search"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -64,6 +67,10 @@ def methods() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "search":  # the package is callable (neuromerge.search(config, out, ...))
+        import importlib
+
+        return importlib.import_module(".search", __name__)
     if name in ("TaskVector", "Weights"):
         from . import task_vector
 

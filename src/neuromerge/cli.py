@@ -317,7 +317,8 @@ def inspect(
 
 @app.command()
 def search(
-    config: Annotated[Path, typer.Argument(help="search config YAML (suite, tasks, operators, budget…)")],
+    config: Annotated[Path, typer.Argument(help="search config YAML (suite or base/tasks/experts, operators, "
+                                                "budget…)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="search folder (resumable)")],
     budget: Annotated[int | None, typer.Option(help="exact evaluations per seed (default 300)")] = None,
     seeds: Annotated[int | None, typer.Option(help="number of search seeds 0..K-1 (default 1)")] = None,
@@ -329,9 +330,13 @@ def search(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="your model: fetch a base given as a "
+                                                                          "Hugging Face id missing from the cache")]
+    = False,
 ) -> None:
-    """MERGE: surrogate-assisted NSGA-II over per-component task partitions; writes the Pareto set (pareto.json),
-    pareto.png, hypervolume.png and the representative points against the static merges."""
+    """MERGE: surrogate-assisted NSGA-II over per-component task partitions of a named suite (`suite:`) or of your
+    own model (`base:`, `tasks:` task file, `experts:`); writes the Pareto set (pareto.json), pareto.png,
+    hypervolume.png and the representative points against the static merges."""
     from .io.output_guard import check_output
     from .search.merge_run import load_search_config, run_merge_search
 
@@ -348,10 +353,11 @@ def search(
         if out.exists() and not out.is_dir():
             raise NeuromergeError(f"search folder {out} is a file, expected a folder")
         cfg = load_search_config(config, budget=budget, seeds=None if seeds is None else list(range(seeds)),
-                                 population=population, quick=quick, storage_url=storage)
+                                 population=population, quick=quick, storage_url=storage,
+                                 allow_download=allow_download)
         rep = run_merge_search(cfg, out, resume=resume, progress=progress)
     except NeuromergeError as err:
-        _fail(str(err))
+        _fail_lines(str(err))
         return
     except OSError as err:  # disk full, read-only file system… while writing the search folder
         _fail(f"cannot write {out}: {err.strerror or err}")
@@ -366,16 +372,29 @@ def search_worker(
     config: Annotated[Path, typer.Argument(help="the coordinator's search config")],
     storage: Annotated[str | None, typer.Option(help="database URL (overrides the config's storage_url)")] = None,
     max_idle: Annotated[float | None, typer.Option(help="exit after this many seconds without work")] = None,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="your model: fetch a base given as a "
+                                                                          "Hugging Face id missing from the cache")]
+    = False,
 ) -> None:
-    """Evaluate configurations of a distributed `neuromerge search` (same config, same storage URL)."""
+    """Evaluate configurations of a distributed `neuromerge search` (same config, same storage URL); a user's
+    model is rebuilt from the config's paths, and refused when its files differ from the coordinator's."""
     from .search.merge_run import load_search_config, run_search_worker
 
     try:
-        n = run_search_worker(load_search_config(config, storage_url=storage), max_idle_s=max_idle)
+        n = run_search_worker(load_search_config(config, storage_url=storage, allow_download=allow_download),
+                              max_idle_s=max_idle)
     except NeuromergeError as err:
-        _fail(str(err))
+        _fail_lines(str(err))
         return
     typer.echo(f"evaluated {n} configurations")
+
+
+def _fail_lines(message: str, code: int = 2) -> None:
+    """:func:`_fail` for a message of several problems: one ``error:`` line each."""
+    lines = message.splitlines() or [message]
+    for line in lines[:-1]:
+        typer.echo(f"error: {line}", err=True)
+    _fail(lines[-1], code)
 
 
 def _add_route() -> None:

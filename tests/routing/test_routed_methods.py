@@ -388,21 +388,32 @@ def test_emr_builder_oracle_equals_the_reconstructed_expert() -> None:
 
 
 # --- route build from a config: HF base folder + PEFT adapters + task files -----------------------------------
+def word_tokenizer(vocab: list[str]) -> Any:
+    """A BERT tokenizer over ``vocab`` (``[PAD] [UNK] [CLS] [SEP] [MASK]`` first): whole words, ``[CLS] … [SEP]``.
+    Built from a ``tokenizers`` WordPiece model: transformers 5's ``BertTokenizerFast(vocab_file=…)`` keeps only the
+    special tokens (every word became ``[UNK]``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return BertTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+
+
 def hf_fixture(tmp_path, targets: tuple[str, ...] = ("query", "value")) -> tuple[dict[str, Any], list[nn.Module]]:
     """A tiny BERT folder with a word-level tokenizer, two PEFT LoRA adapters (random B), a task file."""
     import json
 
     from peft import LoraConfig, get_peft_model
-    from transformers import BertModel, BertTokenizerFast
+    from transformers import BertModel
 
     words = [f"w{i}" for i in range(30)]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     base_dir = tmp_path / "base"
     tiny_bert(pooler=True).save_pretrained(base_dir)
-    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file=` keyword is ignored: every word is [UNK])
-    ids = {tok: i for i, tok in enumerate(vocab.read_text().split())}
-    BertTokenizerFast(vocab=ids, do_lower_case=False).save_pretrained(base_dir)
+    word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]).save_pretrained(base_dir)
     merged = []
     entries = []
     g = torch.Generator().manual_seed(5)
@@ -538,6 +549,14 @@ def test_full_rank_experts_fall_back_to_a_truncated_svd() -> None:
     with pytest.warns(UserWarning, match="approximating"):
         factors, meta = rm.expert_factors(suite, base, [Expert("e", full, None, 1.0)], LORA_MODULES,
                                           rm.FactorParams())
-    assert meta == {"factor_rank": 16, "factors_exact": False} and factors[0][m][0].shape[0] == 16
+    assert (meta["factor_rank"], meta["factors_exact"], meta["factor_ranks"]) == (16, False, {"e": 16})
+    assert factors[0][m][0].shape[0] == 16
+    # the reported discarded energy is Σ‖ΔW − BA‖² / Σ‖ΔW‖² of the truncated factors (a random ΔW loses some)
+    lost = total = 0.0
+    for mod, (a, b) in factors[0].items():
+        d = (full[f"{mod}.weight"] - base[f"{mod}.weight"]).double()
+        total += float(d.square().sum())
+        lost += float((d - b.double() @ a.double()).square().sum())
+    assert meta["discarded_energy"]["e"] == pytest.approx(lost / total) and 0 < lost / total < 1
     exact, meta = rm.expert_factors(suite, base, experts, LORA_MODULES, rm.FactorParams())
     assert meta["factors_exact"] and exact[0][m][0].shape[0] == RANK

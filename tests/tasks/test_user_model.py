@@ -113,7 +113,7 @@ def test_a_user_model_is_a_contract_object_with_adapter_or_full_experts(tmp_path
     # MERGE's objective takes the same object
     from neuromerge.search.merge_problem import MergeProblem
 
-    problem = MergeProblem.from_taskset(full)
+    problem = MergeProblem.from_taskset(full, quantize=False)  # fp32 library: "all separate" is the experts
     assert problem.task_names == ["t0", "t1"] and len(problem.components) >= 2
     assert problem.evaluate(problem.space.all_separate()) == pytest.approx(100.0)
 

@@ -168,25 +168,76 @@ def averaged_rest(base: StateDict, states: Sequence[StateDict], routed: Iterable
 
 def expert_factors(suite: Suite, base: StateDict, experts: Sequence[Expert], modules: Sequence[str],
                    p: FactorParams) -> tuple[list[Factors], dict[str, Any]]:
-    """Low-rank factors of every expert's changed ``modules``: exact LoRA factors at ``suite.expert_rank()`` when
-    every update has that rank (``factor_tol``); otherwise (full fine-tuned experts, or ``p.rank`` given) the
-    truncated SVD at ``p.rank`` (default 16), with a warning — the routed model then holds approximations."""
+    """Low-rank factors of every expert's changed ``modules``.
+
+    - Every update of rank ``suite.expert_rank()`` (LoRA experts, ``factor_tol``) and ``p.rank`` unset: the exact
+      factors at that rank, for all experts.
+    - Otherwise each expert on its own: an expert that says it is LoRA (``meta["rank"]``, a user's PEFT adapter)
+      gets its exact factors at its rank; the others (full fine-tuned checkpoints, or any expert when ``p.rank`` is
+      given) the truncated SVD of each changed module's ``ΔW`` at ``p.rank`` (default 16) — Eckart–Young's best
+      rank-r approximation, with a warning. ``meta["discarded_energy"][task]`` = ``Σ_m ‖ΔW_m − B_m A_m‖_F² /
+      Σ_m ‖ΔW_m‖_F²`` over the expert's modules (0 for exact factors), ``meta["factor_ranks"][task]`` its rank and
+      ``meta["factors_exact"]`` whether every expert is exact."""
     import warnings
 
     keys = [f"{m}.weight" for m in modules]
     sub_base = {k: base[k] for k in keys}
     subs = [{k: e.backbone[k] for k in keys} for e in experts]
+    names = [e.task for e in experts]
     lora_rank = suite.expert_rank()
+    own: list[int | None]
     if p.rank is None and lora_rank is not None:
         try:
             return ([lora_factors(sub_base, sub, int(lora_rank), tol=p.factor_tol) for sub in subs],
-                    {"factor_rank": int(lora_rank), "factors_exact": True})
-        except TaskError as err:
-            warnings.warn(f"experts are not rank-{lora_rank} LoRA updates ({err}); approximating them by a "
-                          f"rank-16 truncated SVD (set 'rank' to choose)", stacklevel=2)
+                    {"factor_rank": int(lora_rank), "factors_exact": True,
+                     "factor_ranks": dict.fromkeys(names, int(lora_rank)),
+                     "discarded_energy": dict.fromkeys(names, 0.0)})
+        except TaskError:  # not the rank-r updates the suite declares: every expert approximated (warned below)
+            own = [None] * len(experts)
+    else:
+        own = [None if p.rank is not None else _meta_rank(e) for e in experts]
     rank = p.rank or 16
-    return ([lora_factors(sub_base, sub, rank, tol=1.0) for sub in subs],
-            {"factor_rank": rank, "factors_exact": False})
+    out: list[Factors] = []
+    ranks: dict[str, int] = {}
+    discarded: dict[str, float] = {}
+    approx: list[str] = []
+    for e, sub, r in zip(experts, subs, own, strict=True):
+        if r is not None:
+            try:
+                out.append(lora_factors(sub_base, sub, r, tol=p.factor_tol))
+                ranks[e.task], discarded[e.task] = r, 0.0
+                continue
+            except TaskError:
+                pass  # not the low-rank update it declares: approximated below like a full checkpoint
+        f = lora_factors(sub_base, sub, rank, tol=1.0)
+        out.append(f)
+        ranks[e.task], discarded[e.task] = rank, _discarded_energy(sub_base, sub, f)
+        approx.append(e.task)
+    worst = max((discarded[n] for n in approx), default=0.0)
+    if approx and (p.rank is None or worst > p.factor_tol):  # a chosen rank that loses nothing needs no warning
+        why = "are not LoRA adapters: " if p.rank is None else ""
+        warnings.warn(f"expert(s) {', '.join(approx)} {why}approximating each changed module by a rank-{rank} "
+                      f"truncated SVD (discarded energy up to {worst:.3g} of ‖ΔW‖²; set 'rank' to choose)",
+                      stacklevel=2)
+    return out, {"factor_rank": rank, "factors_exact": not approx, "factor_ranks": ranks,
+                 "discarded_energy": discarded}
+
+
+def _meta_rank(e: Expert) -> int | None:
+    """The LoRA rank an expert declares (``meta["rank"]``: a PEFT adapter's), None for a full checkpoint."""
+    r = e.meta.get("rank") if isinstance(e.meta, Mapping) else None
+    return int(r) if isinstance(r, int) and r > 0 else None
+
+
+def _discarded_energy(base: StateDict, expert: StateDict, factors: Factors) -> float:
+    """``Σ_m ‖ΔW_m − B_m A_m‖_F² / Σ_m ‖ΔW_m‖_F²`` over the modules of ``factors`` (0 when nothing changed)."""
+    total = lost = 0.0
+    for m, (a, b) in factors.items():
+        k = f"{m}.weight"
+        delta = (expert[k].double() - base[k].double()).reshape(base[k].shape[0], -1)
+        total += float(delta.square().sum())
+        lost += float((delta - b.double() @ a.double()).square().sum())
+    return lost / total if total > 0 else 0.0
 
 
 def static_state(base: StateDict, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],

@@ -9,6 +9,10 @@ configuration encoding, :mod:`.distributed` for running the exact evaluations on
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from .archive import Evaluation, EvaluationCache, hypervolume, non_dominated
 from .distributed import run_worker
 from .encoding import Configuration, SearchSpace, bell, canonicalize, groups, set_partitions
@@ -41,3 +45,17 @@ __all__ = [
     "set_partitions",
 ]
 
+
+class _CallableModule(types.ModuleType):
+    """``neuromerge.search`` is both this package and the Python API of ``neuromerge search``: importing a
+    submodule rebinds the package attribute ``neuromerge.search`` to the module, so the module itself is callable."""
+
+    def __call__(self, config: Any, out: Any, **kwargs: Any) -> dict[str, Any]:
+        """``neuromerge.search(config, out, ...)``: :func:`neuromerge.search.merge_run.search` (a MERGE search on a
+        named suite or on your own model; returns the report)."""
+        from .merge_run import search
+
+        return search(config, out, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -17,6 +17,7 @@ accuracies once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -134,6 +135,20 @@ class MergeProblem:
             if bad:
                 raise TaskError(f"experts with zero validation accuracy cannot normalize: {bad}")
         return self._expert_val
+
+    def measure_expert_tests(self) -> list[float]:
+        """Each expert's *test* accuracy on its task with its own head or probe (``suite.evaluate`` under the
+        suite's budget), measured for the experts that come without one (``test_score`` NaN: a user's model,
+        :func:`~neuromerge.tasks.hf.open_user_model`) and stored in their :class:`~neuromerge.tasks.Expert`;
+        :meth:`test_score` normalizes by these. Returns every expert's test score."""
+        for i, (e, t) in enumerate(zip(self.experts, self.tasks, strict=True)):
+            if math.isnan(e.test_score):
+                score = float(self.suite.evaluate(e.backbone, e.head, t, "test", self.suite_budget))
+                self.experts[i] = dataclasses.replace(e, test_score=score)
+        bad = [t.name for t, e in zip(self.tasks, self.experts, strict=True) if e.test_score <= 0]
+        if bad:
+            raise TaskError(f"experts with zero test accuracy cannot normalize the test scores: {bad}")
+        return [e.test_score for e in self.experts]
 
     def task_scores(self, config: Any) -> list[float]:
         """Normalized validation accuracy ``100 · acc(chain_t) / acc(expert_t)`` per in-domain task."""
