@@ -8,7 +8,8 @@ Python API:
 - :func:`neuromerge.functional.merge_state_dicts` — the same methods on in-memory state dicts;
 - :class:`TaskVector` / :class:`Weights` — task-vector algebra for notebooks;
 - :func:`methods` — the registered merge methods;
-- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module.
+- :func:`load_routed` — a routed-model folder (``neuromerge route build``) as a ready module;
+- :func:`evaluate` — score merged / routed folders and the base on your tasks, normalised against your experts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods"]
+__all__ = ["TaskVector", "Weights", "__version__", "evaluate", "inspect", "load_routed", "merge", "methods"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -43,6 +44,16 @@ def load_routed(folder: Any, **kwargs: Any) -> Any:
     from .routing.folder import load_routed as _load
 
     return _load(folder, **kwargs)
+
+
+def evaluate(config: Any, models: Any = (), out: Any = None, **kwargs: Any) -> Any:
+    """Score ``models`` (merged folders, merged LoRA adapters, routed folders) and the base on the tasks of ``config``
+    (a user-model YAML / mapping — ``base``, ``tasks``, ``experts`` — or a :class:`~neuromerge.tasks.TaskSet`),
+    normalised against its experts; with ``out``, write ``results.json``, ``results.md`` and a PNG there. Returns an
+    :class:`~neuromerge.evaluation.EvalResults`; see :func:`neuromerge.evaluation.evaluate` for the options."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(config, models, out, **kwargs)
 
 
 def methods() -> dict[str, Any]:
