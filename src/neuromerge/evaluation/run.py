@@ -127,9 +127,23 @@ def load_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: 
     ``seed``, ``mode``: :func:`~neuromerge.tasks.named.resolve_suite`). ``config`` is a YAML file (relative paths
     resolve against its folder) or a mapping (``source``: the file it came from, if any). ``tasks`` selects tasks
     by name (each must have an expert). Every problem is listed, one per line, before anything is loaded."""
+    opener, problems = check_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
+    if problems or opener is None:
+        raise TaskError("\n".join(problems))
+    return opener()
+
+
+def check_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: str | os.PathLike[str] | None = None,
+                  tasks: Sequence[str] | None = None, allow_download: bool = False
+                  ) -> tuple[Callable[[], TaskSet] | None, list[str]]:
+    """``(opener, problems)`` of a config (:func:`load_taskset`), nothing loaded: the problems one per line, and,
+    when there is none, a function that loads the :class:`~neuromerge.tasks.TaskSet`."""
     from ..tasks.hf import USER_MODEL_KEYS, open_user_model, validate_user_model
 
-    raw, source = _read_config(config, source)
+    try:
+        raw, source = _read_config(config, source)
+    except TaskError as err:
+        return None, str(err).splitlines()
     where = f"{source}: " if source is not None else "config: "
     if "suite" in raw:
         return _named_taskset(raw, where, tasks)
@@ -138,14 +152,13 @@ def load_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: 
     try:
         cfg, _ = validate_user_model(raw, source=source, allow_download=allow_download)
     except TaskError as err:
-        problems += str(err).splitlines()
-        cfg = None
-    if cfg is not None and tasks is not None:
+        return None, problems + str(err).splitlines()
+    if tasks is not None:
         problems += [f"task {t!r} has no expert (experts: {', '.join(cfg.experts)})" for t in tasks
                      if t not in cfg.experts]
-    if problems or cfg is None:
-        raise TaskError("\n".join(problems))
-    return open_user_model(cfg, names=None if tasks is None else list(tasks))
+    if problems:
+        return None, problems
+    return (lambda: open_user_model(cfg, names=None if tasks is None else list(tasks))), []
 
 
 def _read_config(config: str | os.PathLike[str] | Mapping[str, Any], source: str | os.PathLike[str] | None
@@ -190,8 +203,9 @@ def user_model_config(base: str | os.PathLike[str], experts: str | os.PathLike[s
     return {**raw, "base": os.path.abspath(base), "tasks": os.path.abspath(task_file)}, path
 
 
-def _named_taskset(raw: dict[str, Any], where: str, tasks: Sequence[str] | None) -> TaskSet:
-    from ..tasks.named import resolve_suite
+def _named_taskset(raw: dict[str, Any], where: str, tasks: Sequence[str] | None
+                   ) -> tuple[Callable[[], TaskSet] | None, list[str]]:
+    from ..tasks.named import has_suite_provider, resolve_suite
 
     problems = [f"{where}{k}: unknown key with suite: (known: {', '.join(SUITE_KEYS)})" for k in raw
                 if k not in SUITE_KEYS]
@@ -202,11 +216,15 @@ def _named_taskset(raw: dict[str, Any], where: str, tasks: Sequence[str] | None)
         problems.append(f"{where}tasks: with suite:, a list of task names")
     if not isinstance(raw["suite"], str):
         problems.append(f"{where}suite: a suite name (text, vision, llm)")
+    if not has_suite_provider():
+        from ..tasks.named import NO_PROVIDER
+
+        problems.append(f"{where}suite: {NO_PROVIDER}")
     if problems:
-        raise TaskError("\n".join(problems))
-    ts = resolve_suite(raw["suite"], tasks=list(tasks) if tasks is not None else names,
-                       quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)), mode=raw.get("mode"))
-    return ts
+        return None, problems
+    chosen = list(tasks) if tasks is not None else names
+    return (lambda: resolve_suite(raw["suite"], tasks=chosen, quick=bool(raw.get("quick", False)),
+                                  seed=int(raw.get("seed", 0)), mode=raw.get("mode"))), []
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -304,6 +322,10 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
         problems.append("tasks= selects the tasks of a config; give a TaskSet with the tasks wanted")
     if not splits:
         problems.append("no split to score; give test and / or val")
+    opener: Callable[[], TaskSet] | None = None
+    if not isinstance(config, TaskSet):
+        opener, config_problems = check_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
+        problems = config_problems + problems
     writer = None
     if not problems and out is not None:
         inputs: list[Any] = [*paths, None if isinstance(config, TaskSet | Mapping) else config]
@@ -317,7 +339,8 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
         ts, where = config, source
     else:
         say("loading the base, the experts and their probes")
-        ts = load_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
+        assert opener is not None
+        ts = opener()
         where = source or (None if isinstance(config, Mapping) else str(config))
     if writer is not None:  # the experts' own folders are inputs too
         from ..io.output_guard import check_output
@@ -400,5 +423,6 @@ def _task_info(t: TaskData, e: Expert) -> dict[str, Any]:
             "expert": e.meta.get("path"), "expert_kind": e.meta.get("kind")}
 
 
-__all__ = ["ROUTE_KEYS", "SPLITS", "EvalResults", "Row", "evaluate", "load_taskset", "normalized_accuracy",
+__all__ = ["ROUTE_KEYS", "SPLITS", "EvalResults", "Row", "check_taskset", "evaluate", "load_taskset",
+           "normalized_accuracy",
            "user_model_config"]
