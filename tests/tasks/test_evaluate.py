@@ -248,6 +248,18 @@ def test_evaluate_errors_are_one_line_and_write_nothing(user: dict[str, Any], ar
     assert not out.exists()
 
 
+def test_a_report_that_would_replace_an_input_is_refused(user: dict[str, Any]) -> None:
+    from neuromerge.cli import app
+
+    tmp = user["tmp"]
+    for out in (tmp / "full1", tmp / "base"):  # an expert (the config names it), the base
+        before = sorted(p.name for p in out.iterdir())
+        res = CliRunner().invoke(app, ["evaluate", str(tmp / "evaluate.yaml"), "-o", str(out), "--force",
+                                       "--no-progress"])
+        assert res.exit_code == 2 and res.output.count("error:") == 1 and str(out) in res.output, res.output
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 @pytest.mark.parametrize(("args", "message"), [
     ([], "error: give a SUITE (text, vision, llm), or --base, --experts and --task-file"),
     (["--base", "b"], "error: --experts is needed with --base; --task-file is needed with --base"),

@@ -127,7 +127,7 @@ def load_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: 
     ``seed``, ``mode``: :func:`~neuromerge.tasks.named.resolve_suite`). ``config`` is a YAML file (relative paths
     resolve against its folder) or a mapping (``source``: the file it came from, if any). ``tasks`` selects tasks
     by name (each must have an expert). Every problem is listed, one per line, before anything is loaded."""
-    opener, problems = check_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
+    opener, problems, _ = check_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
     if problems or opener is None:
         raise TaskError("\n".join(problems))
     return opener()
@@ -135,30 +135,33 @@ def load_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: 
 
 def check_taskset(config: str | os.PathLike[str] | Mapping[str, Any], *, source: str | os.PathLike[str] | None = None,
                   tasks: Sequence[str] | None = None, allow_download: bool = False
-                  ) -> tuple[Callable[[], TaskSet] | None, list[str]]:
-    """``(opener, problems)`` of a config (:func:`load_taskset`), nothing loaded: the problems one per line, and,
-    when there is none, a function that loads the :class:`~neuromerge.tasks.TaskSet`."""
+                  ) -> tuple[Callable[[], TaskSet] | None, list[str], list[str]]:
+    """``(opener, problems, inputs)`` of a config (:func:`load_taskset`), nothing loaded: the problems one per line;
+    when there is none, a function that loads the :class:`~neuromerge.tasks.TaskSet` and the files it reads (the
+    config, the base, the task file, the experts: what an output must not replace)."""
     from ..tasks.hf import USER_MODEL_KEYS, open_user_model, validate_user_model
 
     try:
         raw, source = _read_config(config, source)
     except TaskError as err:
-        return None, str(err).splitlines()
+        return None, str(err).splitlines(), []
     where = f"{source}: " if source is not None else "config: "
     if "suite" in raw:
-        return _named_taskset(raw, where, tasks)
+        opener, problems = _named_taskset(raw, where, tasks)
+        return opener, problems, [] if source is None else [str(source)]
     unknown = sorted(set(raw) - set(USER_MODEL_KEYS) - set(ROUTE_KEYS))
     problems = [f"{where}{k}: unknown key (known: {', '.join(USER_MODEL_KEYS)}, or suite:)" for k in unknown]
     try:
         cfg, _ = validate_user_model(raw, source=source, allow_download=allow_download)
     except TaskError as err:
-        return None, problems + str(err).splitlines()
+        return None, problems + str(err).splitlines(), []
     if tasks is not None:
         problems += [f"task {t!r} has no expert (experts: {', '.join(cfg.experts)})" for t in tasks
                      if t not in cfg.experts]
     if problems:
-        return None, problems
-    return (lambda: open_user_model(cfg, names=None if tasks is None else list(tasks))), []
+        return None, problems, []
+    inputs = [*([] if source is None else [str(source)]), cfg.base, cfg.tasks, *cfg.experts.values()]
+    return (lambda: open_user_model(cfg, names=None if tasks is None else list(tasks))), [], inputs
 
 
 def _read_config(config: str | os.PathLike[str] | Mapping[str, Any], source: str | os.PathLike[str] | None
@@ -323,15 +326,17 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
     if not splits:
         problems.append("no split to score; give test and / or val")
     opener: Callable[[], TaskSet] | None = None
-    if not isinstance(config, TaskSet):
-        opener, config_problems = check_taskset(config, source=source, tasks=tasks, allow_download=allow_download)
+    inputs: list[Any] = list(paths)
+    if isinstance(config, TaskSet):
+        inputs += [e.meta.get("path") for e in config.experts] + [getattr(config.suite, "path", None)]
+    else:
+        opener, config_problems, config_inputs = check_taskset(config, source=source, tasks=tasks,
+                                                               allow_download=allow_download)
         problems = config_problems + problems
+        inputs += config_inputs
     writer = None
-    if not problems and out is not None:
-        inputs: list[Any] = [*paths, None if isinstance(config, TaskSet | Mapping) else config]
-        if isinstance(config, TaskSet):
-            inputs += [e.meta.get("path") for e in config.experts]
-        writer = AtomicOutput(Path(out), force=force, inputs=inputs)  # refusals before anything is loaded
+    if not problems and out is not None:  # refusals before anything is loaded
+        writer = AtomicOutput(Path(out), force=force, inputs=inputs)
     if problems:
         raise TaskError("\n".join(problems))
     splits = list(dict.fromkeys(splits))
@@ -342,10 +347,6 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
         assert opener is not None
         ts = opener()
         where = source or (None if isinstance(config, Mapping) else str(config))
-    if writer is not None:  # the experts' own folders are inputs too
-        from ..io.output_guard import check_output
-
-        check_output(Path(out), [e.meta.get("path") for e in ts.experts])  # type: ignore[arg-type]
     t_loaded = time.perf_counter()
     opened = []
     for i, m in enumerate(paths):
