@@ -203,6 +203,24 @@ def test_routed_folder_goes_through_its_router_and_folder_heads_score(user: dict
         ts.suite.evaluate_module(load_routed(user["twin"]), flipped1, t1, "test", ts.budget))
 
 
+def test_a_named_suite_config_goes_through_the_registered_provider(user: dict[str, Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuromerge.tasks import named
+
+    seen: dict[str, Any] = {}
+
+    def provider(name: str, **kwargs: Any) -> Any:
+        seen.update(name=name, **kwargs)
+        return user["ts"]
+
+    monkeypatch.setattr(named, "_PROVIDER", [provider])
+    res = neuromerge.evaluate({"suite": "mine", "tasks": ["t0", "t1"], "quick": True}, [user["merged"]])
+    assert seen["name"] == "mine" and seen["tasks"] == ["t0", "t1"] and seen["quick"] is True
+    assert res.row("merged").scores["test"] == pytest.approx(user["results"].row("merged").scores["test"])
+    with pytest.raises(TaskError, match="quik: unknown key with suite:"):
+        neuromerge.evaluate({"suite": "mine", "quik": True})
+
+
 # ------------------------------------------------------------------------------------------------ the commands
 def test_evaluate_and_bench_base_commands(user: dict[str, Any]) -> None:
     from neuromerge.cli import app

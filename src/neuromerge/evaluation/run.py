@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import TaskError
 from ..tasks.contract import Expert, StateDict, TaskData, TaskSet
+from ..tasks.hf import HFSuite
 from .heads import ClassifierHead, HeadSource, classifier_architecture
 from .models import EvaluatedModel, check_model_path, open_model
 
@@ -276,6 +277,8 @@ class _Scorer:
             batches = suite.batches(t, split, budget, limit=budget.eval_examples)  # type: ignore[arg-type]
             return classifier.accuracy(module, batches)
         head = None if source == "label_words" else head
+        if is_state and isinstance(suite, HFSuite):  # its evaluate is evaluate_module on a fresh copy: reuse one
+            return suite.evaluate_module(self.module(model), head, t, split, budget)  # type: ignore[arg-type]
         if is_state:
             return suite.evaluate(model, head, t, split, budget)  # type: ignore[arg-type]
         return suite.evaluate_module(model, head, t, split, budget)  # type: ignore[arg-type]
@@ -348,11 +351,7 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
         ts = opener()
         where = source or (None if isinstance(config, Mapping) else str(config))
     t_loaded = time.perf_counter()
-    opened = []
-    for i, m in enumerate(paths):
-        say(f"opening {m}")
-        opened.append(open_model(m, ts, None if names is None else names[i]))
-    _unique_names(opened)
+    labels = _row_names(paths, names)
     classifiers = _classifiers(ts)
     heads = _Heads(classifiers)
     scorer = _Scorer(ts)
@@ -383,11 +382,13 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
     base_row = Row("base", "base", info={"heads": "the experts' heads"})
     _fill(base_row, ts.base, ts, splits, scorer, expert_pick, experts_row)
     rows = [experts_row, base_row]
-    for m in opened:
-        say(f"scoring {m.name}")
+    for path, label in zip(paths, labels, strict=True):  # one model in memory at a time
+        say(f"scoring {path}")
+        m = open_model(path, ts, label)
         row = Row(m.name, m.kind, m.path, info=m.info)
         _fill(row, m.module if m.module is not None else m.backbone, ts, splits, scorer, model_pick(m), experts_row)
         rows.append(row)
+        del m
     results = EvalResults(
         tasks=[_task_info(t, e) for t, e in zip(ts.tasks, ts.experts, strict=True)], splits=splits, rows=rows,
         suite=ts.suite.name, source=None if where is None else str(where), seed=ts.seed,
@@ -408,14 +409,12 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
     return results
 
 
-def _unique_names(models: list[EvaluatedModel]) -> None:
-    """Rows of models with the same folder name get their paths as names; ``experts`` / ``base`` are reserved."""
-    seen: dict[str, int] = {}
-    for m in models:
-        seen[m.name] = seen.get(m.name, 0) + 1
-    for m in models:
-        if seen[m.name] > 1 or m.name in ("experts", "base"):
-            m.name = m.path or m.name
+def _row_names(paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None) -> list[str]:
+    """The models' row names: ``names``, else their folder names; a name given twice, or ``experts`` / ``base``
+    (reserved), becomes the path as given."""
+    out = list(names) if names is not None else [Path(p).expanduser().name or str(p) for p in paths]
+    counts = {n: out.count(n) for n in out}
+    return [str(p) if counts[n] > 1 or n in ("experts", "base") else n for n, p in zip(out, paths, strict=True)]
 
 
 def _task_info(t: TaskData, e: Expert) -> dict[str, Any]:
