@@ -291,6 +291,44 @@ def test_bench_base_refusals(args: list[str], message: str) -> None:
     assert res.exit_code == 2 and message in res.output, res.output
 
 
+def test_causal_lm_label_words_and_a_decoder_classifier(tmp_path: Path) -> None:
+    """A causal LM: a label-word task reads no head (a folder's head for it is ignored); a task whose expert is a
+    ``LlamaForSequenceClassification`` is scored with its ``score`` head on the last real token of the scored
+    causal LM's final hidden state."""
+    from transformers import LlamaForSequenceClassification
+
+    from .test_user_model import _rows, _tiny_llama
+
+    _tiny_llama(tmp_path / "llama")
+    (tmp_path / "a.jsonl").write_text(_rows())
+    (tmp_path / "t.yaml").write_text(
+        "tasks:\n  - {name: words, file: a.jsonl, label_words: ['no', 'yes'], prompt: 'Q: {text} A:'}\n"
+        "  - {name: cls, file: a.jsonl}\n")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        clf = LlamaForSequenceClassification.from_pretrained(tmp_path / "llama", num_labels=2)
+    clf.save_pretrained(tmp_path / "cls-expert")
+    shutil.copytree(tmp_path / "llama", tmp_path / "merged")
+    (tmp_path / "merged" / "heads").mkdir()
+    for task in ("words", "cls"):
+        save_file({"weight": torch.randn(2, 16), "bias": torch.zeros(2)},
+                  str(tmp_path / "merged" / "heads" / f"{task}.safetensors"))
+    cfg = {"base": "llama", "tasks": "t.yaml", "experts": {"words": "llama", "cls": "cls-expert"}, "seq_len": 8,
+           "probe_steps": 5}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = neuromerge.evaluate(tmp_path / "c.yaml", [tmp_path / "merged"])
+    assert res.row("experts").heads == res.row("base").heads == {"words": "label_words", "cls": "classifier"}
+    assert res.row("merged").heads == {"words": "label_words", "cls": "folder"}
+    assert res.row("merged").scores["test"]["words"] == res.row("base").scores["test"]["words"]  # same weights
+    ts = load_taskset(tmp_path / "c.yaml")
+    head = ClassifierHead(tmp_path / "cls-expert", ts.tasks[1])
+    batch = ts.suite.batches(ts.tasks[1], "test", ts.budget, limit=4)[0]
+    with torch.no_grad():
+        got = head.logits(ts.suite.module(ts.experts[1].backbone), batch)
+        want = LlamaForSequenceClassification.from_pretrained(tmp_path / "cls-expert").eval()(**batch.inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ heads
 def _task(classes: list[str]) -> TaskData:
     empty = Split([], torch.zeros(0, dtype=torch.long))

@@ -150,11 +150,11 @@ class _AsBackbone(nn.Module):
         kw = {k: v for k, v in kw.items() if v is not None and k not in _CONTROL}
         if self.same:
             return self.inner(**kw)
-        from transformers.modeling_outputs import BaseModelOutput
+        from transformers.modeling_outputs import BaseModelOutputWithPast
 
         out = self.inner(**kw, output_hidden_states=True)
-        hidden = getattr(out, "last_hidden_state", None)
-        return BaseModelOutput(last_hidden_state=out.hidden_states[-1] if hidden is None else hidden)
+        hidden = getattr(out, "last_hidden_state", None)  # a causal LM's hidden_states[-1] is after the final norm
+        return BaseModelOutputWithPast(last_hidden_state=out.hidden_states[-1] if hidden is None else hidden)
 
 
 class ClassifierHead:

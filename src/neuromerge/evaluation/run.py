@@ -241,10 +241,14 @@ class _Heads:
     def expert_source(self, ts: TaskSet, t: TaskData, e: Expert) -> HeadSource:
         if self.classifiers.get(t.name) is not None:
             return "classifier"
-        words = getattr(ts.suite, "scores_words", None)
-        if e.head is None and callable(words) and words(t):
-            return "label_words"
-        return "probe"
+        # no head: label words (a user's causal LM entry with label_words; the llm suite's tasks)
+        return "label_words" if e.head is None or _scores_words(ts, t) else "probe"
+
+
+def _scores_words(ts: TaskSet, t: TaskData) -> bool:
+    """Whether the suite scores ``t`` by label-word likelihood (then no head is read)."""
+    words = getattr(ts.suite, "scores_words", None)
+    return bool(callable(words) and words(t))
 
 
 def _classifiers(ts: TaskSet) -> dict[str, ClassifierHead | None]:
@@ -362,7 +366,7 @@ def evaluate(config: TaskSet | str | os.PathLike[str] | Mapping[str, Any],
     def model_pick(m: EvaluatedModel) -> Callable[[TaskData, Expert],
                                                    tuple[HeadSource, StateDict | None, ClassifierHead | None]]:
         def pick(t: TaskData, e: Expert) -> tuple[HeadSource, StateDict | None, ClassifierHead | None]:
-            if t.name in m.heads:
+            if t.name in m.heads and e.head is not None and not _scores_words(ts, t):  # label words read no head
                 return "folder", m.heads[t.name], None
             return expert_pick(t, e)
         return pick
