@@ -1,6 +1,7 @@
 """Which head scores a task, and the two kinds of head a folder may bring.
 
-For one model and one task, :func:`~neuromerge.evaluation.evaluate` takes, in this order:
+For one model and one task, :func:`~neuromerge.evaluation.evaluate` takes, in this order (a task scored by label
+words — 3 — reads no head, so a folder's head for it is ignored):
 
 1. ``folder`` — the evaluated folder's own head for the task: ``FOLDER/heads/<task>.safetensors`` (tensors
    ``weight`` ``(C, d)`` and ``bias`` ``(C,)``: a linear head on the mean-pooled final features, the contract's
@@ -8,7 +9,8 @@ For one model and one task, :func:`~neuromerge.evaluation.evaluate` takes, in th
    builds and data-aware merges;
 2. ``classifier`` — the expert's own sequence-classification head, when the expert is a model folder whose
    ``config.json`` names a ``*ForSequenceClassification`` architecture (:class:`ClassifierHead`);
-3. ``label_words`` — a causal LM's task whose entry gives ``label_words`` (scored by label-word likelihood, no head);
+3. ``label_words`` — a causal LM's task whose entry gives ``label_words`` (scored by label-word likelihood), or any
+   task whose expert has no head (the llm suite's);
 4. ``probe`` — the probe fitted on the expert's frozen features (:meth:`~neuromerge.tasks.Suite.fit_probe`).
 
 The experts' reference row uses 2–4 (an expert folder is not the evaluated folder).
