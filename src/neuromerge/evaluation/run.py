@@ -290,7 +290,8 @@ class _Scorer:
 
 def _fill(row: Row, model: StateDict | Any, ts: TaskSet, splits: Sequence[str], scorer: _Scorer,
           pick: Callable[[TaskData, Expert], tuple[HeadSource, StateDict | None, ClassifierHead | None]],
-          reference: Row | None) -> None:
+          reference: Row) -> None:
+    """``row``'s scores with the heads ``pick`` gives, normalised by ``reference``'s (the experts row)."""
     t0 = time.perf_counter()
     for t, e in zip(ts.tasks, ts.experts, strict=True):
         source, head, classifier = pick(t, e)
@@ -298,7 +299,7 @@ def _fill(row: Row, model: StateDict | Any, ts: TaskSet, splits: Sequence[str], 
         for split in splits:
             score = scorer.score(model, t, split, source, head, classifier)
             row.scores.setdefault(split, {})[t.name] = score
-            ref = score if reference is None else reference.scores[split][t.name]
+            ref = reference.scores[split][t.name]
             row.normalized.setdefault(split, {})[t.name] = normalized_accuracy(score, ref, t.metric)
     row.time_s = time.perf_counter() - t0
 
