@@ -82,6 +82,12 @@ def _merge(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    with torch.random.fork_rng(devices=[]):  # PEFT draws the adapters' A from the global generator
+        torch.manual_seed(0)
+        return _user(tmp_path_factory)
+
+
+def _user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny BERT base + a task file + experts {t0: PEFT adapter, t1: BertForSequenceClassification}, a TIES merge
     of the two adapters, a Twin routed folder over them, copies of both with their own heads, and the evaluation of
     all four through the Python API."""
