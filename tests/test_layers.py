@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "engine": 1, "methods": 1, "io": 1, "config": 1, "functional": 1, "task_vector": 1,
     "catalog": 1,  # the methods' descriptions; upper-layer models are named by "module:attr" strings
     "tasks": 2,
-    "routing": 3, "search": 3, "data_aware": 3, "inspection": 3,
+    "routing": 3, "search": 3, "data_aware": 3, "inspection": 3, "evaluation": 3,
     "bench": 4,
     "cli": 5,
 }

@@ -12,7 +12,8 @@ Python API:
 - :func:`route_build` — build a routed model (MIN-Merging, Twin, EMR, WEMoE, MERGE) from a config, as
   ``neuromerge route build`` does;
 - ``search(config, out, ...)`` — a MERGE search (``neuromerge search``) on a named suite or on your own model
-  (the package :mod:`neuromerge.search` is callable: :func:`neuromerge.search.merge_run.search`).
+  (the package :mod:`neuromerge.search` is callable: :func:`neuromerge.search.merge_run.search`);
+- :func:`evaluate` — score merged / routed folders and the base on your tasks, normalised against your experts.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TaskVector", "Weights", "__version__", "inspect", "load_routed", "merge", "methods", "route_build",
-           "search"]
+__all__ = ["TaskVector", "Weights", "__version__", "evaluate", "inspect", "load_routed", "merge", "methods",
+           "route_build", "search"]
 
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
@@ -57,6 +58,16 @@ def route_build(method: str, config: Any, out: Any, **kwargs: Any) -> Any:
     from .routing.api import route_build as _route_build
 
     return _route_build(method, config, out, **kwargs)
+
+
+def evaluate(config: Any, models: Any = (), out: Any = None, **kwargs: Any) -> Any:
+    """Score ``models`` (merged folders, merged LoRA adapters, routed folders) and the base on the tasks of ``config``
+    (a user-model YAML / mapping — ``base``, ``tasks``, ``experts`` — or a :class:`~neuromerge.tasks.TaskSet`),
+    normalised against its experts; with ``out``, write ``results.json``, ``results.md`` and a PNG there. Returns an
+    :class:`~neuromerge.evaluation.EvalResults`; see :func:`neuromerge.evaluation.evaluate` for the options."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(config, models, out, **kwargs)
 
 
 def methods() -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``export-experts``, ``inspect``, ``search`` /
-``search-worker`` (MERGE) and ``route`` (routed models: ``build``, ``info``)."""
+"""``neuromerge`` command line: ``merge``, ``methods``, ``bench``, ``evaluate``, ``export-experts``, ``inspect``,
+``search`` / ``search-worker`` (MERGE) and ``route`` (routed models: ``build``, ``info``)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,8 @@ def methods(
 
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="suite: text, vision or llm")],
+    suite: Annotated[str | None, typer.Argument(help="suite: text, vision or llm (none with --base: your own model)")]
+    = None,
     methods: Annotated[str | None, typer.Option(
         help="comma-separated methods (default: every static one; llm --quick: TA, TIES, NeuroMerging)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
@@ -209,22 +210,134 @@ def bench(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="report folder (default bench-results/SUITE-TIME)")]
     = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="retrain cached experts and probes")] = False,
-    model: Annotated[Path | None, typer.Option(help="also evaluate this merged model folder")] = None,
-    task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md)")] = None,
+    model: Annotated[list[Path] | None, typer.Option(
+        help="also evaluate this merged or routed folder (with --base: repeatable)")] = None,
+    task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md); with --base: "
+                                                   "your tasks")] = None,
     seed: Annotated[int, typer.Option(help="seed of expert training and random merges")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
     mode: Annotated[str | None, typer.Option(help="expert fine-tuning: full or lora (default: the suite's first; "
                                              "routed LoRA methods need lora)")] = None,
+    base: Annotated[Path | None, typer.Option(help="your own base model folder: score --model folders on "
+                                              "--task-file against --experts (neuromerge evaluate)")] = None,
+    experts: Annotated[Path | None, typer.Option(help="with --base: YAML mapping each task to its expert (adapter "
+                                                 "or checkpoint)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="with --base: replace an existing report folder")] = False,
 ) -> None:
-    """Benchmark merge methods on an offline SUITE: experts, tuned merges, in- and out-of-domain tables."""
+    """Benchmark merge methods on an offline SUITE: experts, tuned merges, in- and out-of-domain tables. With
+    --base, --experts and --task-file instead of SUITE: score --model folders on your own tasks."""
+    if base is not None or experts is not None:
+        _bench_user_model(suite, base, experts, task_file, model or [], out, tasks=tasks, seed=seed,
+                          progress=progress, threads=threads, force=force,
+                          refused={"--methods": methods is not None, "--quick": quick, "--rebuild": rebuild,
+                                   "--mode": mode is not None})
+        return
+    if suite is None:
+        _fail("give a SUITE (text, vision, llm), or --base, --experts and --task-file to score your own model")
+    if len(model or []) > 1:
+        _fail("a suite's bench scores one --model; use --base for several")
     from .bench.cli import bench_command
 
-    code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild, model=model,
-                         task_file=task_file, seed=seed, progress=progress, threads=threads, mode=mode)
+    code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild,
+                         model=model[0] if model else None, task_file=task_file, seed=seed, progress=progress,
+                         threads=threads, mode=mode)
     if code:
         raise typer.Exit(code)
+
+
+def _bench_user_model(suite: str | None, base: Path | None, experts: Path | None, task_file: Path | None,
+                      models: list[Path], out: Path | None, *, tasks: str | None, seed: int, progress: bool,
+                      threads: int | None, force: bool, refused: dict[str, bool]) -> None:
+    """``bench --base B --experts E --task-file T --model X``: :func:`neuromerge.evaluation.evaluate` on the user's
+    model (as ``neuromerge evaluate``)."""
+    import datetime
+
+    from .evaluation.run import user_model_config
+
+    problems = [] if suite is None else [f"give SUITE ({suite}) or --base, not both"]
+    problems += [f"--{name} is needed with --base" for name, v in (("base", base), ("experts", experts),
+                                                                   ("task-file", task_file)) if v is None]
+    problems += [f"{flag} is for a suite's bench, not with --base" for flag, given in refused.items() if given]
+    if problems:
+        _fail("; ".join(problems))
+    try:
+        raw, source = user_model_config(base, experts, task_file)  # type: ignore[arg-type]
+    except NeuromergeError as err:
+        _fail(str(err))
+        return
+    raw.setdefault("seed", seed)
+    folder = out or Path("bench-results") / f"user-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    _evaluate_and_print(raw, source, models, folder, splits="test", tasks=tasks, force=force, plot=True,
+                        threads=threads, progress=progress, allow_download=False)
+
+
+def _evaluate_and_print(config: Any, source: Path | None, models: list[Path], out: Path, *, splits: str,
+                        tasks: str | None, force: bool, plot: bool, threads: int | None, progress: bool,
+                        allow_download: bool) -> None:
+    """Run :func:`neuromerge.evaluation.evaluate`, print the table and where the report is (``error:`` lines and
+    exit 2 on bad input)."""
+    import warnings
+
+    from .evaluation import evaluate as run_evaluate
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    def say(line: str) -> None:
+        if progress:
+            typer.echo(line, err=True)
+
+    try:
+        split_names = [s.strip() for s in splits.split(",") if s.strip()]
+        task_names = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            results = run_evaluate(config, models, out, splits=split_names, tasks=task_names,
+                                   source=None if source is None else str(source), force=force, plot=plot,
+                                   allow_download=allow_download, progress=say)
+    except NeuromergeError as err:
+        for line in str(err).splitlines() or [type(err).__name__]:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as err:
+        _fail(f"cannot read or write {err.filename or out}: {err.strerror or err}")
+        return
+    for w in caught:
+        if "plot is skipped" in str(w.message):
+            typer.echo(f"warning: {w.message}", err=True)
+    for split in results.splits:
+        if len(results.splits) > 1:
+            typer.echo(f"{split} split:")
+        typer.echo(results.markdown(split))
+    typer.echo(f"\nreport written to {results.out} (results.md, results.json"
+               f"{', normalized_accuracy.png' if plot else ''}) in {results.timings['total']:.0f} s")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    config: Annotated[Path, typer.Argument(help="YAML of your model: base, tasks (task file), experts (task -> "
+                                           "adapter or checkpoint); or suite: NAME")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="report folder (results.json, results.md, PNG)")],
+    model: Annotated[list[Path] | None, typer.Option(
+        help="a merged folder, merged LoRA adapter or routed folder to score (repeatable)")] = None,
+    splits: Annotated[str, typer.Option(help="comma-separated splits to score: test, val")] = "test",
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the experts' tasks")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing report folder")] = False,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="write normalized_accuracy.png")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: cores)", min=1)] = None,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="fetch a base given as an HF id "
+                                                 "missing from the cache")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress lines on stderr")] = True,
+) -> None:
+    """Score merged and routed folders (and the base) on your tasks, normalised against your experts."""
+    _evaluate_and_print(config, None, model or [], out, splits=splits, tasks=tasks, force=force, plot=plot,
+                        threads=threads, progress=progress, allow_download=allow_download)
 
 
 @app.command("export-experts")

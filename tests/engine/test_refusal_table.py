@@ -644,6 +644,27 @@ def _(d: Path) -> list[str]:
     return ["bench", "text", "--mode", "qlora", "-o", str(d / "bench"), "--no-progress"]
 
 
+@case("bench-base-incomplete")
+def _(d: Path) -> list[str]:
+    return ["bench", "--base", str(d / "base"), "-o", str(d / "bench"), "--no-progress"]
+
+
+@case("evaluate-missing-inputs", errors=2)
+def _(d: Path) -> list[str]:
+    return ["evaluate", str(d / "nope.yaml"), "--model", str(d / "merged"), "-o", str(d / "eval"), "--no-progress"]
+
+
+@case("evaluate-bad-config", errors=2)
+def _(d: Path) -> list[str]:
+    (d / "base").mkdir()
+    (d / "base" / "config.json").write_text("{}")
+    (d / "base" / "tokenizer.json").write_text("{}")
+    (d / "data.jsonl").write_text("".join(f'{{"text": "w{i}", "label": {i % 2}}}\n' for i in range(12)))
+    (d / "tasks.yaml").write_text("tasks:\n  - {name: a, file: data.jsonl}\n")
+    (d / "e.yaml").write_text("base: base\ntasks: tasks.yaml\nexperts: {a: missing-adapter}\nbudgett: 3\n")
+    return ["evaluate", str(d / "e.yaml"), "-o", str(d / "eval"), "--no-progress"]
+
+
 # ----------------------------------------------------------------------------------------------- the tests
 def _snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"

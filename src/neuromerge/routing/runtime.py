@@ -332,8 +332,10 @@ def final_hidden_mean(base: nn.Module, kwargs: dict[str, Any], mask_kwarg: str =
     """The "final" router source: mean over real tokens of the base's last hidden state.
 
     Runs ``base(**kwargs, output_hidden_states=True)`` and pools ``last_hidden_state`` when the output has one
-    (encoders), else ``hidden_states[-1]`` (causal LMs).
+    (encoders), else ``hidden_states[-1]`` (causal LMs). The caller's output flags (``output_hidden_states``,
+    ``output_attentions``, ``return_dict``: e.g. a probe that reads the hidden states) are not passed on.
     """
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "output_attentions", "return_dict")}
     out = base(**kwargs, output_hidden_states=True)
     h = getattr(out, "last_hidden_state", None)
     if h is None:
