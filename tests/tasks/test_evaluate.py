@@ -91,15 +91,11 @@ def _user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny BERT base + a task file + experts {t0: PEFT adapter, t1: BertForSequenceClassification}, a TIES merge
     of the two adapters, a Twin routed folder over them, copies of both with their own heads, and the evaluation of
     all four through the Python API."""
-    from transformers import BertTokenizer
-
     from neuromerge.routing.cli import find_builder
 
     tmp = tmp_path_factory.mktemp("user")
     _, merged_modules = hf_fixture(tmp)
-    # a tokenizer that knows the words (transformers 5 ignores BertTokenizerFast(vocab_file=): every word is [UNK])
-    vocab = (tmp / "vocab.txt").read_text().split()
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False).save_pretrained(tmp / "base")
+    # hf_fixture's tokenizer knows the words (a `tokenizers` WordPiece model; see word_tokenizer)
     for t in range(2):
         (tmp / f"t{t}.jsonl").write_text(_task_rows(t))
     (tmp / "tasks.yaml").write_text("tasks:\n  - {name: t0, file: t0.jsonl}\n  - {name: t1, file: t1.jsonl}\n")
@@ -115,7 +111,7 @@ def _user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shutil.copytree(twin, tmp / "twin_h")
     heads = {"merged_h": ("t0", ts.experts[0].head), "twin_h": ("t1", ts.experts[1].head)}
     for folder, (task, head) in heads.items():
-        (tmp / folder / "heads").mkdir()
+        (tmp / folder / "heads").mkdir(exist_ok=True)  # route build saves the experts' heads already
         save_file({"weight": -head["weight"], "bias": -head["bias"]},
                   str(tmp / folder / "heads" / f"{task}.safetensors"))
     results = neuromerge.evaluate(ts, [merged, twin, tmp / "merged_h", tmp / "twin_h"],
@@ -137,9 +133,10 @@ def test_report_rows_heads_and_normalisation(user: dict[str, Any]) -> None:
         assert doc["rows"][0]["mean_normalized"][split] == 100.0
     assert experts.scores["test"]["t1"] >= 0.75  # the classifier expert is a real one (random: about 0.5)
     # which head scored each task is recorded: the adapter's probe, the checkpoint's own classifier
-    assert experts.heads == {"t0": "probe", "t1": "classifier"} == res.row("merged").heads == res.row("twin").heads
+    assert experts.heads == {"t0": "probe", "t1": "classifier"} == res.row("merged").heads
+    # `route build` saves every task's head into the routed folder (heads/<task>.safetensors): they score it
+    assert res.row("twin").heads == {"t0": "folder", "t1": "folder"} == res.row("twin_h").heads
     assert res.row("merged_h").heads == {"t0": "folder", "t1": "classifier"}
-    assert res.row("twin_h").heads == {"t0": "probe", "t1": "folder"}
     assert doc["tasks"][1]["expert_classifier"] == "BertForSequenceClassification"
     for r in res.rows[1:]:  # normalised = 100 · score / expert score, per task and split
         for split in ("test", "val"):
@@ -251,7 +248,7 @@ def test_evaluate_and_bench_base_commands(user: dict[str, Any]) -> None:
                                    "--tasks", "t1", "--no-plot", "-o", str(tmp / "eval-out"), "--no-progress"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp / "eval-out" / "results.json").read_text())
-    assert [t["name"] for t in doc["tasks"]] == ["t1"] and doc["rows"][2]["heads"] == {"t1": "classifier"}
+    assert [t["name"] for t in doc["tasks"]] == ["t1"] and doc["rows"][2]["heads"] == {"t1": "folder"}
     assert sorted(p.name for p in (tmp / "eval-out").iterdir()) == ["results.json", "results.md"]
 
 
