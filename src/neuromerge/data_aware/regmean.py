@@ -58,9 +58,9 @@ class RegMeanParams(DataParams):
                          "entries (reduce_non_diagonal_ratio)")
     batch_size: int = Field(16, ge=1, description="batch size of the forward passes")
     mask_padding: bool = Field(True, description="leave padding tokens out of the Grams (fusion-bench keeps them)")
-    gram_mb: int = Field(4096, ge=1, description="float64 memory (MiB) for the Grams and running sums of the linear "
-                         "layers merged in one pass over the experts (layers grouped in execution order; each extra "
-                         "group reads every expert once more)")
+    gram_mb: FiniteFloat = Field(4096, gt=0, description="float64 memory (MiB) for the Grams and running sums of the "
+                                 "linear layers merged in one pass over the experts (layers grouped in execution "
+                                 "order; each extra group reads every expert once more)")
 
 
 # --------------------------------------------------------------------------------------------------- pure functions
@@ -253,7 +253,7 @@ def regmean_merge_models(access: ModelAccess, base_state: StateDict, expert_stat
             module = access.module(expert_states[t])
             reads += 1
             if plan is None:
-                plan = _Plan(module, data[t][0][0], names, params.gram_mb * 2**20)
+                plan = _Plan(module, data[t][0][0], names, int(params.gram_mb * 2**20))
                 if not plan.groups:
                     plan.groups = [[]]
             group = plan.groups[g]
