@@ -173,10 +173,17 @@ def linear_call_order(module: nn.Module, batch: BatchLike, linear_names: Sequenc
 
 
 def pass_bytes(shape: Sequence[int]) -> int:
-    """float64 bytes one linear layer ``(out, in)`` holds during a pass: ``Σ G̃``, the expert's ``G`` and its
-    ``G̃`` (in² each), ``Σ G̃ Wᵀ`` and ``Σ W`` (in·out each)."""
+    """float64 bytes one linear layer ``(out, in)`` holds during a pass: ``Σ G̃`` and the expert's ``G`` (reduced in
+    place; in² each), ``Σ G̃ Wᵀ`` and ``Σ W`` (in·out each)."""
     out, inp = int(shape[0]), int(shape[1])
-    return 8 * (3 * inp * inp + 2 * inp * out)
+    return 8 * (2 * inp * inp + 2 * inp * out)
+
+
+def _reduce_in_place(gram: torch.Tensor, alpha: float) -> None:
+    """:func:`reduce_non_diagonal` without a second ``(in, in)`` buffer."""
+    diag = torch.diagonal(gram).clone()
+    gram.mul_(alpha)
+    torch.diagonal(gram).add_((1.0 - alpha) * diag)
 
 
 def gram_groups(order: Sequence[str], shapes: Mapping[str, Sequence[int]], budget_bytes: int) -> list[list[str]]:
@@ -272,10 +279,9 @@ def regmean_merge_models(access: ModelAccess, base_state: StateDict, expert_stat
                 w = module.get_submodule(lin).weight.detach().double()
                 acc = sums.setdefault(lin, [0.0, 0.0, torch.zeros_like(w), 0])
                 acc[2].add_(w)
-                gram = grams.pop(lin, None)
-                if gram is not None:
-                    reduced = reduce_non_diagonal(gram, params.alpha)
-                    del gram
+                reduced = grams.pop(lin, None)
+                if reduced is not None:
+                    _reduce_in_place(reduced, params.alpha)
                     acc[0] = reduced if acc[3] == 0 else acc[0].add_(reduced)
                     acc[1] = acc[1] + reduced @ w.T
                     acc[3] += 1
