@@ -81,7 +81,7 @@ def child(kind: str, work: Path, experts: int, examples: int, gram_mb: float | N
     t0 = time.perf_counter()
     cfg = config(work, experts, examples, gram_mb)
     if kind == "baseline":  # the libraries and the base model alone
-        import neuromerge.data_aware.merge  # noqa: F401
+        import neuromerge.data_aware.merge
         from neuromerge.tasks.hf import HFSuite
 
         HFSuite(cfg["base_model"]).backbone_state()
@@ -139,7 +139,8 @@ def main() -> None:
     build_family(args.workdir, args.hidden, args.layers, args.experts)
     weights = (args.workdir / "base" / "model.safetensors").stat().st_size
     results = {}
-    for kind, gram_mb in (("baseline", None), ("held", None), ("streamed", None), ("streamed-groups", args.gram_mb or 16.0)):
+    runs = (("baseline", None), ("held", None), ("streamed", None), ("streamed-groups", args.gram_mb or 16.0))
+    for kind, gram_mb in runs:
         print(f"run {kind}", file=sys.stderr)
         results[kind] = measure(args, kind, gram_mb)
     print(json.dumps({"hidden": args.hidden, "layers": args.layers, "experts": args.experts,
