@@ -225,3 +225,21 @@ def test_without_data_the_refusal_stays_and_the_engine_refuses_data(user: Path) 
         load_config({"merge_method": "fisher", "base_model": "b", "models": [{"model": "a"}]})
     with pytest.raises(ConfigError, match="data-aware merge"):
         prepare(_config(user, "engine.yaml", "regmean"))
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    """README, "Data-aware merges of your own models": examples/data_aware_merge.py's inputs, merged from Python."""
+    import importlib.util
+
+    from transformers import AutoModel
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "data_aware_merge.py"
+    spec = importlib.util.spec_from_file_location("data_aware_merge", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    config = example.build(tmp_path / "demo")
+    result = neuromerge.merge(config, tmp_path / "demo" / "merged-py")
+    assert result.report["method"]["examples"] == {"sentiment": 32, "topic": 32}
+    AutoModel.from_pretrained(tmp_path / "demo" / "merged-py")
+    assert (tmp_path / "demo" / "merged-py" / "heads" / "topic.safetensors").is_file()
