@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--gram-mb", type=float, default=None)
+    ap.add_argument("--runs", default="baseline,held,streamed,streamed-groups", help="comma-separated runs")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -140,7 +141,7 @@ def main() -> None:
     weights = (args.workdir / "base" / "model.safetensors").stat().st_size
     results = {}
     runs = (("baseline", None), ("held", None), ("streamed", None), ("streamed-groups", args.gram_mb or 16.0))
-    for kind, gram_mb in runs:
+    for kind, gram_mb in [r for r in runs if r[0] in args.runs.split(",")]:
         print(f"run {kind}", file=sys.stderr)
         results[kind] = measure(args, kind, gram_mb)
     print(json.dumps({"hidden": args.hidden, "layers": args.layers, "experts": args.experts,

@@ -243,3 +243,15 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     assert result.report["method"]["examples"] == {"sentiment": 32, "topic": 32}
     AutoModel.from_pretrained(tmp_path / "demo" / "merged-py")
     assert (tmp_path / "demo" / "merged-py" / "heads" / "topic.safetensors").is_file()
+
+
+def test_checkpoint_names_map_to_the_backbone_with_or_without_a_prefix() -> None:
+    """A base saved from a task model (``bert.`` prefix, a ``classifier``) writes merged values under its own names;
+    tensors outside the backbone are not mapped (copied from the base)."""
+    from neuromerge.data_aware.merge import _name_map
+
+    keys = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"]
+    prefixed = ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                "classifier.weight"]
+    assert _name_map(prefixed, keys) == {prefixed[0]: keys[0], prefixed[1]: keys[1]}
+    assert _name_map(keys, keys) == {k: k for k in keys}
