@@ -91,8 +91,6 @@ class ModelEntry(BaseModel):
 #: the keys a ``data:`` mapping may hold besides ``tasks`` (the data budget of
 #: :class:`neuromerge.tasks.hf.UserModelConfig`, validated there)
 DATA_KEYS = ("seq_len", "batch_size", "train_examples", "val_examples", "probe_steps", "probe_l2")
-#: the splits ``data_split`` may name
-DATA_SPLITS = ("train", "val", "test")
 
 
 class LayoutRule(BaseModel):
@@ -416,7 +414,7 @@ def validate_data_config(config: MergeConfig, cls: type[MergeMethod]) -> None:
     for i, m in enumerate(config.models):
         if not m.task:
             raise ConfigError(f"models[{i}] ({m.model}): a data-aware merge needs the model's `task:` (its task in "
-                              f"the data file)")
+                              "the data file)")
         if m.task in seen:
             raise ConfigError(f"models[{i}].task: task {m.task!r} is already the task of models[{seen[m.task]}]; "
                               "one expert per task")
