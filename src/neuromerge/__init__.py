@@ -28,7 +28,14 @@ __all__ = ["TaskVector", "Weights", "__version__", "evaluate", "inspect", "load_
 
 def merge(config: Any, out: Any, **kwargs: Any) -> Any:
     """Merge the pool of ``config`` (YAML path, dict or :class:`~neuromerge.config.MergeConfig`) into ``out``.
-    See :func:`neuromerge.engine.run.merge` for the options."""
+    See :func:`neuromerge.engine.run.merge` for the options. A config with ``data:`` (Fisher, RegMean, AdaMerging
+    on the user's task data) runs :func:`neuromerge.data_aware.merge.merge_with_data`."""
+    from .config import load_config
+
+    if load_config(config).data is not None:
+        from .data_aware.merge import merge_with_data
+
+        return merge_with_data(config, out, **kwargs)
     from .engine.run import merge as _merge
 
     return _merge(config, out, **kwargs)

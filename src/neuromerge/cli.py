@@ -72,6 +72,10 @@ def merge(
         if output_format not in (None, "full", "lora"):
             raise NeuromergeError(f"--output-format must be full or lora, got {output_format!r}")
         cfg = with_output(load_config(config), output_format, _parse_rank(rank))
+        if cfg.data is not None:  # fisher / regmean / adamerging(++) on the user's task data
+            _merge_with_data(cfg, config, out, dry_run=dry_run, threads=threads, force=force, durable=durable,
+                             device=device, allow_download=allow_download)
+            return
         if dry_run:
             resolve_device(device)  # what the run refuses, the dry run refuses
             plan = prepare(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
@@ -105,6 +109,45 @@ def merge(
         typer.echo(f"LoRA adapter: {lora['modules']} modules, rank {lora['rank']}, discarded energy "
                    f"{100 * lora['discarded_energy']:.3g}% in total, at most {100 * worst['value']:.3g}% "
                    f"({worst['module']})")
+
+
+def _merge_with_data(cfg: Any, config: Path, out: Path, *, dry_run: bool, threads: int | None, force: bool,
+                     durable: bool, device: str, allow_download: bool) -> None:
+    """`neuromerge merge` of a config with `data:` (:mod:`neuromerge.data_aware.merge`); errors propagate."""
+    from .data_aware.merge import check_data_merge_output, merge_with_data, prepare_data_merge
+    from .io.writer import install_signal_cleanup
+
+    if dry_run:
+        if device != "cpu":
+            raise NeuromergeError(f"a data-aware merge runs on the CPU; --device {device} is not supported with "
+                                  "`data:`")
+        plan = prepare_data_merge(cfg, source=config, allow_download=allow_download)
+        warnings = [*plan.warnings, *check_data_merge_output(plan, out, [config])]
+        if out.exists() and not force:
+            raise NeuromergeError(f"output folder {out} exists; pass --force to replace it")
+        s = plan.summary()
+        typer.echo(f"method           {s['method']} (data-aware)")
+        typer.echo(f"base             {s['base_model']}")
+        for m in s["models"]:
+            typer.echo(f"model            {m['model']} (task {m['task']}, "
+                       f"{s['examples_available'][m['task']]} {s['split']} examples)")
+        typer.echo(f"data             {s['data']} (split {s['split']}"
+                   f"{', transductive' if s['transductive'] else ''})")
+        typer.echo(f"memory           {s['memory']}")
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
+        typer.echo("ok: the config, the task file, every data file, the base and the experts' headers check out "
+                   "(no weight read)")
+        return
+    install_signal_cleanup()
+    result = merge_with_data(cfg, out, threads=threads, force=force, durable=durable, device=device,
+                             allow_download=allow_download, inputs=[config], source=config)
+    rep = result.report
+    for warning in rep["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"merged {rep['summary']['merged_tensors']} tensors with {rep['summary']['method']} on "
+               f"{len(rep['summary']['models'])} tasks ({rep['summary']['split']} split) into {out} in "
+               f"{rep['timings_s']['total']:.1f} s (peak RSS {_human(rep['peak_rss_bytes'])}); heads in {out}/heads")
 
 
 def _parse_rank(rank: str | None) -> int | str | None:

@@ -15,6 +15,12 @@ seed: 0
 output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
 ```
 
+Data-aware methods (``fisher``, ``regmean``, ``adamerging``, ``adamerging++``) also need task data: ``data:`` names
+a task file (or is a mapping ``{tasks: FILE, seq_len, batch_size, train_examples, val_examples, probe_steps,
+probe_l2}``), each model names its ``task:`` in it, and ``data_split`` optionally overrides the split the method
+reads (docs/data_aware.md). They run through :func:`neuromerge.data_aware.merge.merge_with_data`; a static method
+with ``data:`` is refused, as a data-aware method without it.
+
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated over layer depth, as mergekit:
 ``t = layer / (num_layers − 1)``, tensors outside the layer stack use ``t = 0``), or a list of
 ``{filter: regex, value: …}`` conditions (first match wins; ``filter`` absent or ``"*"`` matches every tensor;
@@ -78,6 +84,13 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    #: data-aware merges: the task of the ``data:`` task file this model is the expert of
+    task: str | None = None
+
+
+#: the keys a ``data:`` mapping may hold besides ``tasks`` (the data budget of
+#: :class:`neuromerge.tasks.hf.UserModelConfig`, validated there)
+DATA_KEYS = ("seq_len", "batch_size", "train_examples", "val_examples", "probe_steps", "probe_l2")
 
 
 class LayoutRule(BaseModel):
@@ -138,6 +151,36 @@ class MergeConfig(BaseModel):
     overflow: Literal["error", "clamp"] = "error"
     shard_size: str | int = "5GB"
     output: OutputConfig = Field(default_factory=OutputConfig)
+    #: data-aware merges: the task file (a path, or a mapping with ``tasks`` and the data budget, :data:`DATA_KEYS`)
+    data: str | dict[str, Any] | None = None
+    #: data-aware merges: the split the method reads instead of its own (train: Fisher / RegMean, test: AdaMerging)
+    data_split: Literal["train", "val", "test"] | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, dict):
+            if not isinstance(v.get("tasks"), str):
+                raise ValueError("a `data:` mapping needs `tasks: FILE` (the task file)")
+            unknown = sorted(set(v) - {"tasks", *DATA_KEYS})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: tasks, {', '.join(DATA_KEYS)}")
+        return v
+
+    @property
+    def data_file(self) -> str | None:
+        """The task file of a data-aware merge (None without ``data:``)."""
+        return self.data if isinstance(self.data, str) or self.data is None else str(self.data["tasks"])
+
+    @property
+    def data_budget(self) -> dict[str, Any]:
+        """The data-budget keys of a ``data:`` mapping (empty for a plain path)."""
+        return {k: v for k, v in self.data.items() if k != "tasks"} if isinstance(self.data, dict) else {}
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether the config asks for task data (``data:``, ``data_split`` or a model's ``task:``)."""
+        return self.data is not None or self.data_split is not None or any(m.task for m in self.models)
 
     @model_validator(mode="before")
     @classmethod
@@ -244,7 +287,12 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
         return None if p is None else resolve_str(p, base_dir)
 
     models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
-    return config.model_copy(update={"base_model": fix(config.base_model), "models": models})
+    data = config.data
+    if isinstance(data, str):
+        data = fix(data)
+    elif isinstance(data, dict):
+        data = {**data, "tasks": fix(str(data["tasks"]))}
+    return config.model_copy(update={"base_model": fix(config.base_model), "models": models, "data": data})
 
 
 def _one_line(err: ValidationError) -> str:
@@ -298,6 +346,9 @@ def validate_output(config: MergeConfig) -> None:
     out = config.output
     if out.format != "lora":
         return
+    if config.data is not None:
+        raise ConfigError("a data-aware merge writes a full model folder; output format lora is not supported "
+                          "with `data:`")
     if config.base_model is None:
         raise ConfigError("output format lora needs `base_model`: the model the LoRA adapters were trained on")
     name = config.method_class().name
@@ -313,7 +364,14 @@ def validate_method_parameters(config: MergeConfig) -> None:
     gradient endpoint, each filter's value) validates against the method's parameter model."""
     cls = config.method_class()
     if getattr(cls, "data_aware", False):
-        raise ConfigError(cls.refusal())
+        validate_data_config(config, cls)
+    elif config.uses_data:
+        what = [k for k, on in (("`data:`", config.data is not None), ("`data_split`", config.data_split is not None),
+                                ("the models' `task:`", any(m.task for m in config.models))) if on]
+        raise ConfigError(
+            f"merge method {cls.name!r} is a static merge and reads no task data; remove {' and '.join(what)} "
+            "(the methods that read task data: fisher, regmean, adamerging, adamerging++)"
+        )
     n = len(config.models)
     if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
         want = str(cls.min_models) if cls.max_models == cls.min_models else f"at least {cls.min_models}"
@@ -339,6 +397,32 @@ def validate_method_parameters(config: MergeConfig) -> None:
                     f"whole merge, a per-model value would be ignored); set it under `parameters` "
                     f"(per-model parameters: {per_model})"
                 )
+
+
+def validate_data_config(config: MergeConfig, cls: type[MergeMethod]) -> None:
+    """What a data-aware merge needs from the config alone (the files are checked by
+    :func:`neuromerge.data_aware.merge.prepare_data_merge`): ``data:`` (else the method's refusal), a method that
+    writes a model folder, ``base_model``, a ``task:`` per model, each task once, one value per parameter."""
+    if config.data is None:
+        raise ConfigError(cls.refusal())
+    if not getattr(cls, "merges_to_folder", True):
+        raise ConfigError(cls.refusal())
+    if config.base_model is None:
+        raise ConfigError(f"merge method {cls.name!r} with `data:` needs a `base_model`: the Hugging Face model folder "
+                          "the experts were fine-tuned from (its tokenizer reads the task data)")
+    seen: dict[str, int] = {}
+    for i, m in enumerate(config.models):
+        if not m.task:
+            raise ConfigError(f"models[{i}] ({m.model}): a data-aware merge needs the model's `task:` (its task in "
+                              "the data file)")
+        if m.task in seen:
+            raise ConfigError(f"models[{i}].task: task {m.task!r} is already the task of models[{seen[m.task]}]; "
+                              "one expert per task")
+        seen[m.task] = i
+    for key, value in config.parameters.items():
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(f"parameters.{key}: a data-aware method takes one value per parameter (no gradient, "
+                              "no filters)")
 
 
 def _validate_one(cls: type[MergeMethod], where: str, key: str, value: Scalar) -> None:

@@ -120,9 +120,10 @@ def learn_coefficients(task_loss: Callable[[StateDict, int, int], torch.Tensor],
 def adamerging_merge_models(access: ModelAccess, base_state: StateDict, expert_states: Sequence[StateDict],
                             heads: Sequence[StateDict | None], tasks: Sequence[Any], budget: Any,
                             params: AdaMergingParams | None = None, *, exclude: Sequence[str] = (),
-                            info: dict[str, Any] | None = None) -> StateDict:
-    """AdaMerging (``params.ties``: AdaMerging++) of the experts on unlabelled inputs of each task's *test* split
-    (the first ``params.examples``, default ``budget.eval_examples``: the inputs the suite evaluates on). Tensors
+                            info: dict[str, Any] | None = None, split: str = "test") -> StateDict:
+    """AdaMerging (``params.ties``: AdaMerging++) of the experts on unlabelled inputs of each task's ``split``
+    (default *test*; the first ``params.examples``, default ``budget.eval_examples``: the inputs the suite
+    evaluates on). Memory: the base, ``T`` task vectors (float32) and one module — ``T + 1`` model copies. Tensors
     matching ``exclude`` and non-floating ones are the base's."""
     params = params or AdaMergingParams()
     module = access.module(base_state)
@@ -134,10 +135,10 @@ def adamerging_merge_models(access: ModelAccess, base_state: StateDict, expert_s
     if params.ties:
         deltas = ties_task_vectors(deltas, names, params.density)
     limit = params.examples if params.examples is not None else getattr(budget, "eval_examples", None)
-    data = [example_batches(access.batches(t, "test", budget, limit=limit, batch_size=params.batch_size), limit)
+    data = [example_batches(access.batches(t, split, budget, limit=limit, batch_size=params.batch_size), limit)
             for t in tasks]
     if any(not batches for batches, _ in data):
-        raise ValueError("AdaMerging: a task has no test inputs to adapt on")
+        raise ValueError(f"AdaMerging: a task has no {split} inputs to adapt on")
     calls = [LogitsCall(access, module, h, t) for h, t in zip(heads, tasks, strict=True)]
 
     def task_loss(tensors: StateDict, t: int, step: int) -> torch.Tensor:
@@ -150,7 +151,7 @@ def adamerging_merge_models(access: ModelAccess, base_state: StateDict, expert_s
     merged.update({n: v.to(base_state[n].dtype) for n, v in final.items()})
     merged.update({a: merged[src] for a, src in aliases.items()})
     if info is not None:
-        info.update({"split": "test", "unlabelled": True, "examples": {task_name(t): n for t, (_, n) in
+        info.update({"split": split, "unlabelled": True, "examples": {task_name(t): n for t, (_, n) in
                                                                        zip(tasks, data, strict=True)},
                      "steps": params.steps, "granularity": params.granularity, "ties": params.ties,
                      "lambda_mean_per_task": [float(x) for x in lambdas.mean(dim=1)],

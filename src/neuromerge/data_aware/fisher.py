@@ -170,17 +170,19 @@ def fisher_merge(states: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence
 def fisher_merge_models(access: ModelAccess, base_state: StateDict, expert_states: Sequence[StateDict],
                         heads: Sequence[StateDict | None], tasks: Sequence[Any], budget: Any,
                         params: FisherParams | None = None, *, exclude: Sequence[str] = (),
-                        info: dict[str, Any] | None = None) -> StateDict:
-    """Fisher-merge the experts: each expert's Fisher on ``params.examples`` inputs of its own task's *train* split
-    (through its own head), streamed into the merge. Tensors matching ``exclude`` and non-floating ones are the
-    base's. ``info`` (when given) receives the examples read per task and the normalization coefficients."""
+                        info: dict[str, Any] | None = None, split: str = "train") -> StateDict:
+    """Fisher-merge the experts: each expert's Fisher on ``params.examples`` inputs of its own task's ``split``
+    (default *train*; through its own head), streamed into the merge (``expert_states`` and ``heads`` are indexed
+    once per expert, in order: a lazy sequence holds one expert at a time). Tensors matching ``exclude`` and
+    non-floating ones are the base's. ``info`` (when given) receives the examples read per task and the
+    normalization coefficients."""
     params = params or FisherParams()
     names = mergeable_names(base_state, exclude)
     acc = FisherAccumulator(names, normalize=params.normalize, min_weight=params.min_weight)
     examples: dict[str, int] = {}
     for state, head, task in zip(expert_states, heads, tasks, strict=True):
         module = access.module(state)
-        batches, _ = example_batches(access.batches(task, "train", budget, limit=params.examples,
+        batches, _ = example_batches(access.batches(task, split, budget, limit=params.examples,
                                                     batch_size=params.batch_size), params.examples)
         fisher, n = diagonal_fisher(module, lambda b, m=module, h=head, t=task: access.logits(m, h, t, b),
                                     batches, names)
@@ -190,5 +192,5 @@ def fisher_merge_models(access: ModelAccess, base_state: StateDict, expert_state
     merged = dict(base_state)
     merged.update({n: v.to(base_state[n].dtype) for n, v in acc.result().items()})
     if info is not None:
-        info.update({"split": "train", "examples": examples, "coefficients": acc.coefficients})
+        info.update({"split": split, "examples": examples, "coefficients": acc.coefficients})
     return merged

@@ -1,7 +1,9 @@
 """Registry entries of the data-aware methods, so ``neuromerge methods NAME`` lists their parameters.
 
 They are *not* static merges: the engine merges tensor by tensor and cannot feed them task data, so
-:meth:`DataAwareMethod.merge` refuses with :data:`REFUSAL`; the bench runs them (:mod:`neuromerge.bench.data_methods`).
+:meth:`DataAwareMethod.merge` refuses with :data:`REFUSAL`. A merge config that names task data (``data:`` and a
+``task:`` per model) runs them on the user's models (:mod:`.merge`, ``merges_to_folder``); the bench runs them on
+its suites (:mod:`neuromerge.bench.data_methods`).
 ``data_aware = True`` keeps them out of the bench's default method list; ``transductive = True`` marks the methods
 that learn from unlabelled test inputs (AdaMerging, WEMoE).
 """
@@ -20,8 +22,13 @@ from .fisher import FisherParams
 from .regmean import RegMeanParams
 from .wemoe import WEMoEParams
 
-REFUSAL = ("merge method {name!r} needs task data (it reads {reads}); the static `neuromerge merge` cannot run it. "
-           "Run it with `neuromerge bench SUITE --methods {name}`.")
+REFUSAL = ("merge method {name!r} needs task data (it reads {reads}); the static `neuromerge merge` cannot run it "
+           "without it: give the config `data: TASKS.yaml` and a `task:` per model (docs/data_aware.md), or run it "
+           "with `neuromerge bench SUITE --methods {name}`.")
+#: WEMoE's result is a routed model, not a model folder
+ROUTED_REFUSAL = ("merge method {name!r} needs task data (it reads {reads}) and builds a routed model, not a model "
+                  "folder: run it with `neuromerge route build {name} --config CONFIG -o OUT` or `neuromerge bench "
+                  "SUITE --methods {name}`.")
 
 
 class DataAwareMethod(MergeMethod[Any]):
@@ -30,6 +37,10 @@ class DataAwareMethod(MergeMethod[Any]):
     data_aware: ClassVar[bool] = True
     transductive: ClassVar[bool] = False
     reads: ClassVar[str] = ""
+    #: whether `neuromerge merge` with `data:` writes its result as a model folder (WEMoE: a routed model)
+    merges_to_folder: ClassVar[bool] = True
+    #: the split the method reads by default (``data_split`` overrides it)
+    split: ClassVar[str] = "train"
     chunkable = False
 
     @classmethod
@@ -68,6 +79,7 @@ class AdaMerging(DataAwareMethod):
     source = "Yang et al. 2024, arXiv 2310.02575 (EnnengYang/AdaMerging); fusion-bench adamerging"
     reads = "unlabelled test inputs of every task"
     transductive = True
+    split = "test"
 
 
 @method
@@ -79,6 +91,7 @@ class AdaMergingPP(DataAwareMethod):
     source = "Yang et al. 2024, arXiv 2310.02575 (EnnengYang/AdaMerging, layer_wise_adamergingpp)"
     reads = "unlabelled test inputs of every task"
     transductive = True
+    split = "test"
 
 
 @method
@@ -90,3 +103,9 @@ class WEMoE(DataAwareMethod):
     source = "Tang et al. 2024, arXiv 2402.00433 (tanganke/weight-ensembling_MoE); fusion-bench we_moe"
     reads = "unlabelled test inputs of every task"
     transductive = True
+    split = "test"
+    merges_to_folder = False
+
+    @classmethod
+    def refusal(cls) -> str:
+        return ROUTED_REFUSAL.format(name=cls.name, reads=cls.reads)

@@ -12,6 +12,15 @@ norms, embeddings, linears whose weight is tied to another tensor) is averaged. 
 ``n_t`` rows (tokens) seen, as fusion-bench's running mean and the official ``regmean_mean`` option, so tasks with
 longer inputs do not dominate.
 
+Memory (:func:`regmean_merge_models`): the experts are visited one at a time (``expert_states`` may be a lazy
+sequence that reads an expert when indexed, as a user's merge does), so at most one expert *module* is held (plus
+the state it is built from, while it is built), with the base state, the float32 running sums of the averaged
+tensors, and — float64 — the Grams and running sums ``Σ_t G̃_t``, ``Σ_t G̃_t W_tᵀ`` (and ``Σ_t W_t``, the fallback
+mean) of the linear layers being merged. Those layers are grouped in their execution order so that one group's
+float64 buffers stay within ``gram_mb`` (a layer larger than that is a group of its own); each group is one pass over
+the experts, the forward stopped after the group's last layer. One group (the default for models up to ~BERT-large)
+reads each expert once; ``G`` groups read it ``G`` times.
+
 Numerics (documented choice): Grams are accumulated in **float64** (sums of thousands of rank-one products; fp32
 loses digits when inputs have large means, e.g. after LayerNorm), and the system is solved in float64 with
 ``torch.linalg.solve``, falling back to the pseudo-inverse when ``Σ_t G̃_t`` is singular (an input feature that is
@@ -30,6 +39,7 @@ biases ``G`` toward the pad embedding's hidden states); fusion-bench accumulates
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +58,9 @@ class RegMeanParams(DataParams):
                          "entries (reduce_non_diagonal_ratio)")
     batch_size: int = Field(16, ge=1, description="batch size of the forward passes")
     mask_padding: bool = Field(True, description="leave padding tokens out of the Grams (fusion-bench keeps them)")
+    gram_mb: FiniteFloat = Field(4096, gt=0, description="float64 memory (MiB) for the Grams and running sums of the "
+                                 "linear layers merged in one pass over the experts (layers grouped in execution "
+                                 "order; each extra group reads every expert once more)")
 
 
 # --------------------------------------------------------------------------------------------------- pure functions
@@ -63,10 +76,16 @@ def regmean_merge_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.
     reduced = [reduce_non_diagonal(g.double(), alpha) for g in grams]
     lhs = torch.stack(reduced).sum(0)
     rhs = torch.stack([g @ w.double().T for g, w in zip(reduced, weights, strict=True)]).sum(0)
+    return solve_regmean(lhs, rhs).to(weights[0].dtype)
+
+
+def solve_regmean(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``W* = (lhs⁻¹ rhs)ᵀ`` for ``lhs = Σ_t G̃_t`` ``(in, in)`` and ``rhs = Σ_t G̃_t W_tᵀ`` ``(in, out)``, float64
+    (the pseudo-inverse when ``lhs`` is singular); returns ``(out, in)`` float64."""
     solution, info = torch.linalg.solve_ex(lhs, rhs)
     if int(info) != 0 or not bool(torch.isfinite(solution).all()):
         solution = torch.linalg.pinv(lhs, hermitian=True) @ rhs
-    return solution.T.to(weights[0].dtype)
+    return solution.T
 
 
 def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[Mapping[str, torch.Tensor]], *,
@@ -93,12 +112,17 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class _Stop(Exception):
+    """Raised by the pre-hook of the last linear layer a pass needs: the rest of the forward is skipped."""
+
+
 def accumulate_grams(module: nn.Module, batches: Sequence[BatchLike], linear_names: Sequence[str] | None = None, *,
-                     mask_padding: bool = True, dtype: torch.dtype = torch.float64
+                     mask_padding: bool = True, dtype: torch.dtype = torch.float64, stop_after: str | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Mean Grams ``G = XᵀX / n`` of the inputs of ``module``'s ``nn.Linear`` layers (``linear_names``: a subset)
-    over ``batches`` (forward pre-hooks, no grad, accumulated in ``dtype``). Returns ``(grams, rows)``; layers that
-    never ran are absent."""
+    over ``batches`` (forward pre-hooks, no grad, accumulated in ``dtype``). ``stop_after``: a layer after whose
+    input the forward is abandoned (every wanted layer runs before it, each once). Returns ``(grams, rows)``;
+    layers that never ran are absent."""
     linears = {n: m for n, m in module.named_modules()
                if isinstance(m, nn.Linear) and (linear_names is None or n in linear_names)}
     sums: dict[str, torch.Tensor] = {}
@@ -114,6 +138,8 @@ def accumulate_grams(module: nn.Module, batches: Sequence[BatchLike], linear_nam
             else:
                 sums[name] = xtx
             rows[name] = rows.get(name, 0) + int(x.shape[0])
+            if name == stop_after:
+                raise _Stop
 
         return record
 
@@ -122,11 +148,60 @@ def accumulate_grams(module: nn.Module, batches: Sequence[BatchLike], linear_nam
         with torch.no_grad():
             for b in batches:
                 mask[0] = b.mask
-                module(**b.inputs)
+                with contextlib.suppress(_Stop):
+                    module(**b.inputs)
     finally:
         for h in handles:
             h.remove()
     return {n: s / max(rows[n], 1) for n, s in sums.items()}, rows
+
+
+def linear_call_order(module: nn.Module, batch: BatchLike, linear_names: Sequence[str]) -> list[str]:
+    """The order in which the layers ``linear_names`` of ``module`` receive their input on ``batch`` (one name per
+    call: a layer called twice appears twice; a layer never called is absent)."""
+    order: list[str] = []
+    wanted = set(linear_names)
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))
+               for n, m in module.named_modules() if n in wanted]
+    try:
+        with torch.no_grad():
+            module(**batch.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def pass_bytes(shape: Sequence[int]) -> int:
+    """float64 bytes one linear layer ``(out, in)`` holds during a pass: ``Σ G̃`` and the expert's ``G`` (reduced in
+    place; in² each), ``Σ G̃ Wᵀ`` and ``Σ W`` (in·out each)."""
+    out, inp = int(shape[0]), int(shape[1])
+    return 8 * (2 * inp * inp + 2 * inp * out)
+
+
+def _reduce_in_place(gram: torch.Tensor, alpha: float) -> None:
+    """:func:`reduce_non_diagonal` without a second ``(in, in)`` buffer."""
+    diag = torch.diagonal(gram).clone()
+    gram.mul_(alpha)
+    torch.diagonal(gram).add_((1.0 - alpha) * diag)
+
+
+def gram_groups(order: Sequence[str], shapes: Mapping[str, Sequence[int]], budget_bytes: int) -> list[list[str]]:
+    """``order`` (layers in execution order) cut into consecutive groups whose :func:`pass_bytes` sum stays within
+    ``budget_bytes`` (a layer larger than the budget is a group of its own)."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name in order:
+        n = pass_bytes(shapes[name])
+        if current and size + n > budget_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current:
+        groups.append(current)
+    return groups
 
 
 def regmean_linears(module: nn.Module, names: Sequence[str]) -> list[str]:
@@ -141,28 +216,89 @@ def regmean_linears(module: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- driver
+class _Plan:
+    """What the first expert module tells: the RegMean layers in execution order, their groups, whether a pass may
+    stop early, and the tensors that are averaged."""
+
+    def __init__(self, module: nn.Module, first_batch: BatchLike, names: Sequence[str], budget_bytes: int) -> None:
+        linears = regmean_linears(module, names)
+        order = linear_call_order(module, first_batch, linears)
+        self.early_stop = len(order) == len(set(order))  # a layer called twice: full passes (its every call counts)
+        order = list(dict.fromkeys(order))
+        shapes = {n: tuple(module.get_submodule(n).weight.shape) for n in order}
+        self.groups = gram_groups(order, shapes, budget_bytes)
+        solved = {f"{n}.weight" for n in order}
+        self.averaged = [n for n in names if n not in solved]
+        self.max_pass_bytes = max((sum(pass_bytes(shapes[n]) for n in g) for g in self.groups), default=0)
+
+
 def regmean_merge_models(access: ModelAccess, base_state: StateDict, expert_states: Sequence[StateDict],
                          heads: Sequence[StateDict | None], tasks: Sequence[Any], budget: Any,
                          params: RegMeanParams | None = None, *, exclude: Sequence[str] = (),
-                         info: dict[str, Any] | None = None) -> StateDict:
+                         info: dict[str, Any] | None = None, split: str = "train") -> StateDict:
     """RegMean of the experts: each expert's linear-layer Grams on ``params.examples`` inputs of its own task's
-    *train* split, then :func:`regmean_merge`. ``heads`` are not used (the Grams need only the backbone). Tensors
-    matching ``exclude`` and non-floating ones are the base's."""
+    ``split`` (default *train*), folded into running sums one expert at a time (module docstring, "Memory"), then
+    per layer :func:`solve_regmean`; the other merged tensors averaged. ``expert_states`` is indexed once per expert
+    and pass (a lazy sequence may read the expert then). ``heads`` are not used (the Grams need only the backbone).
+    Tensors matching ``exclude`` and non-floating ones are the base's."""
     params = params or RegMeanParams()
     names = mergeable_names(base_state, exclude)
-    grams: list[dict[str, torch.Tensor]] = []
-    examples: dict[str, int] = {}
-    for state, task in zip(expert_states, tasks, strict=True):
-        module = access.module(state)
-        batches, n = example_batches(access.batches(task, "train", budget, limit=params.examples,
-                                                    batch_size=params.batch_size), params.examples)
-        g, _ = accumulate_grams(module, batches, regmean_linears(module, names), mask_padding=params.mask_padding)
-        grams.append(g)
-        examples[task_name(task)] = n
-        del module
+    experts = len(expert_states)
+    data = [example_batches(access.batches(task, split, budget, limit=params.examples, batch_size=params.batch_size),
+                            params.examples) for task in tasks]
+    for task, (batches, _) in zip(tasks, data, strict=True):
+        if not batches:
+            raise ValueError(f"RegMean: task {task_name(task)!r} has no {split} inputs")
     merged = dict(base_state)
-    merged.update({n: v.to(base_state[n].dtype)
-                   for n, v in regmean_merge(expert_states, grams, alpha=params.alpha, names=names).items()})
+    plan: _Plan | None = None
+    averaged: StateDict = {}
+    reads = 0
+    g = 0
+    while plan is None or g < len(plan.groups):
+        sums: dict[str, list[Any]] = {}  # layer -> [Σ G̃_t, Σ G̃_t W_tᵀ, Σ W_t, experts with a Gram]
+        for t in range(experts):
+            module = access.module(expert_states[t])
+            reads += 1
+            if plan is None:
+                plan = _Plan(module, data[t][0][0], names, int(params.gram_mb * 2**20))
+                if not plan.groups:
+                    plan.groups = [[]]
+            group = plan.groups[g]
+            if g == 0:  # the averaged tensors, float32 running sums
+                state = module.state_dict()
+                for n in plan.averaged:
+                    v = state[n].detach().float()
+                    if n in averaged:
+                        averaged[n].add_(v)
+                    else:
+                        averaged[n] = v.clone()
+                del state
+            grams, _ = accumulate_grams(module, data[t][0], group, mask_padding=params.mask_padding,
+                                        stop_after=group[-1] if group and plan.early_stop else None)
+            for lin in group:
+                w = module.get_submodule(lin).weight.detach().double()
+                acc = sums.setdefault(lin, [0.0, 0.0, torch.zeros_like(w), 0])
+                acc[2].add_(w)
+                reduced = grams.pop(lin, None)
+                if reduced is not None:
+                    _reduce_in_place(reduced, params.alpha)
+                    acc[0] = reduced if acc[3] == 0 else acc[0].add_(reduced)
+                    acc[1] = acc[1] + reduced @ w.T
+                    acc[3] += 1
+                    del reduced
+            del module, grams
+        for lin in group:
+            lhs, rhs, total, seen = sums.pop(lin)
+            key = f"{lin}.weight"
+            value = solve_regmean(lhs, rhs) if seen == experts else total / experts  # a layer that never ran: mean
+            merged[key] = value.to(base_state[key].dtype)
+        g += 1
+    assert plan is not None
+    for n in plan.averaged:
+        merged[n] = (averaged.pop(n) / experts).to(base_state[n].dtype)
     if info is not None:
-        info.update({"split": "train", "examples": examples, "linear_layers": len(grams[0]) if grams else 0})
+        info.update({"split": split, "examples": {task_name(t): n for t, (_, n) in zip(tasks, data, strict=True)},
+                     "linear_layers": sum(len(gr) for gr in plan.groups), "passes": len(plan.groups),
+                     "expert_reads": reads, "early_stop": plan.early_stop,
+                     "pass_float64_bytes": plan.max_pass_bytes})
     return merged

@@ -64,6 +64,9 @@ def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download
             chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
     """Validate the config, open the pool (headers only) and plan every tensor. Used by ``--dry-run``."""
     cfg = load_config(config)
+    if cfg.data is not None:  # the data-aware path lives in layer 3 (neuromerge.data_aware.merge)
+        raise ConfigError("a config with `data:` is a data-aware merge: run it with `neuromerge merge`, "
+                          "neuromerge.merge or neuromerge.data_aware.merge.merge_with_data")
     pool, cfg = open_pool(cfg, allow_download=allow_download)
     try:
         return build_plan(cfg, pool, chunk_elements=chunk_elements)
