@@ -514,9 +514,9 @@ def task_info(t: TaskData) -> dict[str, Any]:
 
 def to_json(results: BenchResults) -> str:
     """``results.json``: strict JSON (NaN written as null)."""
-    from .report import _finite
+    from ..evaluation.report import strict_json
 
-    return json.dumps(_finite(results.to_dict()), indent=2, default=str)
+    return json.dumps(strict_json(results.to_dict()), indent=2, default=str)
 
 
 # --------------------------------------------------------------------------------------------------- a run

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..evaluation.report import strict_json
+
 if TYPE_CHECKING:
     from .protocol import BenchResults, Row
 
@@ -173,16 +175,7 @@ def write_report(results: BenchResults, out: Path) -> list[Path]:
     if "total" in results.timings:
         results.timings["total"] += results.timings["report"]
     paths[1].write_text(markdown_report(results))
-    paths[0].write_text(json.dumps(_finite(results.to_dict()), indent=2, default=str) + "\n")
+    paths[0].write_text(json.dumps(strict_json(results.to_dict()), indent=2, default=str) + "\n")
     return paths
 
 
-def _finite(obj: Any) -> Any:
-    """NaN / inf → None so that ``results.json`` is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj

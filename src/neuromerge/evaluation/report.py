@@ -152,18 +152,18 @@ def write_report(results: EvalResults, out: Path, *, plot: bool = True) -> list[
     if plot and plot_normalized(results, out / PLOT, results.splits[0]):
         paths.append(out / PLOT)
     paths[1].write_text(markdown_report(results), encoding="utf-8")
-    paths[0].write_text(json.dumps(_finite(results.to_dict()), indent=2, default=str) + "\n", encoding="utf-8")
+    paths[0].write_text(json.dumps(strict_json(results.to_dict()), indent=2, default=str) + "\n", encoding="utf-8")
     return paths
 
 
-def _finite(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
     """NaN / inf → None so that ``results.json`` is strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [strict_json(v) for v in obj]
     return obj
 
 
