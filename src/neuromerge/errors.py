@@ -65,5 +65,7 @@ def validation_lines(err: object, prefix: str = "") -> list[str]:
     for e in err.errors():  # type: ignore[attr-defined]
         loc = ".".join(str(x) for x in e["loc"])
         msg = {"extra_forbidden": "unknown key", "missing": "missing (required)"}.get(e["type"], e["msg"])
-        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('. ')}: {msg}")
+        msg = msg.removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        head = prefix.rstrip(": .")
+        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{head}: {msg}" if head else msg)
     return lines
