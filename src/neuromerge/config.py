@@ -252,12 +252,9 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
         config = source
     else:
         if isinstance(source, str | Path):
-            path = Path(source)
-            if path.is_dir():
-                raise ConfigError(f"config path {path} is a folder, expected a YAML file")
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            from .textfile import read_text
+            from .textfile import existing_file, read_text
+
+            path = existing_file(source, "config file")
 
             try:
                 data = yaml.safe_load(read_text(path, "config file"))  # non-UTF-8: one line, byte offset

@@ -42,6 +42,18 @@ def decode_utf8(data: bytes, path: str | os.PathLike[str], what: str = "",
     return text.removeprefix(_BOM)
 
 
+def existing_file(path: str | os.PathLike[str], what: str, error: type[NeuromergeError] = ConfigError, *,
+                  missing: str = "does not exist") -> Path:
+    """``path`` as a :class:`~pathlib.Path` when it is a file; else ``error``: ``"{what} {path} is a folder, expected
+    a YAML file"`` for a folder, ``"{what} {path} {missing}"`` for nothing there (the config loaders' one rule)."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a folder, expected a YAML file")
+    if not p.is_file():
+        raise error(f"{what} {p} {missing}")
+    return p
+
+
 def read_text(path: str | os.PathLike[str], what: str = "", error: type[NeuromergeError] = ConfigError) -> str:
     """The UTF-8 text of the file ``path`` (see :func:`decode_utf8`); ``error`` (one line naming ``what`` and the
     path) when it cannot be read or is not UTF-8. A missing file is the caller's to report first, with its own

@@ -294,13 +294,9 @@ def route_inputs(target: str, config: Path | None, params: dict[str, Any]) -> li
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    from neuromerge.textfile import load_yaml
+    from neuromerge.textfile import existing_file, load_yaml
 
-    if path.is_dir():
-        raise NeuromergeError(f"route config {path} is a folder, expected a YAML file")
-    if not path.is_file():
-        raise NeuromergeError(f"config {path} not found")
-    params = load_yaml(path, "route config") or {}
+    params = load_yaml(existing_file(path, "route config", missing="not found"), "route config") or {}
     if not isinstance(params, dict):
         raise NeuromergeError(f"{path} must hold a mapping of parameters")
     return params

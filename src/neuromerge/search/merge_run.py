@@ -43,7 +43,7 @@ from ..paths import config_dir, resolve_path
 from ..routing.cli import register_builder
 from ..routing.recombination import DEFAULT_PERCENTILE
 from ..routing.router_fit import RouterParams
-from ..textfile import load_yaml
+from ..textfile import existing_file, load_yaml
 
 if TYPE_CHECKING:
     from ..tasks.contract import TaskSet
@@ -204,11 +204,7 @@ def load_search_config(source: str | Path | dict[str, Any] | SearchRunConfig, *,
     elif isinstance(source, dict):
         raw = dict(source)
     else:
-        path = Path(source)
-        if path.is_dir():
-            raise ConfigError(f"search config {path} is a folder, expected a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"search config {path} not found")
+        path = existing_file(source, "search config", missing="not found")
         raw = load_yaml(path, "search config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping")

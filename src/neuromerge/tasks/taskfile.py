@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import TaskError
 from ..paths import looked_for, resolve_path
-from ..textfile import read_text
+from ..textfile import existing_file, read_text
 from .contract import Budget, TaskData
 from .splits import make_splits, make_tensor_splits
 
@@ -90,11 +90,7 @@ def _err(path: Path, msg: str) -> TaskError:
 def read_entries(path: str | Path, *, suites: Collection[str] | None = None) -> list[TaskEntry]:
     """Parse and validate the YAML file (every entry). ``suites``: the known suite names a ``suite:`` key may take
     (the bench's; None: any)."""
-    p = Path(path)
-    if p.is_dir():
-        raise TaskError(f"task file {p} is a folder, expected a YAML file")
-    if not p.is_file():
-        raise TaskError(f"task file {p} does not exist")
+    p = existing_file(path, "task file", TaskError)
     try:
         doc = yaml.safe_load(read_text(p, "task file", TaskError))
     except yaml.YAMLError as err:
