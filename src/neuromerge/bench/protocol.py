@@ -561,33 +561,15 @@ def load_routed_module(path: str | Path, suite: Suite, base: StateDict) -> Any:
 
 def load_merged_backbone(path: str | Path, base: StateDict) -> StateDict:
     """The backbone tensors of a merged model folder (``neuromerge merge`` output), found by name: exactly, or
-    as ``<prefix>.<name>`` when the folder holds a model with a task head (``bert.encoder...``)."""
-    from ..errors import NeuromergeError
-    from ..io.checkpoint import open_checkpoint
+    as ``<prefix>.<name>`` when the folder holds a model with a task head (``bert.encoder...``) — the library's
+    :func:`~neuromerge.evaluation.models.read_backbone`, its error prefixed with the bench's option (``--model``)."""
+    from ..errors import TaskError
+    from ..evaluation.models import read_backbone
 
     try:
-        ckpt = open_checkpoint(path)
-    except NeuromergeError as err:
-        raise BenchError(f"--model {path}: {err}") from None
-    with ckpt:
-        names = ckpt.names()
-        out: StateDict = {}
-        for name, ref in base.items():
-            if name in names:
-                found = name
-            else:
-                cands = [n for n in names if n.endswith("." + name)]
-                if len(cands) != 1:
-                    why = "no tensor" if not cands else f"{len(cands)} tensors"
-                    raise BenchError(f"--model {path}: {why} named {name!r} (or *.{name}); is it a merge of this "
-                                     "suite's backbone?")
-                found = cands[0]
-            t = ckpt.read(found)
-            if tuple(t.shape) != tuple(ref.shape):
-                raise BenchError(f"--model {path}: tensor {found!r} has shape {tuple(t.shape)}, the suite's "
-                                 f"backbone has {tuple(ref.shape)}")
-            out[name] = t.to(ref.dtype)
-    return out
+        return read_backbone(path, base)
+    except TaskError as err:
+        raise BenchError(f"--{err}") from None
 
 
 def _bar_factory(show: bool) -> Callable[..., Any]:
