@@ -149,7 +149,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
 
     with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads, initializer=one_torch_thread) as pool:
         t0 = time.perf_counter()
-        stats = _statistics(plan, resolver, jobs, pool, device, bar)
+        stats = _statistics(plan, jobs, pool, device, bar)
         timings["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings
                          lora=lora_report(plan.lora, per_module), overflow=_overflow_report(plan, clamped))
 
 
-def _statistics(plan: MergePlan, resolver: ParamResolver, jobs: list[tuple[TensorPlan, tuple[int, int]]],
+def _statistics(plan: MergePlan, jobs: list[tuple[TensorPlan, tuple[int, int]]],
                 pool: ThreadPoolExecutor, device: torch.device, bar: Progress) -> GlobalStats | None:
     """The global statistics pass planned by :func:`~.plan.plan_statistics` (None when there is none), over the
     chunks of the tensors that take part; its population leaves out tensors no model changes."""
