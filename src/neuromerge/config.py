@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import MergeMethod, MethodParams
@@ -115,6 +115,11 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["full", "lora"] = "full"
     rank: int | Literal["concat"] | None = None
+    #: copy the base's tokenizer / processor files next to the weights (mergekit's ``--copy-tokenizer``)
+    copy_tokenizer: bool = True
+    #: at most this many *parameters* per shard (mergekit's ``--out-shard-size`` unit); overrides ``shard_size``
+    #: (bytes = parameters × the largest element size written)
+    shard_params: int | None = Field(None, ge=1)
 
     @field_validator("rank")
     @classmethod
@@ -155,6 +160,13 @@ class MergeConfig(BaseModel):
     data: str | dict[str, Any] | None = None
     #: data-aware merges: the split the method reads instead of its own (train: Fisher / RegMean, test: AdaMerging)
     data_split: Literal["train", "val", "test"] | None = None
+    #: one-line notes found while validating (a key mergekit accepts for this method and ignores, such as ``weight``
+    #: on ``slerp``): the plan shows them as warnings
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @field_validator("data")
     @classmethod
@@ -315,8 +327,10 @@ def _candidates(value: Any) -> list[Scalar]:
     return [value]
 
 
-def _clean(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
-    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS}
+def _clean(params: dict[str, ParamValue], cls: type[MergeMethod] | None = None) -> dict[str, ParamValue]:
+    """``params`` without mergekit's performance hints and the keys the method ignores (``cls.ignored_params``)."""
+    ignored = cls.ignored_params if cls is not None else frozenset()
+    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS and k not in ignored}
 
 
 def with_output(config: MergeConfig, output_format: str | None = None, rank: int | str | None = None
@@ -379,8 +393,14 @@ def validate_method_parameters(config: MergeConfig) -> None:
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models)
     ]
     for where, params in scopes:
+        for key in params:
+            if key in cls.ignored_params:
+                note = (f"{where}.{key}: merge method {cls.name!r} does not use {key!r}; ignored (as mergekit "
+                        "does), remove it to silence this warning")
+                if note not in config.notes:
+                    config.notes.append(note)
         canonical: dict[str, str] = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, cls).items():
             for candidate in _candidates(value):
                 _validate_one(cls, where, key, candidate)
             field = _field_name(cls.Params, key)
@@ -505,7 +525,7 @@ class ParamResolver:
 
     def _resolve(self, params: dict[str, ParamValue], name: str, t: float) -> dict[str, Any]:
         out = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, self.cls).items():
             v = evaluate(value, name, t)
             if v is not None:  # by field name: a per-model ``lam`` overrides a global ``lambda``
                 out[_field_name(self.cls.Params, key)] = v

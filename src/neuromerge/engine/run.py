@@ -156,7 +156,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         # a LoRA output receives the merged rows of every merged tensor; copied tensors are the base's, not written
         writer: ShardedWriter | LoraSink = LoraSink(plan.lora, cfg.overflow) if plan.lora is not None else (
             ShardedWriter(tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
-                          max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"})
+                          max_shard_bytes=_shard_bytes(plan), metadata={"format": "pt", "merged_by": "neuromerge"})
         )
         work = [("merge", tp, chunk) for tp, chunk in jobs] + ([] if plan.lora is not None else _copy_jobs(plan))
 
@@ -192,7 +192,8 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     t0 = time.perf_counter()
     warnings = list(plan.warnings)
     if plan.lora is None:
-        warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
+        warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides,
+                                     tokenizer=cfg.output.copy_tokenizer)
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     if clamped:
@@ -222,6 +223,15 @@ def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings
     return write_reports(plan, tmp, stats=None, per_tensor={}, shards=shards, timings=timings,
                          warnings=warnings, threads=threads, peak_rss=_peak_rss(),
                          lora=lora_report(plan.lora, per_module), overflow=_overflow_report(plan, clamped))
+
+
+def _shard_bytes(plan: MergePlan) -> int:
+    """The shard budget in bytes: ``shard_size``, or ``output.shard_params`` parameters of the largest element size
+    written (mergekit counts parameters)."""
+    params = plan.config.output.shard_params
+    if params is None:
+        return plan.config.shard_bytes
+    return params * max((t.out_dtype.itemsize for t in plan.tensors), default=4)
 
 
 def _statistics(plan: MergePlan, jobs: list[tuple[TensorPlan, tuple[int, int]]],
