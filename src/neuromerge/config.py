@@ -277,15 +277,55 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             data, base_dir = source, None
         if not isinstance(data, dict):
             raise ConfigError("the config must be a mapping with merge_method, base_model and models")
+        data, notes = mergekit_spellings(data)
         try:
             config = MergeConfig.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_one_line(err)) from None
+        config.notes.extend(notes)
         if base_dir is not None:
             config = _relative_to(config, base_dir)
     validate_method_parameters(config)
     validate_output(config)
     return config
+
+
+def mergekit_spellings(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What mergekit configs in the wild write that mergekit 0.1.5 accepts, in our spelling, with a note each:
+
+    * ``parameters:`` left empty (YAML null), top level or per model → ``{}`` (no note);
+    * ``pattern:`` in a parameter condition (older mergekit examples, e.g. ``gradient-slerp.yml``) → ``filter:``.
+      mergekit 0.1.5 ignores the unknown key, so there the condition matches *every* tensor; here it filters as
+      its author meant — the outputs differ, and the note says so (docs/peers.md)."""
+    notes: list[str] = []
+
+    def params(value: Any, where: str) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, setting in value.items():
+            conditions = setting if isinstance(setting, list) else [setting]
+            if any(isinstance(c, dict) and "pattern" in c and "filter" not in c for c in conditions):
+                fixed = [{("filter" if k == "pattern" else k): v for k, v in c.items()} if isinstance(c, dict) else c
+                         for c in conditions]
+                setting = fixed if isinstance(setting, list) else fixed[0]
+                notes.append(f"{where}.{key}: `pattern:` read as `filter:` (mergekit 0.1.5 ignores `pattern`, so "
+                             "its condition matches every tensor there; the outputs differ)")
+            out[key] = setting
+        return out
+
+    data = dict(data)
+    if "parameters" in data:
+        data["parameters"] = params(data["parameters"], "parameters")
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, "parameters": params(m["parameters"], f"models[{i}].parameters")}
+            if isinstance(m, dict) and "parameters" in m else m
+            for i, m in enumerate(data["models"])
+        ]
+    return data, notes
 
 
 def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
@@ -295,7 +335,15 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
     def fix(p: str | None) -> str | None:
         return None if p is None else resolve_str(p, base_dir)
 
-    models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
+    def fix_model(p: str) -> str:
+        """A ``MODEL+LORA`` reference (mergekit's) resolves each part; a path that exists as written stays whole."""
+        whole = resolve_str(p, base_dir)
+        parts = p.split("+")
+        if len(parts) != 2 or Path(whole).expanduser().exists():
+            return whole
+        return f"{resolve_str(parts[0], base_dir)}+{resolve_str(parts[1], base_dir)}"
+
+    models = [m.model_copy(update={"model": fix_model(m.model)}) for m in config.models]
     data = config.data
     if isinstance(data, str):
         data = fix(data)

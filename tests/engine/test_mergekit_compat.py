@@ -205,3 +205,41 @@ def test_copy_tokenizer_false_leaves_the_tokenizer_out(make_family, tmp_path: Pa
     without = neuromerge.merge({**cfg, "output": {"copy_tokenizer": False}}, tmp_path / "b", progress=False).out
     assert (with_tok / "tokenizer_config.json").is_file()
     assert not (without / "tokenizer_config.json").exists() and (without / "config.json").is_file()
+
+
+def test_mergekit_spellings_pattern_and_empty_parameters(make_family, tmp_path: Path) -> None:
+    """``pattern:`` conditions (older mergekit examples) filter, with a note saying mergekit 0.1.5 ignores the key;
+    ``parameters:`` left empty is no parameters; relative ``MODEL+LORA`` parts resolve against the config's
+    folder."""
+    base, experts = make_family("llama", n_experts=2)
+    t = [{"pattern": "self_attn", "value": [0, 0.5, 1]}, {"pattern": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]
+    cfg = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": t},
+           "models": [{"model": str(experts[0]), "parameters": None}, {"model": str(experts[1])}]}
+    res = runner.invoke(app, ["merge", str(_write(tmp_path / "p.yaml", cfg)), "-o", str(tmp_path / "p"),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "`pattern:` read as `filter:`" in res.output
+    filtered = {**cfg, "parameters": {"t": [{("filter" if k == "pattern" else k): v for k, v in c.items()}
+                                            for c in t]}}
+    neuromerge.merge(filtered, tmp_path / "f", progress=False)
+    a, b = _load_dir(tmp_path / "p"), _load_dir(tmp_path / "f")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    ties = {"merge_method": "ties", "base_model": str(base), "parameters": None,
+            "models": [{"model": str(e), "parameters": {"density": 0.5, "weight": 0.5}} for e in experts]}
+    neuromerge.merge(ties, tmp_path / "t", progress=False)
+
+
+def test_relative_model_plus_lora_resolves_each_part(applied, tmp_path: Path) -> None:
+    import shutil
+
+    base, tuned, lora, other = applied
+    root = tmp_path / "cfgdir"
+    for p in (base, tuned, lora, other):
+        shutil.copytree(p, root / p.name)
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 1.0},
+           "models": [{"model": "tuned+lora"}, {"model": "other"}], "dtype": "float32"}
+    out = neuromerge.merge(_write(root / "c.yaml", cfg), tmp_path / "o", progress=False).out
+    absolute = {**cfg, "base_model": str(base), "models": [{"model": f"{tuned}+{lora}"}, {"model": str(other)}]}
+    ref = neuromerge.merge(absolute, tmp_path / "r", progress=False).out
+    a, b = _load_dir(out), _load_dir(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
