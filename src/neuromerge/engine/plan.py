@@ -408,7 +408,7 @@ def _check_models(plan: TensorPlan, pool: Pool, config: MergeConfig, overrides: 
             raise CompatibilityError(
                 f"vocabulary size mismatch in {plan.name!r}: base has {plan.shape[0]} rows, {m.path} has "
                 f"{info.shape[0]}; set `vocab: shared` to merge the shared rows and take added rows from the "
-                "model that has them"
+                "model that has them, or `tokenizer_source` to match the rows by token"
             )
         rows.append(info.shape[0])
     shared, total = min(rows), max(rows)
