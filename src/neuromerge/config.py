@@ -13,7 +13,12 @@ dtype: bfloat16
 overflow: error                 # a value beyond `dtype`'s range is an error; clamp: clamped to it and counted
 seed: 0
 output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
+tokenizer_source: union         # optional: base | union | a model path; rows matched by token (io/tokenizer_merge.py)
+chat_template: chatml           # optional: a name, auto, or a Jinja template (io/chat_templates.py)
 ```
+
+``tokenizer_source`` may instead be a ``tokenizer: {source, tokens: {TOKEN: {source, force}}, pad_to_multiple_of}``
+block (mergekit 0.1.5's ``TokenizerConfig``; not both).
 
 Data-aware methods (``fisher``, ``regmean``, ``adamerging``, ``adamerging++``) also need task data: ``data:`` names
 a task file (or is a mapping ``{tasks: FILE, seq_len, batch_size, train_examples, val_examples, probe_steps,
