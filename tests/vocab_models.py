@@ -47,20 +47,21 @@ def save_tokenizer(tokens: list[str], path: Path, chat_template: str | None = No
     fast.save_pretrained(path)
 
 
-def _llama(vocab_size: int) -> torch.nn.Module:
+def _llama(vocab_size: int, tied: bool = False) -> torch.nn.Module:
     import transformers as tf
 
     cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     return tf.LlamaForCausalLM(cfg)
 
 
-def make_vocab_family(root: Path) -> dict[str, Path]:
-    """The three model folders (weights, config, tokenizer) under ``root``."""
+def make_vocab_family(root: Path, tied: bool = False) -> dict[str, Path]:
+    """The three model folders (weights, config, tokenizer) under ``root`` (``tied``: the LM head is the input
+    embedding, not stored)."""
     vocabs = vocabularies()
     torch.manual_seed(0)
-    base = _llama(len(vocabs["base"]))
+    base = _llama(len(vocabs["base"]), tied)
     base_state = base.state_dict()
     out = {"base": root / "base"}
     base.save_pretrained(out["base"])
@@ -69,7 +70,7 @@ def make_vocab_family(root: Path) -> dict[str, Path]:
     for k, name in enumerate(("expert0", "expert1")):
         tokens = vocabs[name]
         torch.manual_seed(10 + k)
-        model = _llama(len(tokens))
+        model = _llama(len(tokens), tied)
         g = torch.Generator().manual_seed(100 + k)
         state = model.state_dict()
         with torch.no_grad():

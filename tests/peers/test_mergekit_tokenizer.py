@@ -98,6 +98,19 @@ def test_tokenizer_source_equals_mergekit(family: dict[str, Path], tmp_path: Pat
         assert ours["model.embed_tokens.weight"][vocab["y0"]].abs().sum() > 0
 
 
+def test_tied_embeddings_equal_mergekit(tmp_path: Path) -> None:
+    """Tied Llama models (no stored LM head): the input embedding is permuted once and the output stays tied."""
+    import transformers
+
+    family = make_vocab_family(tmp_path / "tied", tied=True)
+    vocab, ours = merge_both_by_token(_config(family, tokenizer={"source": "union", "pad_to_multiple_of": 8}),
+                                      tmp_path)
+    assert "lm_head.weight" not in ours
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert model.config.vocab_size == 48 == len(vocab) + 7
+
+
 def test_union_without_base_averages_like_mergekit(family: dict[str, Path], tmp_path: Path) -> None:
     """No base model: a token two models have and one lacks takes their mean (no base preference)."""
     merge_both_by_token(_config(family, method="linear", base=False, tokenizer_source="union"), tmp_path)
