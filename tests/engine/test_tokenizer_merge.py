@@ -165,6 +165,24 @@ def test_dry_run_reports_the_output_vocabulary(family: dict[str, Path], tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_paths_relative_to_the_config(family: dict[str, Path], tmp_path: Path) -> None:
+    """Model paths under ``tokenizer:`` (the source, the tokens' sources) resolve against the config's folder, as
+    the models' paths do."""
+    root = family["base"].parent
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 1.0},
+           "models": [{"model": "expert0"}, {"model": "./expert1"}],
+           "tokenizer": {"source": "expert1", "tokens": {
+               "a26": {"source": "expert0", "force": True},
+               "x2": {"source": {"kind": "model_token", "model": "base", "token": "a1"}}}}}
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    neuromerge.merge(root / "c.yaml", tmp_path / "o", threads=1, progress=False)
+    vocab = _tokens(tmp_path / "o")
+    assert set(vocab) == set(vocabularies()["expert1"]) | {"a26", "x2"}
+    out = load_file(tmp_path / "o" / "model.safetensors")[EMBED]
+    e0 = load_file(family["expert0"] / "model.safetensors")[EMBED]
+    torch.testing.assert_close(out[vocab["a26"]], e0[vocabularies()["expert0"].index("a26")], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("value", ["auto", "chatml"])
 def test_chat_template_without_tokenizer_source(family: dict[str, Path], tmp_path: Path, value: str) -> None:
     """``chat_template`` alone: the base's vocabulary, with the template (``auto``: the only model with one)."""

@@ -328,8 +328,15 @@ def _plan_vocabulary(config: MergeConfig, pool: Pool) -> VocabularyMerge | None:
             raise ConfigError(f"`tokenizer_source` needs model folders with tokenizer files; {f} is a bare weights "
                               "file")
     keys = {str(f.resolve()): i for i, f in enumerate(folders)}
+    position = {id(c): i for i, c in enumerate(ckpts)}
+    # the config's own spelling of each model (an HF id, a path) names its checkpoint too
+    named = {entry.model: position[id(m)] for entry, m in zip(config.models, pool.models, strict=True)}
+    if config.base_model is not None:
+        named[config.base_model] = position[id(pool.base)]
 
     def model_index(ref: str) -> int | None:
+        if ref in named:
+            return named[ref]
         return keys.get(str(Path(ref).resolve())) if Path(ref).exists() else None
 
     return build_vocabulary(spec, folders, [c.config for c in ckpts], 0 if pool.base_given else None, model_index)
