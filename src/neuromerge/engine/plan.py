@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..config import MergeConfig, ParamResolver
+from ..config import MergeConfig, ModelEntry, ParamResolver
 from ..errors import CompatibilityError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraCheckpoint, open_model, unverified_base_note
@@ -95,6 +95,21 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     lora: LoraOutputPlan | None = None  # set when the output is a LoRA adapter (config `output.format: lora`)
     statistics: StatisticsPlan | None = None  # the global statistics pass, when the method needs one
+    #: a slice's first output layer (its gradients run over its own layers: :class:`~neuromerge.config.ParamResolver`)
+    layer_offset: int = 0
+    #: ``slices``: one plan per output slice over renamed views of its sources (:mod:`.slices`); this plan then holds
+    #: every output tensor, the real checkpoints and the output config, and runs nothing itself
+    segments: list[MergePlan] = field(default_factory=list)
+    #: ``slices``: the slice plan (output layers ← each source's layers), shown by ``--dry-run`` and the report
+    slice_table: list[dict[str, object]] = field(default_factory=list)
+
+    def parts(self) -> list[MergePlan]:
+        """The plans whose tensors are merged: the slices' plans, or this plan itself."""
+        return self.segments or [self]
+
+    def resolver(self) -> ParamResolver:
+        """The parameter resolver of this plan's tensors (not of a plan with ``segments``)."""
+        return ParamResolver(self.config, self.num_layers, self.layer_offset)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -149,12 +164,19 @@ def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Poo
             cache[key] = open_model(ref, base, allow_download=allow_download)
         return cache[key]
 
-    cls = config.method_class()
     base = get(config.base_model) if config.base_model is not None else None
     pairs = [(entry, get(entry.model, base)) for entry in config.models]
     notes = _duplicate_notes([c for _, c in pairs])
     notes += [n for c in dict.fromkeys(c for _, c in pairs) if isinstance(c, LoraCheckpoint)
               and (n := unverified_base_note(c)) is not None]
+    return assemble_pool(config, base, pairs, notes)
+
+
+def assemble_pool(config: MergeConfig, base: Checkpoint | None, pairs: list[tuple[ModelEntry, Checkpoint]],
+                  notes: list[str]) -> tuple[Pool, MergeConfig]:
+    """The pool of opened ``pairs`` (config entry, checkpoint) over ``base`` (None: the first model is the
+    reference), with the base-among-the-models rule of :func:`open_pool` (a base listed is recognised by identity)."""
+    cls = config.method_class()
     if base is None:
         return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False, notes=notes), config
     if any(c is base for _, c in pairs):
@@ -191,11 +213,15 @@ def num_layers_of(base: Checkpoint) -> int | None:
     return max(indices) + 1 if indices else None
 
 
-def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
-    """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor."""
+def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+               num_layers: int | None = None, layer_offset: int = 0) -> MergePlan:
+    """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor.
+
+    ``num_layers`` / ``layer_offset``: the layers gradients run over (default: the base's stack from 0; a slice:
+    its own layers)."""
     method = config.method_class()()
     base = pool.base
-    resolver = ParamResolver(config, num_layers_of(base))
+    resolver = ParamResolver(config, num_layers if num_layers is not None else num_layers_of(base), layer_offset)
     cfg = base.config or {}
     rules = LayoutRules.build(cfg.get("model_type"), [(r.filter, r.layout) for r in config.layout])
     exclude = [re.compile(p) for p in config.exclude]
@@ -251,7 +277,7 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
                 params, per_model = resolver.resolve(name)
                 delta_coefficients(method.name, params, per_model)
     return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings, lora,
-                     statistics)
+                     statistics, layer_offset)
 
 
 def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[str]) -> StatisticsPlan | None:

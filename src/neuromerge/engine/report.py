@@ -46,6 +46,7 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
         "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
         "output": plan.lora.summary() if plan.lora is not None else {"format": "full"},
         "warnings": plan.warnings,
+        **({"slices": plan.slice_table} if plan.slice_table else {}),
     }
 
 
@@ -65,7 +66,8 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
     }
 
 
-def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_tensor: dict[str, dict[str, float]],
+def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | list[GlobalStats | None] | None,
+                  per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
                   peak_rss: int, lora: dict[str, Any] | None = None, overflow: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
@@ -87,7 +89,8 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
         "bytes_read": bytes_read,
         "bytes_written": shards.get("bytes_written", shards.get("total_size")),
         "shards": shards.get("files", []),
-        "global_statistics": _stats_dict(stats),
+        # ``slices``: one entry per output slice (each slice has its own global trim)
+        "global_statistics": [_stats_dict(s) for s in stats] if isinstance(stats, list) else _stats_dict(stats),
         "overall": overall,
         "tensors": per_tensor,
         "warnings": warnings,
