@@ -343,8 +343,8 @@ def _combine(config: MergeConfig, donor: Checkpoint, ckpts: list[Checkpoint], se
     warnings = [w for seg in segments for w in seg.warnings]
     if any(sl.residual_weight is not None for sl in config.slices or []):
         warnings.append("`residual_weight` of a slice is ignored (mergekit 0.1.5 ignores it too)")
-    models = [c for c in ckpts if c is not donor]
-    pool = Pool(base=donor, models=models or [donor], base_given=config.base_model is not None)
+    # every checkpoint opened (the sources and the base): read, hashed into provenance.json and closed through it
+    pool = Pool(base=donor, models=ckpts, base_given=config.base_model is not None)
     return MergePlan(config, segments[0].method, pool, tensors, num_layers, chunk_elements, overrides, warnings,
                      segments=segments, slice_table=table)
 
