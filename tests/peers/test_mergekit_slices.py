@@ -156,7 +156,8 @@ def test_parameter_precedence_source_slice_config_equals_mergekit(pair, tmp_path
 
 def test_ties_per_slice_equals_mergekit(pair, tmp_path: Path) -> None:
     a, b = pair("llama")
-    cfg = {"merge_method": "ties", "base_model": a, "dtype": "float32", "parameters": {"scope": "tensor", "weight": 1.0},
+    cfg = {"merge_method": "ties", "base_model": a, "dtype": "float32",
+           "parameters": {"scope": "tensor", "weight": 1.0},
            "slices": [
         {"sources": [{"model": a, "layer_range": [0, 2]},
                      {"model": b, "layer_range": [2, 4], "parameters": {"density": 0.5, "weight": 0.7}}]},
