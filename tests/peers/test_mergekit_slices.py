@@ -223,3 +223,21 @@ def test_untied_head_after_a_tied_donor_is_kept(pair, tmp_path: Path) -> None:
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     head = load_file(Path(untied) / "model.safetensors")["lm_head.weight"]
     assert torch.equal(model.lm_head.weight.detach(), head)
+
+
+def test_tied_source_gives_its_embeddings_as_the_head_like_mergekit(pair, tmp_path: Path) -> None:
+    """A slice merging an untied and a tied model: the head is merged from the untied model's ``lm_head`` and the
+    tied model's input embeddings (the last slice's view lists only its layers and final tensors, yet the tied
+    model's embeddings are read for its head), as mergekit does."""
+    _, untied = pair("llama", False)
+    tied, _ = pair("llama", True)
+    cfg = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}, "slices": [
+        {"sources": [{"model": untied, "layer_range": [0, 3]}, {"model": tied, "layer_range": [0, 3]}]},
+        {"sources": [{"model": untied, "layer_range": [1, 4]}, {"model": tied, "layer_range": [1, 4]}]},
+    ]}
+    ours, theirs = both(cfg, tmp_path)
+    assert_same_model(ours, theirs)
+    from safetensors.torch import load_file
+
+    u, t = load_file(Path(untied) / "model.safetensors"), load_file(Path(tied) / "model.safetensors")
+    torch.testing.assert_close(ours["lm_head.weight"], (u["lm_head.weight"] + t["model.embed_tokens.weight"]) / 2)

@@ -348,7 +348,8 @@ def _source_name(name: str, model: Checkpoint, base: Checkpoint) -> str:
         return name
     cfg = model.config or base.config or {}
     if OUTPUT_EMBEDDING_RE.search(name) and cfg.get("tie_word_embeddings", True):
-        tied = [n for n in model.names() if INPUT_EMBEDDING_RE.search(n)]
+        listed = getattr(model, "tied_candidates", model.names)()  # a slice's view lists its layers only
+        tied = [n for n in listed if INPUT_EMBEDDING_RE.search(n)]
         if len(tied) == 1:
             return tied[0]
     raise CompatibilityError(f"tensor {name!r} of the base is missing in {model.path}")

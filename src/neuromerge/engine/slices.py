@@ -140,6 +140,8 @@ class LayerView:
         self.path = ckpt.path
         self.config = ckpt.config
         self._names = names
+        #: readable, not listed: the input embedding, which a tied model's LM head is (:func:`~.plan._source_name`)
+        self._tied = {n: n for n in ckpt.names() if INPUT_EMBEDDING_RE.search(n)}
 
     def __repr__(self) -> str:
         return f"LayerView({str(self.path)!r}, {len(self._names)} tensors)"
@@ -150,16 +152,18 @@ class LayerView:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._names
 
+    def tied_candidates(self) -> list[str]:
+        """The tensors an output head tied to the input embeddings may be read from."""
+        return list(self._tied)
+
     def source_name(self, name: str) -> str:
-        return self._names[name]
+        return self._names.get(name) or self._tied.get(name) or f"{name} (not in the slice's layers)"
 
     def info(self, name: str) -> TensorInfo:
-        if name not in self._names:
-            return self.ckpt.info(f"{name} (no such tensor in the slice's layers)")
-        return self.ckpt.info(self._names[name])
+        return self.ckpt.info(self.source_name(name))
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self.ckpt.read(self._names[name], rows)
+        return self.ckpt.read(self.source_name(name), rows)
 
     @property
     def total_bytes(self) -> int:
@@ -341,6 +345,9 @@ def _combine(config: MergeConfig, donor: Checkpoint, ckpts: list[Checkpoint], se
     overrides.update(dtype_overrides(tensors))
     overrides.update(_layer_config(config, donor, configs, num_layers, tensors))
     warnings = [w for seg in segments for w in seg.warnings]
+    if not any(isinstance((donor.config or {}).get(k), int) for k in NUM_LAYERS_KEYS):
+        warnings.append(f"{donor.path}: config.json names no layer count ({' / '.join(NUM_LAYERS_KEYS)}); the "
+                        f"output has {num_layers} layers: set it in the output's config.json")
     if any(sl.residual_weight is not None for sl in config.slices or []):
         warnings.append("`residual_weight` of a slice is ignored (mergekit 0.1.5 ignores it too)")
     # every checkpoint opened (the sources and the base): read, hashed into provenance.json and closed through it
