@@ -11,6 +11,7 @@ from .registry import method
 
 
 class PassthroughParams(MethodParams):
+    weight: FiniteFloat = Field(1.0, description="accepted and unused (mergekit's passthrough has no weight)")
     scale: FiniteFloat | None = Field(None, description="multiplier of the copied tensor (none: copied as it is)")
 
 
