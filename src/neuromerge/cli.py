@@ -561,6 +561,15 @@ def _fail_lines(message: str, code: int = 2) -> None:
     _fail(lines[-1], code)
 
 
+def _add_mergekit_yaml() -> None:
+    from .mergekit_cli import CONTEXT_SETTINGS, mergekit_yaml
+
+    app.command("mergekit-yaml", context_settings=CONTEXT_SETTINGS)(mergekit_yaml)
+
+
+_add_mergekit_yaml()
+
+
 def _add_route() -> None:
     from .routing.cli import route_app
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import MergeMethod, MethodParams
@@ -144,6 +144,11 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["full", "lora"] = "full"
     rank: int | Literal["concat"] | None = None
+    #: copy the base's tokenizer / processor files next to the weights (mergekit's ``--copy-tokenizer``)
+    copy_tokenizer: bool = True
+    #: at most this many *parameters* per shard (mergekit's ``--out-shard-size`` unit); overrides ``shard_size``
+    #: (bytes = parameters × the largest element size written)
+    shard_params: int | None = Field(None, ge=1)
 
     @field_validator("rank")
     @classmethod
@@ -186,6 +191,13 @@ class MergeConfig(BaseModel):
     data: str | dict[str, Any] | None = None
     #: data-aware merges: the split the method reads instead of its own (train: Fisher / RegMean, test: AdaMerging)
     data_split: Literal["train", "val", "test"] | None = None
+    #: one-line notes found while validating (a key mergekit accepts for this method and ignores, such as ``weight``
+    #: on ``slerp``): the plan shows them as warnings
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @field_validator("data")
     @classmethod
@@ -306,10 +318,12 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             data, base_dir = source, None
         if not isinstance(data, dict):
             raise ConfigError("the config must be a mapping with merge_method, base_model and models")
+        data, notes = mergekit_spellings(data)
         try:
             config = MergeConfig.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_one_line(err)) from None
+        config.notes.extend(notes)
         if base_dir is not None:
             config = _relative_to(config, base_dir)
     if config.slices is not None:
@@ -322,6 +336,44 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     return config
 
 
+def mergekit_spellings(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What mergekit configs in the wild write that mergekit 0.1.5 accepts, in our spelling, with a note each:
+
+    * ``parameters:`` left empty (YAML null), top level or per model → ``{}`` (no note);
+    * ``pattern:`` in a parameter condition (older mergekit examples, e.g. ``gradient-slerp.yml``) → ``filter:``.
+      mergekit 0.1.5 ignores the unknown key, so there the condition matches *every* tensor; here it filters as
+      its author meant — the outputs differ, and the note says so (docs/peers.md)."""
+    notes: list[str] = []
+
+    def params(value: Any, where: str) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, setting in value.items():
+            conditions = setting if isinstance(setting, list) else [setting]
+            if any(isinstance(c, dict) and "pattern" in c and "filter" not in c for c in conditions):
+                fixed = [{("filter" if k == "pattern" else k): v for k, v in c.items()} if isinstance(c, dict) else c
+                         for c in conditions]
+                setting = fixed if isinstance(setting, list) else fixed[0]
+                notes.append(f"{where}.{key}: `pattern:` read as `filter:` (mergekit 0.1.5 ignores `pattern`, so "
+                             "its condition matches every tensor there; the outputs differ)")
+            out[key] = setting
+        return out
+
+    data = dict(data)
+    if "parameters" in data:
+        data["parameters"] = params(data["parameters"], "parameters")
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, "parameters": params(m["parameters"], f"models[{i}].parameters")}
+            if isinstance(m, dict) and "parameters" in m else m
+            for i, m in enumerate(data["models"])
+        ]
+    return data, notes
+
+
 def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
     """Model paths written relative to the config file resolve against its folder (:mod:`neuromerge.paths`)."""
     from .paths import resolve_str
@@ -329,10 +381,18 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
     def fix(p: str | None) -> str | None:
         return None if p is None else resolve_str(p, base_dir)
 
-    models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
+    def fix_model(p: str) -> str:
+        """A ``MODEL+LORA`` reference (mergekit's) resolves each part; a path that exists as written stays whole."""
+        whole = resolve_str(p, base_dir)
+        parts = p.split("+")
+        if len(parts) != 2 or Path(whole).expanduser().exists():
+            return whole
+        return f"{resolve_str(parts[0], base_dir)}+{resolve_str(parts[1], base_dir)}"
+
+    models = [m.model_copy(update={"model": fix_model(m.model)}) for m in config.models]
     slices = None if config.slices is None else [
         s.model_copy(update={"base_model": fix(s.base_model),
-                             "sources": [src.model_copy(update={"model": fix(src.model)}) for src in s.sources]})
+                             "sources": [src.model_copy(update={"model": fix_model(src.model)}) for src in s.sources]})
         for s in config.slices
     ]
     data = config.data
@@ -367,8 +427,10 @@ def _candidates(value: Any) -> list[Scalar]:
     return [value]
 
 
-def _clean(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
-    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS}
+def _clean(params: dict[str, ParamValue], cls: type[MergeMethod] | None = None) -> dict[str, ParamValue]:
+    """``params`` without mergekit's performance hints and the keys the method ignores (``cls.ignored_params``)."""
+    ignored = cls.ignored_params if cls is not None else frozenset()
+    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS and k not in ignored}
 
 
 def with_output(config: MergeConfig, output_format: str | None = None, rank: int | str | None = None
@@ -431,8 +493,14 @@ def validate_method_parameters(config: MergeConfig) -> None:
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models)
     ]
     for where, params in scopes:
+        for key in params:
+            if key in cls.ignored_params:
+                note = (f"{where}.{key}: merge method {cls.name!r} does not use {key!r}; ignored (as mergekit "
+                        "does), remove it to silence this warning")
+                if note not in config.notes:
+                    config.notes.append(note)
         canonical: dict[str, str] = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, cls).items():
             for candidate in _candidates(value):
                 _validate_one(cls, where, key, candidate)
             field = _field_name(cls.Params, key)
@@ -560,7 +628,7 @@ class ParamResolver:
 
     def _resolve(self, params: dict[str, ParamValue], name: str, t: float) -> dict[str, Any]:
         out = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, self.cls).items():
             v = evaluate(value, name, t)
             if v is not None:  # by field name: a per-model ``lam`` overrides a global ``lambda``
                 out[_field_name(self.cls.Params, key)] = v

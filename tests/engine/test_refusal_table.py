@@ -350,11 +350,6 @@ def _(d: Path) -> list[str]:
     return merge(d, config(d, parameters={"scope": "everywhere"}))
 
 
-@case("global-density-varies")
-def _(d: Path) -> list[str]:
-    return merge(d, config(d, parameters={"density": [0.2, 0.5]}))
-
-
 @case("linear-weights-sum-to-zero")
 def _(d: Path) -> list[str]:
     _base, experts = family(d)

@@ -207,9 +207,10 @@ def test_layer_types_are_assembled_where_mergekit_writes_no_valid_config(pair, t
 
 
 def test_untied_head_after_a_tied_donor_is_kept(pair, tmp_path: Path) -> None:
-    """First slice from a tied model (the config donor), last from an untied one: both tools write the untied
-    model's ``lm_head``; mergekit keeps ``tie_word_embeddings: true`` (``from_pretrained`` then ties the head to the
-    embeddings, dropping it), neuromerge writes ``false`` so that the head written is the head loaded."""
+    """First slice from a tied model (our config donor), last from an untied one: both tools write the untied
+    model's ``lm_head``. mergekit's config is its donor's, an arbitrary one of the models (the first of a set), so
+    its ``tie_word_embeddings`` may be ``true`` (``from_pretrained`` then ties the head to the embeddings, dropping
+    it); neuromerge writes ``false`` so that the head written is the head loaded."""
     import transformers as tf
     from safetensors.torch import load_file
 
@@ -219,7 +220,6 @@ def test_untied_head_after_a_tied_donor_is_kept(pair, tmp_path: Path) -> None:
     ours, theirs = both(cfg, tmp_path)
     assert_same_model(ours, theirs)
     assert out_config(tmp_path / "ours")["tie_word_embeddings"] is False
-    assert out_config(tmp_path / "mergekit")["tie_word_embeddings"] is True
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     head = load_file(Path(untied) / "model.safetensors")["lm_head.weight"]
     assert torch.equal(model.lm_head.weight.detach(), head)
@@ -241,3 +241,20 @@ def test_tied_source_gives_its_embeddings_as_the_head_like_mergekit(pair, tmp_pa
 
     u, t = load_file(Path(untied) / "model.safetensors"), load_file(Path(tied) / "model.safetensors")
     torch.testing.assert_close(ours["lm_head.weight"], (u["lm_head.weight"] + t["model.embed_tokens.weight"]) / 2)
+
+
+def test_no_head_written_means_a_tied_config(pair, tmp_path: Path) -> None:
+    """The reverse: first slice from an untied model (our donor: ``tie_word_embeddings: false``), last from a tied
+    one, which has no ``lm_head`` to give. Both tools write no head; neuromerge's config says tied, so the model
+    loads with its head = the embeddings written (an untied config would leave the head randomly initialised)."""
+    import transformers as tf
+
+    _, untied = pair("llama", False)
+    tied, _ = pair("llama", True)
+    ours, theirs = both(frankenmerge(untied, tied), tmp_path)
+    assert_same_model(ours, theirs)
+    assert "lm_head.weight" not in ours
+    assert out_config(tmp_path / "ours")["tie_word_embeddings"] is True
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert torch.equal(model.lm_head.weight.detach(), ours["model.embed_tokens.weight"])
+

@@ -74,13 +74,40 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
-class StatisticsPlan:
-    """What the statistics pass computes, decided at planning: one global trim density per model, over the merged
-    tensors whose resolved parameters ask for it (``tensors``), with the L1 mass when some tensor needs it."""
+class StatisticsGroup:
+    """One global trim: the models ``models`` (indices into the pool) share the tensors ``tensors`` and each has
+    one density there (``densities``, in the order of ``models``); their thresholds are computed over those tensors
+    only."""
 
+    models: tuple[int, ...]
     densities: tuple[float, ...]
     tensors: frozenset[str]
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """What the statistics pass computes, decided at planning: one global threshold per (model, density value)
+    over the merged tensors whose resolved parameters ask for it (``tensors``), with the L1 mass when some tensor
+    needs it. ``groups`` partition (model, tensor) pairs; a density that never varies makes one group holding
+    every model and every such tensor (``densities``: that group's densities, one per model)."""
+
+    groups: tuple[StatisticsGroup, ...]
+    tensors: frozenset[str]
     l1: bool
+
+    @property
+    def densities(self) -> tuple[float, ...]:
+        """The per-model densities when there is one group of every model (the common case), else an error."""
+        if len(self.groups) != 1:
+            raise ValueError("the density varies: several statistics groups")
+        return self.groups[0].densities
+
+    def group_of(self, model: int, tensor: str) -> int:
+        """Index of the group holding ``model``'s trim of ``tensor``."""
+        for i, g in enumerate(self.groups):
+            if model in g.models and tensor in g.tensors:
+                return i
+        raise KeyError((model, tensor))
 
 
 @dataclass
@@ -225,7 +252,7 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
     cfg = base.config or {}
     rules = LayoutRules.build(cfg.get("model_type"), [(r.filter, r.layout) for r in config.layout])
     exclude = [re.compile(p) for p in config.exclude]
-    warnings = list(pool.notes)
+    warnings = [*config.notes, *pool.notes]
     tensors: list[TensorPlan] = []
     overrides: dict[str, object] = {}
     out_dtype_override = OUT_DTYPES[config.dtype] if config.dtype else None
@@ -281,29 +308,40 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
 
 
 def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[str]) -> StatisticsPlan | None:
-    """The global statistics pass the method asks for (``global_densities``), or None. Refused when the density
-    varies across the tensors that take part: a global trim has one threshold, hence one density, per model."""
-    densities: list[float] | None = None
-    first = ""
-    tensors: list[str] = []
+    """The global statistics pass the method asks for (``global_densities``), or None.
+
+    A global trim keeps the top ``density`` fraction of a model's task vector over the tensors it covers. When the
+    density varies by layer (a gradient) or by filter, each (model, density value) pair is its own global trim: the
+    tensors where model ``t`` has density ``d`` share one threshold. Models whose densities vary over the same
+    partition of the tensors share groups (one read of those tensors for all of them)."""
+    per_tensor: dict[str, tuple[float, ...]] = {}
     l1 = False
     for name in names:
         params, per_model = resolver.resolve(name)
         d = method.global_densities(params, per_model)
         if d is None:
             continue
-        if densities is None:
-            densities, first = list(d), name
-        elif list(d) != densities:
-            raise ConfigError(
-                f"density varies across tensors ({densities} at {first!r} vs {list(d)} at {name!r}) but a global "
-                "trim needs one density per model; use `scope: tensor` for per-tensor densities"
-            )
-        tensors.append(name)
+        per_tensor[name] = tuple(float(v) for v in d)
         l1 = l1 or method.needs_l1_mass(params)
-    if densities is None:
+    if not per_tensor:
         return None
-    return StatisticsPlan(tuple(densities), frozenset(tensors), l1)
+    n_models = len(next(iter(per_tensor.values())))
+    # each model's partition of the tensors by its density value, in first-seen order
+    partitions: list[tuple[tuple[float, tuple[str, ...]], ...]] = []
+    for t in range(n_models):
+        blocks: dict[float, list[str]] = {}
+        for name, d in per_tensor.items():
+            blocks.setdefault(d[t], []).append(name)
+        partitions.append(tuple((v, tuple(ns)) for v, ns in blocks.items()))
+    classes: dict[tuple[tuple[str, ...], ...], list[int]] = {}
+    for t, part in enumerate(partitions):
+        classes.setdefault(tuple(ns for _, ns in part), []).append(t)
+    groups = []
+    for blocks_key, models in classes.items():
+        for i, tensors in enumerate(blocks_key):
+            groups.append(StatisticsGroup(tuple(models), tuple(partitions[t][i][0] for t in models),
+                                          frozenset(tensors)))
+    return StatisticsPlan(tuple(groups), frozenset(per_tensor), l1)
 
 
 def dtype_overrides(tensors: list[TensorPlan]) -> dict[str, object]:

@@ -16,6 +16,7 @@ from .. import __version__, kernels
 from ..io.lora import LoraCheckpoint
 from ..methods import GlobalStats
 from .plan import MergePlan
+from .stats import TrimStatistics
 
 
 def _versions() -> dict[str, str]:
@@ -66,7 +67,18 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
     }
 
 
-def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | list[GlobalStats | None] | None,
+def _trim_dict(trim: TrimStatistics | None) -> dict[str, Any] | None:
+    """``global_statistics``: one group of every model as before (a dict of per-model lists); several groups (a
+    density varying by layer or filter) as ``{"groups": [...]}``, each with its models, densities and tensor count."""
+    if trim is None:
+        return None
+    if len(trim.groups) == 1 and len(trim.groups[0][0].models) == trim.n_models:
+        return _stats_dict(trim.groups[0][1])
+    return {"groups": [{"models": list(g.models), "densities": list(g.densities), "tensors": len(g.tensors),
+                        **(_stats_dict(s) or {})} for g, s in trim.groups]}
+
+
+def write_reports(plan: MergePlan, out: Path, *, stats: TrimStatistics | list[TrimStatistics | None] | None,
                   per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
                   peak_rss: int, lora: dict[str, Any] | None = None, overflow: dict[str, Any] | None = None
@@ -90,7 +102,7 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | list[Globa
         "bytes_written": shards.get("bytes_written", shards.get("total_size")),
         "shards": shards.get("files", []),
         # ``slices``: one entry per output slice (each slice has its own global trim)
-        "global_statistics": [_stats_dict(s) for s in stats] if isinstance(stats, list) else _stats_dict(stats),
+        "global_statistics": [_trim_dict(s) for s in stats] if isinstance(stats, list) else _trim_dict(stats),
         "overall": overall,
         "tensors": per_tensor,
         "warnings": warnings,

@@ -94,8 +94,10 @@ def slice_config(config: MergeConfig, sl: OutputSlice, sources: list[SliceSource
         by_field[field] = key
         params[key] = value
     models = [ModelEntry(model=src.model, parameters=src.parameters) for src in (sources or sl.sources)]
-    return config.model_copy(update={"models": models, "slices": None, "parameters": params,
-                                     "base_model": sl.base_model or config.base_model})
+    sub = config.model_copy(update={"models": models, "slices": None, "parameters": params,
+                                    "base_model": sl.base_model or config.base_model})
+    sub._notes = []  # its own notes (a shallow copy would share the config's list)
+    return sub
 
 
 def _fallback(first: ParamValue, then: ParamValue) -> ParamValue:
@@ -123,11 +125,19 @@ def validate_slices(config: MergeConfig) -> None:
         raise ConfigError("`slices` are a static merge; remove `data:` / `data_split` (data-aware methods merge "
                           "whole models)")
     for i, sl in enumerate(config.slices):
+        sub = slice_config(config, sl)
         try:
-            validate_method_parameters(slice_config(config, sl))
+            validate_method_parameters(sub)
         except ConfigError as err:
-            raise ConfigError(f"slices[{i}]: {err}".replace("models[", "sources[").replace(
-                "under `models`", "under `sources`")) from None
+            raise ConfigError(_in_slice(i, str(err))) from None
+        for note in sub.notes:  # a key mergekit ignores, once per slice that gives it
+            if _in_slice(i, note) not in config.notes:
+                config.notes.append(_in_slice(i, note))
+
+
+def _in_slice(i: int, message: str) -> str:
+    """A message about a slice's derived config, in the slice's terms."""
+    return f"slices[{i}]: {message}".replace("models[", "sources[").replace("under `models`", "under `sources`")
 
 
 # -------------------------------------------------------------------------------------------------- views
@@ -220,8 +230,9 @@ def _plan(config: MergeConfig, cache: dict[str, Checkpoint], allow_download: boo
         key = _key(ref)
         if key not in cache:
             ckpt = open_model(ref, None, allow_download=allow_download)
-            if not isinstance(ckpt, Checkpoint):
-                raise ConfigError(f"{ref} is a LoRA adapter; `slices` take full models")
+            if not isinstance(ckpt, Checkpoint) and not getattr(ckpt, "owns_base", False):  # MODEL+LORA is full
+                ckpt.close()
+                raise ConfigError(f"{ref} is a LoRA adapter; `slices` take full models (or MODEL+LORA)")
             cache[key] = ckpt
         return cache[key]
 
@@ -344,7 +355,7 @@ def _combine(config: MergeConfig, donor: Checkpoint, ckpts: list[Checkpoint], se
         overrides.update(seg.config_overrides)
     overrides.update(dtype_overrides(tensors))
     overrides.update(_layer_config(config, donor, configs, num_layers, tensors))
-    warnings = [w for seg in segments for w in seg.warnings]
+    warnings = [*config.notes, *(w for seg in segments for w in seg.warnings)]
     if not any(isinstance((donor.config or {}).get(k), int) for k in NUM_LAYERS_KEYS):
         warnings.append(f"{donor.path}: config.json names no layer count ({' / '.join(NUM_LAYERS_KEYS)}); the "
                         f"output has {num_layers} layers: set it in the output's config.json")
