@@ -187,6 +187,10 @@ def _print_plan(summary: dict[str, Any], scanned: int | None = None) -> None:
     if summary["output"]["format"] == "lora":
         typer.echo(f"output           LoRA adapter, rank {summary['output']['rank']}, "
                    f"{summary['output']['modules']} modules")
+    if summary.get("vocabulary"):
+        v = summary["vocabulary"]
+        typer.echo(f"vocabulary       {v['tokens']} tokens ({v['source']}), {v['rows']} embedding rows; "
+                   f"{len(v['remapped_tensors'])} tensors permuted by token")
     typer.echo(f"peak memory      ~{_human(summary['estimated_peak_working_set_bytes'])} tensor working set "
                f"({summary['threads']} threads)")
     for w in summary["warnings"]:

@@ -13,7 +13,12 @@ dtype: bfloat16
 overflow: error                 # a value beyond `dtype`'s range is an error; clamp: clamped to it and counted
 seed: 0
 output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
+tokenizer_source: union         # optional: base | union | a model path; rows matched by token (io/tokenizer_merge.py)
+chat_template: chatml           # optional: a name, auto, or a Jinja template (io/chat_templates.py)
 ```
+
+``tokenizer_source`` may instead be a ``tokenizer: {source, tokens: {TOKEN: {source, force}}, pad_to_multiple_of}``
+block (mergekit 0.1.5's ``TokenizerConfig``; not both).
 
 Data-aware methods (``fisher``, ``regmean``, ``adamerging``, ``adamerging++``) also need task data: ``data:`` names
 a task file (or is a mapping ``{tasks: FILE, seq_len, batch_size, train_examples, val_examples, probe_steps,
@@ -49,14 +54,6 @@ DEFAULT_EXCLUDE = (
 )
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-#: mergekit top-level keys that would change the output's tokenizer or embeddings: refused by name until implemented
-#: (the tokenizer files are copied from the base as they are; accepting and ignoring them would be silently wrong)
-UNSUPPORTED_MERGEKIT_KEYS = {
-    "tokenizer_source": "the tokenizer files are copied from the base model as they are",
-    "tokenizer": "the tokenizer files are copied from the base model as they are (no `tokens`, no "
-                 "`pad_to_multiple_of`)",
-    "chat_template": "the chat template comes with the base model's tokenizer files",
-}
 #: mergekit method parameters that are performance hints only
 IGNORED_MERGEKIT_PARAMS = ("int8_mask",)
 
@@ -166,6 +163,50 @@ class OutputConfig(BaseModel):
         return self
 
 
+class ModelTokenSource(BaseModel):
+    """A token's embedding row taken from one model's row: ``token_id`` (a row index of that model) or ``token``
+    (looked up in that model's tokenizer); exactly one (mergekit's ``ModelTokenEmbedding``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """A token whose embedding row is zero (mergekit's ``ZeroEmbedding``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSpec(BaseModel):
+    """Where one output token's embedding rows come from (mergekit's ``TokenEmbeddingConfig``): ``source`` a
+    model (its row of that token), a ``model_token`` or ``zero``; ``force`` uses it for every model, even those that
+    have the token (else only for models lacking it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary ``source`` (``union``, ``base`` or a model path),
+    ``tokens`` added or re-sourced, and ``pad_to_multiple_of`` (embedding rows padded with the mean row)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(BaseModel):
     """A whole merge: the pool (base + models), the method and its parameters, and output options."""
 
@@ -199,6 +240,26 @@ class MergeConfig(BaseModel):
     def notes(self) -> list[str]:
         return self._notes
 
+    #: mergekit's output vocabulary (``union``, ``base`` or a model path): embedding rows matched by token string
+    tokenizer_source: str | None = None
+    #: mergekit's ``tokenizer:`` block (``tokenizer_source`` with ``tokens`` and ``pad_to_multiple_of``)
+    tokenizer: TokenizerSpec | None = None
+    #: the output tokenizer's chat template: a name (chatml, llama3, mistral, alpaca, exaone), ``auto`` or Jinja
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or a `tokenizer:` block, not both")
+        return self
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output-vocabulary request: ``tokenizer:``, or ``tokenizer_source`` as a block; None without them."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
+
     @field_validator("data")
     @classmethod
     def _data(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
@@ -231,12 +292,6 @@ class MergeConfig(BaseModel):
         if isinstance(data, dict) and "out_dtype" in data and "dtype" not in data:
             data = {**data, "dtype": data["out_dtype"]}
             data.pop("out_dtype")
-        if isinstance(data, dict):
-            for key, why in UNSUPPORTED_MERGEKIT_KEYS.items():
-                if key in data and data[key] is None:  # explicitly unset: nothing asked
-                    data = {k: v for k, v in data.items() if k != key}
-                elif key in data:
-                    raise ConfigError(f"`{key}` is not supported yet ({why}); remove it from the config")
         if isinstance(data, dict) and data.get("slices") is None:
             data = {k: v for k, v in data.items() if k != "slices"}
         return data
@@ -400,8 +455,29 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
         data = fix(data)
     elif isinstance(data, dict):
         data = {**data, "tasks": fix(str(data["tasks"]))}
-    return config.model_copy(update={"base_model": fix(config.base_model), "models": models, "slices": slices,
-                                     "data": data})
+    update: dict[str, Any] = {"base_model": fix(config.base_model), "models": models, "slices": slices,
+                              "data": data}
+    if config.tokenizer_source not in (None, "union", "base"):
+        update["tokenizer_source"] = fix(config.tokenizer_source)
+    if config.tokenizer is not None:
+        update["tokenizer"] = _tokenizer_relative_to(config.tokenizer, fix)
+    return config.model_copy(update=update)
+
+
+def _tokenizer_relative_to(spec: TokenizerSpec, fix: Any) -> TokenizerSpec:
+    """``spec`` with its model paths (the source, the tokens' source models) resolved like the models' paths."""
+    tokens = None
+    if spec.tokens is not None:
+        tokens = {}
+        for tok, t in spec.tokens.items():
+            src = t.source
+            if isinstance(src, str):
+                src = fix(src)
+            elif isinstance(src, ModelTokenSource):
+                src = src.model_copy(update={"model": fix(src.model)})
+            tokens[tok] = t.model_copy(update={"source": src})
+    source = spec.source if spec.source in ("union", "base") else fix(spec.source)
+    return spec.model_copy(update={"source": source, "tokens": tokens})
 
 
 def _one_line(err: ValidationError) -> str:
@@ -455,8 +531,18 @@ def with_output(config: MergeConfig, output_format: str | None = None, rank: int
 def validate_output(config: MergeConfig) -> None:
     """What a LoRA output needs from the config alone (the pool is checked from its headers by the engine)."""
     out = config.output
+    if config.chat_template is not None:
+        from .io.chat_templates import check_chat_template
+
+        check_chat_template(config.chat_template)
+    if config.data is not None and (config.tokenizer_spec is not None or config.chat_template is not None):
+        raise ConfigError("a data-aware merge keeps the base's vocabulary: `tokenizer_source`, `tokenizer:` and "
+                          "`chat_template` are not supported with `data:`")
     if out.format != "lora":
         return
+    if config.tokenizer_spec is not None:
+        raise ConfigError("output format lora keeps the base's vocabulary: `tokenizer_source` / `tokenizer:` need "
+                          "output format full")
     if config.data is not None:
         raise ConfigError("a data-aware merge writes a full model folder; output format lora is not supported "
                           "with `data:`")

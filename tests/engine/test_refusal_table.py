@@ -248,9 +248,46 @@ def _(d: Path) -> list[str]:
     return merge(d, sliced(d, [(1, 0, 2), (2, 0, 2)]))
 
 
+@case("slices-tokenizer-source")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(1, 0, 2)], tokenizer_source="base"))
+
+
 @case("slices-lora-output")
 def _(d: Path) -> list[str]:
     return merge(d, sliced(d, [(1, 0, 2)], output={"format": "lora", "rank": 4}))
+
+
+@case("tokenizer-source-and-block")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union", tokenizer={"source": "base"}))
+
+
+@case("unknown-chat-template")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, chat_template="nosuch"))
+
+
+@case("tokenizer-lora-output")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union", output={"format": "lora", "rank": 4}))
+
+
+@case("tokenizer-without-files")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union"))
+
+
+@case("token-without-source")
+def _(d: Path) -> list[str]:
+    from tests.vocab_models import make_vocab_family
+
+    fam = make_vocab_family(d / "vocab")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+           "models": [{"model": str(fam["expert0"])}, {"model": str(fam["expert1"])}],
+           "tokenizer": {"source": "union", "tokens": {"x1": {"force": False}}}}
+    (d / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    return merge(d, d / "merge.yaml")
 
 
 @case("bad-dtype")

@@ -120,16 +120,7 @@ def test_filter_condition_parameters_are_written(make_family, tmp_path: Path, sc
     assert report["summary"]["merged_tensors"] > 0
 
 
-# ------------------------------------------------------------------- 8: refused keys, tokenizer vocabularies
-@pytest.mark.parametrize("key, value", [("tokenizer_source", "union"), ("tokenizer", {"pad_to_multiple_of": 8}),
-                                        ("tokenizer", {"tokens": {"<x>": {"source": "base"}}}),
-                                        ("chat_template", "chatml")])
-def test_tokenizer_keys_are_refused_by_name(make_family, tmp_path: Path, key: str, value: object) -> None:
-    base, experts = make_family("llama", n_experts=2)
-    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, **{key: value})
-    _dry_run_fails(cfg, tmp_path / "o", f"`{key}` is not supported yet")
-
-
+# ------------------------------------------- 8: tokenizer vocabularies (tokenizer_source: test_tokenizer_merge.py)
 def test_explicitly_unset_tokenizer_keys_are_accepted(make_family, tmp_path: Path) -> None:
     base, experts = make_family("llama", n_experts=2)
     cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, tokenizer_source=None,
@@ -164,7 +155,7 @@ def test_shared_vocab_refuses_a_different_token_at_a_shared_id(make_family, tmp_
     swapped = tokens.copy()
     swapped[7], swapped[9] = swapped[9], swapped[7]
     _tokenizer_json(tmp_path / "big", swapped, added={96: "<added0>"})
-    _dry_run_fails(cfg, tmp_path / "o", "token id 7", "'tok9' there", "'tok7' in")
+    _dry_run_fails(cfg, tmp_path / "o", "token id 7", "'tok9' there", "'tok7' in", "`tokenizer_source`")
     # the same check with equal sizes (vocab: error), slow-tokenizer files
     for folder in (tmp_path / "big", base, experts[0]):
         (folder / "tokenizer.json").unlink()

@@ -46,6 +46,9 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
         "fused_kernels": kernels.available(),  # the compiled kernels were there for the methods that have them
         "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
         "output": plan.lora.summary() if plan.lora is not None else {"format": "full"},
+        "vocabulary": None if (v := plan.pool.vocabulary) is None else {
+            "source": v.source, "tokens": v.tokens, "rows": v.size,
+            "remapped_tensors": [t.name for t in plan.tensors if t.remapped]},
         "warnings": plan.warnings,
         **({"slices": plan.slice_table} if plan.slice_table else {}),
     }

@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from .. import kernels
 from ..config import MergeConfig, ParamResolver, load_config
 from ..errors import ConfigError, NeuromergeError
+from ..io.chat_templates import resolve_chat_template
 from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_report, write_adapter
 from ..io.output_guard import InputRef, check_output, check_writable
+from ..io.tokenizer_merge import load_tokenizer, write_tokenizer
 from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files
 from ..methods import MergeInput
 from ..numeric import to_output_dtype
@@ -204,6 +206,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     if plan.lora is None:
         warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides,
                                      tokenizer=cfg.output.copy_tokenizer)
+        warnings += write_output_tokenizer(plan, tmp)  # a built tokenizer is always written, as mergekit
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     if clamped:
@@ -211,6 +214,32 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     return write_reports(plan, tmp, stats=stats, per_tensor=per_tensor, shards=shards, timings=timings,
                          warnings=warnings, threads=threads, peak_rss=_peak_rss(), lora=lora,
                          overflow=_overflow_report(plan, clamped))
+
+
+def write_output_tokenizer(plan: MergePlan, out: Path) -> list[str]:
+    """The output tokenizer, when the config asks for one: the merged vocabulary of ``tokenizer_source`` /
+    ``tokenizer:`` (:mod:`neuromerge.io.tokenizer_merge`), and/or the ``chat_template``
+    (:mod:`neuromerge.io.chat_templates`) set on it or on the base's tokenizer; the tokenizer files copied from the
+    base are replaced. Without these keys the base's files stay as copied. Returns warnings."""
+    cfg = plan.config
+    vocabulary = plan.pool.vocabulary
+    if vocabulary is None and cfg.chat_template is None:
+        return []
+    template = None
+    if cfg.chat_template is not None:
+        template = resolve_chat_template(cfg.chat_template, [Path(c.path) for c in plan.pool.checkpoints])
+        if template is None and vocabulary is None:
+            return ["chat_template auto: no merged model's tokenizer has a chat template; the base's files stay"]
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+    else:
+        try:
+            tokenizer = load_tokenizer(plan.pool.base.path)
+        except Exception as err:
+            return [f"chat_template: the base {plan.pool.base.path} has no loadable tokenizer "
+                    f"({type(err).__name__}); the chat template is not written"]
+    write_tokenizer(out, tokenizer, template)
+    return []
 
 
 def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings: dict[str, float], *,

@@ -121,6 +121,10 @@ def validate_slices(config: MergeConfig) -> None:
     assert config.slices is not None
     if config.output.format != "full":
         raise ConfigError("`slices` write a full model folder; output format lora is not supported with them")
+    if config.tokenizer_spec is not None:
+        raise ConfigError("`tokenizer_source` / `tokenizer:` with `slices` is not supported yet (the embeddings and "
+                          "the head come from different slices, which need one output vocabulary); merge the "
+                          "slices first, then the vocabularies, or list whole models under `models`")
     if config.uses_data:
         raise ConfigError("`slices` are a static merge; remove `data:` / `data_split` (data-aware methods merge "
                           "whole models)")
