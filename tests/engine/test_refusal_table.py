@@ -248,11 +248,6 @@ def _(d: Path) -> list[str]:
     return merge(d, sliced(d, [(1, 0, 2), (2, 0, 2)]))
 
 
-@case("slices-tokenizer-source")
-def _(d: Path) -> list[str]:
-    return merge(d, sliced(d, [(1, 0, 2)], tokenizer_source="base"))
-
-
 @case("slices-lora-output")
 def _(d: Path) -> list[str]:
     return merge(d, sliced(d, [(1, 0, 2)], output={"format": "lora", "rank": 4}))

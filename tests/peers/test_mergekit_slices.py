@@ -258,3 +258,28 @@ def test_no_head_written_means_a_tied_config(pair, tmp_path: Path) -> None:
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert torch.equal(model.lm_head.weight.detach(), ours["model.embed_tokens.weight"])
 
+
+
+@pytest.mark.parametrize("method", ["linear", "passthrough"])
+def test_tokenizer_union_over_slices_equals_mergekit(tmp_path: Path, method: str) -> None:
+    """``tokenizer_source: union`` with slices: one output vocabulary over every model of the config; the
+    embeddings (first slice) and the head (last slice) are permuted to it from their own slices' models. Rows of
+    the vocabulary tensors are compared by token (tests/peers/test_mergekit_tokenizer.py)."""
+    from tests.peers.test_mergekit_tokenizer import merge_both_by_token
+    from tests.vocab_models import make_vocab_family
+
+    fam = make_vocab_family(tmp_path / "family")
+    e0, e1 = str(fam["expert0"]), str(fam["expert1"])
+    if method == "linear":
+        slices = [{"sources": [{"model": e0, "layer_range": [0, 1], "parameters": {"weight": 0.7}},
+                               {"model": e1, "layer_range": [1, 2], "parameters": {"weight": 0.3}}]},
+                  {"sources": [{"model": e1, "layer_range": [0, 2]}, {"model": e0, "layer_range": [0, 2]}]}]
+    else:
+        slices = [{"sources": [{"model": e0, "layer_range": [0, 2]}]},
+                  {"sources": [{"model": e1, "layer_range": [1, 2]}]}]
+    cfg = {"merge_method": method, "dtype": "float32", "tokenizer_source": "union", "slices": slices,
+           **({"parameters": {"weight": 1.0}} if method == "linear" else {})}
+    vocab, ours = merge_both_by_token(cfg, tmp_path)
+    assert {"x0", "y0"} <= set(vocab)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == ours[
+        "model.embed_tokens.weight"].shape[0]

@@ -247,11 +247,13 @@ def num_layers_of(base: Checkpoint) -> int | None:
 
 
 def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-               num_layers: int | None = None, layer_offset: int = 0) -> MergePlan:
+               num_layers: int | None = None, layer_offset: int = 0,
+               vocabulary: VocabularyMerge | None = None) -> MergePlan:
     """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor.
 
     ``num_layers`` / ``layer_offset``: the layers gradients run over (default: the base's stack from 0; a slice:
-    its own layers)."""
+    its own layers). ``vocabulary``: the output vocabulary built by the caller for this pool (a slice: the one
+    vocabulary of all slices), instead of the config's own."""
     method = config.method_class()()
     base = pool.base
     resolver = ParamResolver(config, num_layers if num_layers is not None else num_layers_of(base), layer_offset)
@@ -262,7 +264,7 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
     tensors: list[TensorPlan] = []
     overrides: dict[str, object] = {}
     out_dtype_override = OUT_DTYPES[config.dtype] if config.dtype else None
-    vocabulary = pool.vocabulary = _plan_vocabulary(config, pool)
+    vocabulary = pool.vocabulary = vocabulary if vocabulary is not None else _plan_vocabulary(config, pool)
     if vocabulary is not None:
         warnings += vocabulary.warnings
         overrides["vocab_size"] = vocabulary.size

@@ -33,7 +33,7 @@ different layers), so each has its own per-model thresholds.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,16 @@ from ..config import (
 from ..errors import ConfigError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from ..io.lora import open_model
+from ..io.tokenizer_merge import VocabularyMerge, _rules, load_tokenizer
 from ..methods import MergeMethod
 from .plan import (
     DEFAULT_CHUNK_ELEMENTS,
     INPUT_EMBEDDING_RE,
     OUTPUT_EMBEDDING_RE,
+    VOCAB_TENSOR_RE,
     MergePlan,
     Pool,
+    _plan_vocabulary,
     assemble_pool,
     build_plan,
     dtype_overrides,
@@ -121,10 +124,6 @@ def validate_slices(config: MergeConfig) -> None:
     assert config.slices is not None
     if config.output.format != "full":
         raise ConfigError("`slices` write a full model folder; output format lora is not supported with them")
-    if config.tokenizer_spec is not None:
-        raise ConfigError("`tokenizer_source` / `tokenizer:` with `slices` is not supported yet (the embeddings and "
-                          "the head come from different slices, which need one output vocabulary); merge the "
-                          "slices first, then the vocabularies, or list whole models under `models`")
     if config.uses_data:
         raise ConfigError("`slices` are a static merge; remove `data:` / `data_split` (data-aware methods merge "
                           "whole models)")
@@ -252,6 +251,7 @@ def _plan(config: MergeConfig, cache: dict[str, Checkpoint], allow_download: boo
             raise ConfigError(f"slices[{row[0].index[0]}]: its sources give {lengths} layers; every source of a "
                               "slice gives the same number of layers (layer_range [start, end) with the same "
                               "end − start)")
+    vocabulary, order = _vocabulary(config, donor, sources)
     cls = config.method_class()
     first, last = config.slices[0], config.slices[-1]
     post_sources = last.sources[: len(first.sources)]  # mergekit zips the last slice's models with as many weights
@@ -265,7 +265,7 @@ def _plan(config: MergeConfig, cache: dict[str, Checkpoint], allow_download: boo
         if i == len(config.slices) - 1 and not separate_post:
             ends.add("post")
         views = [LayerView(s.ckpt, _names(s, offset, ends)) for s in row]
-        segments.append(_segment(config, sl, i, row, views, cls, chunk_elements, n, offset))
+        segments.append(_segment(config, sl, i, row, views, cls, chunk_elements, n, offset, vocabulary, order))
         table.append({"slice": i, "output_layers": [offset, offset + n], "base_model": sl.base_model
                       or config.base_model, "sources": [{"model": s.spec.model, "layer_range": list(
                           s.spec.layer_range)} for s in row], "with": sorted(ends, reverse=True)})
@@ -274,12 +274,58 @@ def _plan(config: MergeConfig, cache: dict[str, Checkpoint], allow_download: boo
         row = sources[-1][: len(post_sources)]
         views = [LayerView(s.ckpt, _names(s, 0, {"post"}, layers=False)) for s in row]
         sub = OutputSlice(sources=post_sources, base_model=last.base_model, parameters=last.parameters)
-        segments.append(_segment(config, sub, len(config.slices) - 1, row, views, cls, chunk_elements, 1, 0))
+        segments.append(_segment(config, sub, len(config.slices) - 1, row, views, cls, chunk_elements, 1, 0,
+                                 vocabulary, order))
         table.append({"slice": len(config.slices) - 1, "output_layers": [], "sources": [
             {"model": s.spec.model} for s in row], "with": ["post"],
             "note": "the final tensors from the last slice's first sources (as many as the first slice has)"})
     configs = {_key(s.spec.model): s.ckpt.config for row in sources for s in row}
-    return _combine(config, donor, list(cache.values()), segments, table, offset, chunk_elements, configs)
+    plan = _combine(config, donor, order, segments, table, offset, chunk_elements, configs)
+    plan.pool.vocabulary = vocabulary  # the output tokenizer (run.write_output_tokenizer)
+    return plan
+
+
+def _vocabulary(config: MergeConfig, donor: Checkpoint, sources: list[list[_Source]]
+                ) -> tuple[VocabularyMerge | None, list[Checkpoint]]:
+    """The one output vocabulary of ``tokenizer_source`` / ``tokenizer:`` over every model of the config (the donor
+    first: the base, else the first slice's first source, as mergekit's ``BuildTokenizer`` over its referenced
+    models), and that order of the checkpoints; (None, order) without them."""
+    order = list(dict.fromkeys([donor, *(s.ckpt for row in sources for s in row)]))
+    if config.tokenizer_spec is None:
+        return None, order
+    entries = [ModelEntry(model=s.spec.model) for row in sources for s in row]
+    whole = config.model_copy(update={"models": entries, "slices": None})
+    pool = Pool(base=donor, models=[s.ckpt for row in sources for s in row], base_given=config.base_model is not None)
+    return _plan_vocabulary(whole, pool), pool.checkpoints
+
+
+def _restricted(vocabulary: VocabularyMerge, order: list[Checkpoint], config: MergeConfig, pool: Pool
+                ) -> VocabularyMerge:
+    """``vocabulary`` for one slice's pool: the rows of its checkpoints (views of ``order``'s) in its order, and the
+    default rows of the tokens some of *them* lack decided over them, as mergekit decides them per tensor over the
+    models gathered for it (``PermutedVocabulary.assign_embedding_sources``)."""
+    index = {id(c): k for k, c in enumerate(order)}
+    views = pool.checkpoints
+    maps = vocabulary.maps[[index[id(getattr(c, "ckpt", c))] for c in views]]
+    position = {id(c): k for k, c in enumerate(views)}
+    named = {entry.model: position[id(m)] for entry, m in zip(config.models, pool.models, strict=True)}
+    if config.base_model is not None and pool.base_given:
+        named[config.base_model] = position[id(pool.base)]
+
+    def model_index(ref: str) -> int | None:
+        if ref in named:
+            return named[ref]
+        key = _key(ref)
+        return next((k for k, c in enumerate(views) if _key(str(c.path)) == key), None)
+
+    spec = config.tokenizer_spec
+    assert spec is not None
+    originals = [load_tokenizer(c.path).get_vocab() for c in views] if any(
+        not isinstance(t.source, str | None) for t in (spec.tokens or {}).values()) else [{} for _ in views]
+    warnings: list[str] = []
+    rules = _rules(vocabulary.vocab, maps, spec.tokens or {}, originals, 0 if pool.base_given else None,
+                   model_index, warnings)
+    return replace(vocabulary, maps=maps, rules=rules, warnings=warnings)
 
 
 def _key(ref: str) -> str:
@@ -323,7 +369,8 @@ def _names(s: _Source, offset: int, ends: set[str], *, layers: bool = True) -> d
 
 
 def _segment(config: MergeConfig, sl: OutputSlice, i: int, row: list[_Source], views: list[LayerView],
-             cls: type[MergeMethod], chunk_elements: int, n: int, offset: int) -> MergePlan:
+             cls: type[MergeMethod], chunk_elements: int, n: int, offset: int, vocabulary: VocabularyMerge | None,
+             order: list[Checkpoint]) -> MergePlan:
     sub = slice_config(config, sl, [s.spec for s in row])
     base_ref = sub.base_model
     base_view = None
@@ -338,14 +385,20 @@ def _segment(config: MergeConfig, sl: OutputSlice, i: int, row: list[_Source], v
     pairs: list[tuple[ModelEntry, Any]] = list(zip(sub.models, views, strict=True))
     try:
         pool, sub = assemble_pool(sub, base_view, pairs, [])  # type: ignore[arg-type]
-        plan = build_plan(sub, pool, chunk_elements=chunk_elements, num_layers=n, layer_offset=offset)
+        own = None
+        if vocabulary is not None and any(VOCAB_TENSOR_RE.search(name) for name in pool.base.names()):
+            own = _restricted(vocabulary, order, sub, pool)
+        elif vocabulary is not None:  # no embedding / head here: the slice merges its layers only
+            sub = sub.model_copy(update={"tokenizer_source": None, "tokenizer": None, "chat_template": None})
+        plan = build_plan(sub, pool, chunk_elements=chunk_elements, num_layers=n, layer_offset=offset,
+                          vocabulary=own)
     except ConfigError as err:
         raise ConfigError(f"slices[{i}]: {err}") from None
     plan.warnings = [f"slices[{i}]: {w}" for w in plan.warnings]
     return plan
 
 
-def _combine(config: MergeConfig, donor: Checkpoint, ckpts: list[Checkpoint], segments: list[MergePlan],
+def _combine(config: MergeConfig, donor: Checkpoint, ckpts: list[Any], segments: list[MergePlan],
              table: list[dict[str, Any]], num_layers: int, chunk_elements: int,
              configs: dict[str, dict[str, Any] | None]) -> MergePlan:
     tensors = [t for seg in segments for t in seg.tensors]
