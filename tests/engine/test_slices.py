@@ -119,3 +119,21 @@ def test_post_tensors_follow_mergekit_when_the_last_slice_has_more_sources(make_
     assert torch.equal(out["model.embed_tokens.weight"], sb["model.embed_tokens.weight"])
     mean = (sa["model.layers.1.mlp.up_proj.weight"] + sb["model.layers.1.mlp.up_proj.weight"]) / 2
     torch.testing.assert_close(out["model.layers.1.mlp.up_proj.weight"], mean)
+
+
+def test_slice_paths_resolve_against_the_config_folder(make_family, tmp_path: Path, monkeypatch) -> None:
+    """Source and slice ``base_model`` paths written relative to the config file, run from another folder."""
+    import yaml
+
+    base, (a,) = make_family("llama", n_experts=1, root=tmp_path / "models")
+    cfg = tmp_path / "models" / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "expert0", "layer_range": [0, 2]}], "base_model": "expert0"},
+        {"sources": [{"model": "base", "layer_range": [1, 2]}]}]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    neuromerge.merge(cfg, tmp_path / "out", threads=1, progress=False)
+    out, src = _load(tmp_path / "out"), _load(base)
+    assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], src["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], _load(a)["model.layers.0.mlp.up_proj.weight"])
