@@ -13,6 +13,8 @@ by ``tests/peers/test_mergekit_examples.py``) and says what the two tools must a
 * ``by_token``: configs with ``tokenizer_source`` / ``tokenizer:`` / ``chat_template`` over models whose vocabularies
   differ: equal at fp32 tolerance with the rows of the vocabulary tensors matched by token (mergekit orders appended
   tokens by hash, docs/peers.md row 18), the same output vocabulary, and the same rendered chat template;
+* ``refused``: neither tool merges it (mergekit raises; ours raises one :class:`NeuromergeError` before writing
+  anything);
 * ``random``: methods drawing random numbers: both run, same names / shapes / dtypes, the fraction of entries moved
   from the base agrees (the masks are independent draws, docs/peers.md *DARE: what can be compared*); the
   ``density: 1`` twin is equal.
@@ -303,6 +305,8 @@ CASES: list[Case] = [
     Case("chat-template-literal", "test_chat_template: test_template_literal_jinja",
          lambda m: _vcfg(m, "task_arithmetic", base=True, tokenizer_source="base",
                          chat_template="{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"), "by_token"),
+    Case("tokenizer-none-vocab-differs", "test_tokenizer: legacy mode (no tokenizer_source, vocabularies differ)",
+         lambda m: _vcfg(m, "task_arithmetic", base=True), "refused"),
     Case("gpt2-frankenmerge", "variant: gpt2 passthrough of two models' slices",
          _slices(("gpt2", 0, 3), ("gpt2b", 1, 4)), moves=False),
 ]

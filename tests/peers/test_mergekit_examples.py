@@ -149,6 +149,15 @@ def test_mergekit_config(case: Case, models: Models, tmp_path: Path) -> None:
         _check_random(_fp32(cfg) if low else cfg, tmp_path)
         assert case.row in PEERS_MD.read_text()
         return
+    if case.outcome == "refused":
+        from neuromerge.errors import NeuromergeError
+
+        with pytest.raises(NeuromergeError):
+            run_ours(copy.deepcopy(cfg), tmp_path / "ours")
+        assert not (tmp_path / "ours" / "config.json").exists()
+        with pytest.raises(ValueError, match="size mismatch"):
+            run_mergekit(copy.deepcopy(cfg), tmp_path / "mergekit")
+        return
     if case.outcome == "by_token":
         _check_by_token(cfg, tmp_path)
         return
