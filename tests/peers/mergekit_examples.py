@@ -34,7 +34,7 @@ Config = dict[str, Any]
 Models = dict[str, str]
 
 #: low-precision outputs of the two tools agree within ``C · u · max|θ_out|`` per tensor (u: 2⁻¹¹ fp16, 2⁻⁸ bf16)
-LOW_PRECISION_C = 4
+LOW_PRECISION_C = 16
 
 ROW_LAMBDA = "`task_arithmetic` default `lambda`"
 ROW_BREADCRUMBS = "`breadcrumbs*` defaults"
@@ -58,6 +58,9 @@ class Case:
     explain: Callable[[Config], Config] | None = None
     #: the output moves away from the first model (guard against vacuous equality); false for pure copies
     moves: bool = True
+    #: ``documented``: what differs — ``values`` (compared on the fp32 twin) or ``dtype`` (the output dtype, compared
+    #: in the config's own dtype)
+    differs_in: str = "values"
 
 
 # ------------------------------------------------------------------------------------------------ builders

@@ -26,8 +26,10 @@ LOW = {"float16": (torch.float16, 2.0**-11), "bfloat16": (torch.bfloat16, 2.0**-
 PEERS_MD = Path(__file__).resolve().parents[2] / "docs" / "peers.md"
 #: the largest |ours − mergekit| / (u · max|θ_out|) seen per low-precision case (reported in docs/peers.md)
 SEEN: dict[str, tuple[float, float]] = {}
-#: methods that trim task vectors by magnitude, and the fraction of entries whose trim may flip at low precision
-TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce")
+#: methods with a discrete decision that rounding can flip (a magnitude trim or top-k, `ram`'s |τ| > ε test,
+#: `karcher`'s stopping rule), and the fraction of entries allowed beyond the bound for them at low precision
+DISCRETE = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
+            "karcher")
 TRIM_FLIPS = 0.01
 
 
@@ -86,8 +88,8 @@ def _moved_fraction(merged: StateDict, base: StateDict) -> float:
 
 def _check_low_precision(case: Case, cfg: Config, ours32: StateDict, tmp_path: Path) -> None:
     """``cfg`` in its own low-precision dtype: ours is the fp32 result rounded once; mergekit (which computes in
-    that dtype) agrees within ``C · u · max|θ_out|`` per tensor, except, for the methods that trim by magnitude,
-    at most :data:`TRIM_FLIPS` of the entries (those near the trim threshold, kept by one tool and dropped by the
+    that dtype) agrees within ``C · u · max|θ_out|`` per tensor, except, for the methods of :data:`DISCRETE`, at
+    most :data:`TRIM_FLIPS` of the entries (e.g. those near a trim threshold, kept by one tool and dropped by the
     other because mergekit ranks the rounded task vectors)."""
     dtype, u = LOW[cfg["dtype"]]
     ours, theirs = _both(cfg, tmp_path, "low")
@@ -102,7 +104,7 @@ def _check_low_precision(case: Case, cfg: Config, ours32: StateDict, tmp_path: P
         inside = units[units <= LOW_PRECISION_C]
         worst = max(worst, float(inside.max()) if inside.numel() else 0.0)
     SEEN[case.id] = (worst, outside / total)
-    allowed = TRIM_FLIPS if cfg["merge_method"] in TRIMMING else 0.0
+    allowed = TRIM_FLIPS if cfg["merge_method"] in DISCRETE else 0.0
     assert outside / total <= allowed, f"{case.id}: {outside}/{total} entries beyond {LOW_PRECISION_C} units"
 
 
@@ -119,8 +121,10 @@ def _check_random(cfg: Config, tmp_path: Path) -> None:
     assert 0.05 < f_theirs < 0.99 and abs(f_ours - f_theirs) < 0.03, (f_ours, f_theirs)
     assert _differs(ours, theirs)
     dense = copy.deepcopy(cfg)
-    dense["parameters"] = {**dense.get("parameters", {}), "density": 1.0, "rescale": True, "normalize": False,
-                           "lambda": 1.0}
+    params = {k: v for k, v in dense.get("parameters", {}).items() if k != "epsilon"}  # ε needs density < 1
+    dense["parameters"] = {**params, "density": 1.0, "rescale": True, "normalize": False, "lambda": 1.0}
+    for entry in dense["models"]:
+        entry.get("parameters", {}).pop("density", None)
     ours1, theirs1 = _both(dense, tmp_path, "dense")
     assert_same_model(ours1, theirs1)
 
@@ -165,11 +169,18 @@ def test_mergekit_config(case: Case, models: Models, tmp_path: Path) -> None:
     if case.outcome == "documented":
         assert case.row and case.row in PEERS_MD.read_text(), case.row
         assert case.knob is not None
-        ours, theirs = _both(_fp32(cfg), tmp_path, "original")
-        assert _differs(ours, theirs), "documented as different, yet equal"
+        if case.differs_in == "dtype":
+            ours, theirs = _both(cfg, tmp_path, "original")
+            want = LOW[cfg["dtype"]][0]
+            assert all(t.dtype == want for t in ours.values())
+            assert any(t.dtype != want for t in theirs.values()), "documented dtype difference not seen"
+        else:
+            ours, theirs = _both(_fp32(cfg), tmp_path, "original")
+            assert _differs(ours, theirs), "documented as different, yet equal"
         if case.explain is not None:
             assert_same_model(run_ours(_fp32(case.explain(cfg)), tmp_path / "ours-explain"), theirs)
         cfg = case.knob(cfg)
+        low = cfg.get("dtype") in LOW
     ours32, theirs32 = _both(_fp32(cfg), tmp_path, "fp32")
     assert_same_model(ours32, theirs32)
     if case.moves:
