@@ -81,6 +81,9 @@ class MergeInput(Generic[P]):
     rows: tuple[int, int] = (0, 0)
     full_shape: tuple[int, ...] = ()
     uniform: UniformFn | None = None
+    #: False when the config names no ``base_model``: ``base`` is then the first model (it provides the names), and
+    #: methods with an optional base (``nuslerp``, ``multislerp``) combine the models' weights instead of task vectors
+    base_given: bool = True
     report: dict[str, float] = field(default_factory=dict)
     _deltas: list[torch.Tensor] | None = None
 
