@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from ..errors import ConfigError
 from ..tensors.fusion import arcee_fusion
 from .base import MergeInput, MergeMethod
 from .model_stock import UnweightedParams
@@ -27,14 +24,7 @@ class ArceeFusion(MergeMethod[UnweightedParams]):
     source = "Arcee AI (arcee.ai); mergekit 0.1.5 arcee_fusion"
     chunkable = False
     min_models = 1
-    #: a base also listed under ``models`` counts here and is dropped later (its task vector is zero); :meth:`check`
-    #: then requires exactly one model besides it
-    max_models = 2
-
-    def check(self, name: str, params: UnweightedParams, per_model: Sequence[UnweightedParams]) -> None:
-        if len(per_model) != 1:
-            raise ConfigError(f"merge method 'arcee_fusion' needs exactly 1 model besides the base, "
-                              f"got {len(per_model)}")
+    max_models = 1
 
     def merge(self, x: MergeInput[UnweightedParams]) -> torch.Tensor:
         if x.base.numel() == 0:

@@ -43,6 +43,8 @@ class Nuslerp(MergeMethod[NuslerpParams]):
     source = "mergekit 0.1.5 nuslerp; Shoemake 1985"
     chunkable = False
     min_models = 2
+    #: not ``max_models = 2``: that pair rule is SLERP's (a base listed under ``models`` is one of the two); here a
+    #: listed base is dropped and :meth:`check` requires two models besides it
     needs_base = False
 
     def chunkable_for(self, params: NuslerpParams) -> bool:
