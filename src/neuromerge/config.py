@@ -379,7 +379,7 @@ def validate_method_parameters(config: MergeConfig) -> None:
         want = str(cls.min_models) if cls.max_models == cls.min_models else f"at least {cls.min_models}"
         if cls.max_models is not None and cls.max_models != cls.min_models:
             want += f" and at most {cls.max_models}"
-        raise ConfigError(f"merge method {cls.name!r} needs {want} models under `models`{besides}, got {n}")
+        raise ConfigError(f"merge method {cls.name!r} needs {want} models{besides} under `models`, got {n}")
     if config.base_model is None and cls.needs_base:
         raise ConfigError(f"merge method {cls.name!r} needs a `base_model`")
     scopes = [("parameters", config.parameters)] + [
