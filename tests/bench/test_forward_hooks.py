@@ -1,5 +1,6 @@
-"""Suite forward hooks (contract A): ``module`` / ``batches`` / ``logits`` / ``pooled`` / ``feature_module`` /
-``evaluate_module`` on the text, vision and llm suites, and exact LoRA factors of merged experts.
+"""Suite forward hooks (the tasks contract, :class:`neuromerge.tasks.ModelAccess`): ``module`` / ``batches`` /
+``logits`` / ``pooled`` / ``feature_module`` / ``evaluate_module`` on the text, vision and llm suites, and exact LoRA
+factors of merged experts.
 
 Small budgets (16-32 examples). The llm part uses the converted SmolLM2 folder of the user cache
 (``NEUROMERGE_CACHE``), converting it there once (~30 s) when it is missing; one torch thread throughout (a shared

@@ -1,4 +1,5 @@
-"""NeuroMerging (METHODS.md §1): a loop-based numpy reference, the §1.8 invariants, chunking and the λ2 rule."""
+"""NeuroMerging (docs/methods/spec.md §1): a loop-based numpy reference, the §1.8 invariants, chunking and the λ2
+rule."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ StateDict = dict[str, torch.Tensor]
 VOCAB, SEQ, HIDDEN, RANK = 40, 8, 32, 2
 
 
-# --- a tiny BERT suite with the forward hooks (contract A) ---------------------------------------------------
+# --- a tiny BERT suite with the tasks contract's forward hooks (neuromerge.tasks.ModelAccess) ----------------------
 def tiny_bert(pooler: bool = False) -> nn.Module:
     from transformers import BertConfig, BertModel
 

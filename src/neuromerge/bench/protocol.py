@@ -137,7 +137,7 @@ def _mean(values: Any) -> float | None:
 
 
 def normalized_accuracy(score: float, expert_score: float, metric: str = "accuracy") -> float:
-    """``100 · acc_merged / acc_expert`` (METHODS.md); for perplexity (lower is better) ``100 · ppl_expert /
+    """``100 · acc_merged / acc_expert`` (docs/methods/spec.md); for perplexity (lower is better) ``100 · ppl_expert /
     ppl_merged``. NaN when the denominator is 0."""
     if metric == "perplexity":
         return 100.0 * expert_score / score if score else float("nan")

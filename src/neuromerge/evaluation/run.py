@@ -11,8 +11,8 @@ request), three kinds of rows:
   folder's own head for a task when it has one, else the expert's head. A routed model is scored through its own
   router (its forward pass).
 
-Normalised accuracy (as the bench, METHODS.md): ``norm_t = 100 · acc_t(model) / acc_t(expert)`` — for a perplexity
-task ``100 · ppl_t(expert) / ppl_t(model)`` — where the expert's score is the experts row's (same split, same
+Normalised accuracy (as the bench, docs/methods/spec.md): ``norm_t = 100 · acc_t(model) / acc_t(expert)`` — for a
+perplexity task ``100 · ppl_t(expert) / ppl_t(model)`` — where the expert's score is the experts row's (same split, same
 examples). The mean normalised accuracy averages ``norm_t`` over the tasks. Every row records which head scored each
 task (``heads``).
 """

@@ -11,7 +11,7 @@
   norm or last convolution (a part in :data:`FINAL_PARTS`, checked after the embeddings);
 * ``other`` — anything else.
 
-**Components** (the unit MERGE recombines, METHODS.md §2 [recon] 1): inside a ``layer.N`` block,
+**Components** (the unit MERGE recombines, docs/methods/spec.md §2 [recon] 1): inside a ``layer.N`` block,
 ``attention`` when a name part (after the block index) is one of :data:`ATTENTION_PARTS`, else ``mlp`` when one is in
 :data:`MLP_PARTS` or the first part is ``output`` (BERT / ViT's block-level ``output.dense`` and its norm), else
 ``other`` (pre-LN norms such as ``input_layernorm`` / ``ln_1``); an EfficientNet ``_blocks.N`` is one component

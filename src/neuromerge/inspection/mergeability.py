@@ -1,4 +1,4 @@
-"""Per-component mergeability on a bench suite: the signal MERGE searches on (METHODS.md §2).
+"""Per-component mergeability on a bench suite: the signal MERGE searches on (docs/methods/spec.md §2).
 
 For a component ``c`` (:mod:`.components`: ``layer.N/attention``, ``layer.N/mlp``, …) and the in-domain tasks
 ``t = 1..T`` with experts ``θ_t``:

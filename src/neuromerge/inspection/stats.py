@@ -8,7 +8,7 @@ top-``density`` threshold of expert ``t``, :func:`neuromerge.engine.stats.global
 * ``kept[t] = Σ m_t``; ``coverage[n] = #{coordinates with Σ_t m_t = n}`` (n = 0..T); ``overlap = #{coordinates
   with Σ_t m_t >= 2}``; ``conflicts = #{coordinates with Σ_t m_t >= 2 whose trimmed signs are not all equal}``
   (the sign disagreement TIES resolves, Yadav et al. 2023);
-* for neuronal tensors (2-D canonical, METHODS.md §1.2), per row ``k`` the split of METHODS.md §1.3
+* for neuronal tensors (2-D canonical, docs/methods/spec.md §1.2), per row ``k`` the split of docs/methods/spec.md §1.3
   ``c_t^k = ⟨τ_t^k, w0^k⟩/‖w0^k‖²``, ``‖τ∥‖² = ⟨τ_t^k, w0^k⟩²/‖w0^k‖²`` (0 where ``w0^k = 0``):
   ``parallel[t] = Σ_k ‖τ∥,t^k‖²``, ``energy[t] = Σ_k ‖τ_t^k‖²``, the same two on the trimmed ``τ_t ⊙ m_t``
   (``parallel_trimmed``, ``energy_trimmed``: the vectors NeuroMerging actually splits), and a histogram over

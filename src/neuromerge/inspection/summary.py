@@ -10,7 +10,7 @@
    election have little to fix — Ilharco et al. 2023).
 4. ``orthogonal-conflicts`` — the signs conflict (rule 3 failed) and at least :data:`ORTHOGONAL_SHARE` of the
    update energy is orthogonal to the pre-trained neurons: ``neuromerging`` (its per-neuron orthogonal merge,
-   SVD + TIES on the orthogonal parts, is where those conflicts live — Fang et al. 2025, METHODS.md §1).
+   SVD + TIES on the orthogonal parts, is where those conflicts live — Fang et al. 2025, docs/methods/spec.md §1).
 5. ``rescaling-conflicts`` — the signs conflict and a sizeable part of the update rescales the pre-trained neurons
    (parallel share above ``1 − ORTHOGONAL_SHARE``, which NeuroMerging's default ``λ1 = 0`` would drop): ``ties``
    (trim, elect, disjoint mean on whole task vectors — Yadav et al. 2023).

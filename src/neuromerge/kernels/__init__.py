@@ -1,5 +1,10 @@
-"""Fused CPU kernels (``_fused.c``): Task Arithmetic, TIES and the statistics pass's histograms in one sweep over
-bf16/fp32 inputs, bitwise identical to the torch path.
+"""Fused CPU kernels (``_fused.c``): one sweep over bf16/fp32 inputs per chunk instead of the torch path's ~10
+elementwise passes. :func:`linear` (Task Arithmetic), :func:`ties` (TIES) and the statistics pass's histograms
+(:func:`add_high_histograms`, :func:`add_window_histograms`) are bitwise identical to the torch path; NeuroMerging's
+kernels (:func:`neuro_rows`, :func:`neuro_first`, :func:`orthogonal_mix`, :func:`neuro_second`) sum in float64 and
+solve the per-row eigenproblems by Jacobi rotations, so they agree with it to rounding only. Which is which, for what
+parameters, within what tolerance and checked by which test: the one table in ``docs/engine.md``, section "Fused
+kernels: bitwise or to rounding".
 
 The shared library is built at install time as an optional extension and loaded with :mod:`ctypes` (calls release
 the GIL, so the engine's thread pool runs them in parallel). :func:`available` says whether it is there; every

@@ -1,11 +1,13 @@
 /* Fused CPU kernels of the merge engine: read bf16/fp32 inputs, compute in fp32, write bf16/fp32, one pass.
  *
  * Each kernel does, in one sweep over memory, what the torch path (src/neuromerge/methods, tensors) does in ~10
- * elementwise passes with fp32 temporaries. The arithmetic is the torch path's, operation by operation and in the
- * same order (no FMA contraction: compiled with -ffp-contract=off), so results are bitwise identical to it; the
- * tests in tests/engine/test_native_kernels.py check that. Called through ctypes (which releases the GIL), so the
- * engine's thread pool runs them in parallel. Work is done in blocks of BLOCK entries converted to fp32 on the
- * stack, which the compiler vectorizes.
+ * elementwise passes with fp32 temporaries. For nm_linear, nm_ties and the histograms the arithmetic is the torch
+ * path's, operation by operation and in the same order (no FMA contraction: compiled with -ffp-contract=off), so
+ * results are bitwise identical to it; NeuroMerging's kernels (nm_neuro_*, nm_orthogonal_mix) sum in float64 and
+ * use Jacobi eigenpairs, so they agree with it to rounding. The table in docs/engine.md ("Fused kernels: bitwise or
+ * to rounding") gives each kernel's status; the tests in tests/engine/test_native_kernels.py check it. Called
+ * through ctypes (which releases the GIL), so the engine's thread pool runs them in parallel. Work is done in
+ * blocks of BLOCK entries converted to fp32 on the stack, which the compiler vectorizes.
  *
  * dtype codes: 0 = float32, 1 = bfloat16. bf16 -> fp32 is exact (a 16-bit shift); fp32 -> bf16 rounds to nearest
  * even, NaN -> 0x7FC0 (c10::BFloat16's rule).

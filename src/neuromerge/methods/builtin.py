@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-_INFRASTRUCTURE = {"base", "registry", "builtin"}
+_INFRASTRUCTURE = {"base", "registry", "builtin", "define"}
 
 for _info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
     if _info.name not in _INFRASTRUCTURE and not _info.name.startswith("_"):

@@ -1,7 +1,7 @@
 """Consensus merging with TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, arXiv 2405.07813; official code ``nik-dim/tall_masks``). Reference implementation:
 FusionBench ``fusion_bench.method.tall_mask`` (``generate_task_masks``, ``construct_consensus_mask``).
-METHODS.md §4.
+docs/methods/spec.md §4.
 
 With the multi-task vector ``τ_MTL = Σ_t τ_t`` (Task Arithmetic's sum):
 
@@ -47,7 +47,7 @@ def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
 
 @method
 class ConsensusMerging(MergeMethod[ConsensusParams]):
-    """Consensus merging (TALL masks) over Task Arithmetic (METHODS.md §4)."""
+    """Consensus merging (TALL masks) over Task Arithmetic (docs/methods/spec.md §4)."""
 
     name = "consensus"
     aliases = ("consensus_merging", "tall_consensus")

@@ -1,7 +1,7 @@
 """NeuroMerging: merge the parallel and orthogonal parts of every neuron's task vectors separately.
 
 "To See a World in a Spark of Neuron: Disentangling Multi-task Interference for Training-free Model Merging"
-(Fang et al., arXiv 2503.05320); official code ``ZzzitaoFang/NeuroMerging``. Specification: METHODS.md §1.
+(Fang et al., arXiv 2503.05320); official code ``ZzzitaoFang/NeuroMerging``. Specification: docs/methods/spec.md §1.
 
 ``θ = θ0 + λ1·ψ∥ + λ2·(ψ⊥ + point)`` where, after a global magnitude trim of every ``τ_t``, ``ψ∥`` / ``ψ⊥`` are
 the per-neuron parallel / orthogonal merges of :mod:`neuromerge.tensors.neurons` and ``point`` is TIES on 1-D
@@ -57,7 +57,7 @@ def removed_fractions(densities: Sequence[float], stats: GlobalStats | None) -> 
 
 
 def auto_lambda2(removed: Sequence[float]) -> float:
-    """``λ2 = 1/(1−σ)`` with ``σ = max_t σ_t`` (METHODS.md §1.7, "removed mass" reading)."""
+    """``λ2 = 1/(1−σ)`` with ``σ = max_t σ_t`` (docs/methods/spec.md §1.7, "removed mass" reading)."""
     sigma = max(removed)
     if sigma >= 1.0:
         raise ConfigError(
@@ -81,7 +81,7 @@ def _share(part: float, total: float) -> float:
 
 @method
 class NeuroMerging(MergeMethod[NeuroMergingParams]):
-    """NeuroMerging (METHODS.md §1): trim → per-neuron parallel/orthogonal split → TIES on the parallel
+    """NeuroMerging (docs/methods/spec.md §1): trim → per-neuron parallel/orthogonal split → TIES on the parallel
     coefficients and on the per-neuron SVD coordinates of the orthogonal parts → ``θ0 + λ1ψ∥ + λ2(ψ⊥ + point)``."""
 
     name = "neuromerging"

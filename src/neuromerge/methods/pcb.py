@@ -1,5 +1,5 @@
 """PCB-Merging: Parameter Competition Balancing (Du et al., NeurIPS 2024, arXiv 2410.02396). Official code:
-``duguodong7/pcb-merging`` (``pcb-merging.py``, ``PCB_merge``). METHODS.md §4.
+``duguodong7/pcb-merging`` (``pcb-merging.py``, ``PCB_merge``). docs/methods/spec.md §4.
 
 For the stacked task vectors ``τ`` (``T × d``), with per-task quantile clipping ``clip`` and per-task min-max
 normalization ``norm`` (both along the ``d`` entries):
@@ -81,7 +81,7 @@ def pcb_merge(tau: torch.Tensor, density: float = 0.1, clip_ratio: float = 1e-4)
 
 @method
 class PcbMerging(MergeMethod[PcbParams]):
-    """PCB-Merging applied per tensor (METHODS.md §4)."""
+    """PCB-Merging applied per tensor (docs/methods/spec.md §4)."""
 
     name = "pcb"
     aliases = ("pcb_merging",)

@@ -50,7 +50,7 @@ class CombineParams(MethodParams):
 class LinearCombineParams(CombineParams):
     """Plain weighted sum of task vectors, optionally normalised by the weight sum."""
 
-    lam: FiniteFloat = lam_field(0.3, "METHODS.md / official Task Arithmetic default 0.3")
+    lam: FiniteFloat = lam_field(0.3, "docs/methods/spec.md §4 / official Task Arithmetic default 0.3")
     normalize: bool = Field(False, description="divide Σ_t w_t τ_t by Σ_t w_t")
 
 
@@ -175,7 +175,7 @@ class TaskArithmetic(TaskVectorMerge[LinearCombineParams]):
     """Task Arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic", arXiv 2212.04089).
 
     ``θ = θ0 + λ Σ_t w_t τ_t`` (``normalize``: ``θ0 + λ Σ_t w_t τ_t / Σ_t w_t``). λ defaults to 0.3 as in the
-    official evaluation code and METHODS.md; mergekit's ``task_arithmetic`` defaults to λ = 1.
+    official evaluation code and docs/methods/spec.md §4; mergekit's ``task_arithmetic`` defaults to λ = 1.
     """
 
     name = "task_arithmetic"

@@ -1,6 +1,6 @@
 """TSV-Merge: Task Singular Vectors (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
 Merging", CVPR 2025, arXiv 2412.00081). Reference implementation: FusionBench
-``fusion_bench.method.task_singular_vector.TSVM_utils.compute_and_sum_svd_mem_reduction``. METHODS.md §4.
+``fusion_bench.method.task_singular_vector.TSVM_utils.compute_and_sum_svd_mem_reduction``. docs/methods/spec.md §4.
 
 Per 2-D tensor: thin SVD ``τ_t = U_t S_t V_tᵀ``; keep the first ``k = ⌊rank/T⌋`` components of each task
 (``rank = min(out, in)``); concatenate ``U = [U_1,k … U_T,k]`` (``out × Tk``), ``S`` and ``V`` (``in × Tk``);
@@ -51,7 +51,7 @@ def tsv_merge_matrix(deltas: torch.Tensor) -> torch.Tensor:
 
 @method
 class TsvMerge(MergeMethod[TsvParams]):
-    """TSV-Merge (METHODS.md §4): per-task truncated SVD, Procrustes-orthogonalized concatenation."""
+    """TSV-Merge (docs/methods/spec.md §4): per-task truncated SVD, Procrustes-orthogonalized concatenation."""
 
     name = "tsv"
     aliases = ("tsv_merge", "task_singular_vectors")

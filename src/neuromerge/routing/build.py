@@ -328,7 +328,7 @@ def harmful_threshold(epsilon: float, min_examples: int, n: int) -> float:
 def build_min_merging(suite: Suite, base_state: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskData],
                       budget: Budget, params: MinMergingParams | Mapping[str, Any] | None = None, seed: int = 0, *,
                       memo: Memo | None = None) -> RoutedBuild:
-    """MIN-Merging (METHODS.md §3): enhancement, router, hierarchical top-k gates over LoRA branches."""
+    """MIN-Merging (docs/methods/spec.md §3): enhancement, router, hierarchical top-k gates over LoRA branches."""
     p = params if isinstance(params, MinMergingParams) else MinMergingParams.model_validate(dict(params or {}))
     memo = memo or Memo()
     an = min_analysis(suite, base_state, experts, tasks, budget, p, memo)
@@ -393,7 +393,8 @@ def _nonzero_row_bytes(experts: Sequence[LowRankExpert]) -> int:
 def build_twin(suite: Suite, base_state: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskData],
                budget: Budget, params: TwinParams | Mapping[str, Any] | None = None, seed: int = 0, *,
                memo: Memo | None = None) -> RoutedBuild:
-    """Twin-Merging (METHODS.md §4): backbone ``θ* = θ0 + λΣτ_t``, exclusive ``SVD_r(θ_t − θ*)``, soft gates."""
+    """Twin-Merging (docs/methods/spec.md §4): backbone ``θ* = θ0 + λΣτ_t``, exclusive ``SVD_r(θ_t − θ*)``, soft
+    gates."""
     p = params if isinstance(params, TwinParams) else TwinParams.model_validate(dict(params or {}))
     memo = memo or Memo()
     states = [e.backbone for e in experts]
@@ -413,7 +414,7 @@ def build_twin(suite: Suite, base_state: StateDict, experts: Sequence[Expert], t
 def build_emr(suite: Suite, base_state: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskData],
               budget: Budget, params: EMRParams | Mapping[str, Any] | None = None, seed: int = 0, *,
               memo: Memo | None = None) -> RoutedBuild:
-    """EMR-Merging (METHODS.md §4) on the routed linear weights; other tensors averaged into the backbone."""
+    """EMR-Merging (docs/methods/spec.md §4) on the routed linear weights; other tensors averaged into the backbone."""
     p = params if isinstance(params, EMRParams) else EMRParams.model_validate(dict(params or {}))
     memo = memo or Memo()
     states = [e.backbone for e in experts]

@@ -1,4 +1,4 @@
-"""MERGE components: which part of the backbone each tensor belongs to (METHODS.md §2, reconstruction step 1).
+"""MERGE components: which part of the backbone each tensor belongs to (docs/methods/spec.md §2, reconstruction step 1).
 
 MERGE (Qiu et al., arXiv 2602.06552) partitions the tasks separately for each *component*: per transformer block
 ``l`` an attention component ``layer.{l}.attention`` and an MLP component ``layer.{l}.mlp``; per CNN block

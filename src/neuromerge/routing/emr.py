@@ -1,5 +1,5 @@
 """EMR-Merging: one unified task vector, per-task binary masks and per-task rescalers (Huang et al., NeurIPS 2024,
-arXiv 2405.17461; official code ``harveyhuang18/EMR_Merging``, ``merge_utils.emr_merge``; METHODS.md §4).
+arXiv 2405.17461; official code ``harveyhuang18/EMR_Merging``, ``merge_utils.emr_merge``; docs/methods/spec.md §4).
 
 For task vectors ``τ_t = θ_t − θ0`` (t = 1..T), per tensor ``n``:
 
@@ -10,8 +10,8 @@ For task vectors ``τ_t = θ_t − θ0`` (t = 1..T), per tensor ``n``:
     θ_t   ≈ θ0 + λ_t M_t ⊙ τ_uni
 
 ``R`` is the reduction of a tensor: ``"mean"`` per tensor (the official code: ``scales[m] +=
-torch.mean(torch.abs(param))``) or ``"sum"`` (METHODS.md's ``Σ|τ_t| / Σ|M_t ⊙ τ_uni|``); both agree for a single
-tensor. A task whose masked unified vector is all zero (every entry disagrees with ε) gets ``λ_t = 0``.
+torch.mean(torch.abs(param))``) or ``"sum"`` (docs/methods/spec.md §4's ``Σ|τ_t| / Σ|M_t ⊙ τ_uni|``); both agree for
+a single tensor. A task whose masked unified vector is all zero (every entry disagrees with ε) gets ``λ_t = 0``.
 
 Routed form (:func:`emr_experts`): the base keeps ``θ0``; expert ``t`` is a dense ``ΔW_t = λ_t M_t ⊙ τ_uni`` per
 routed module, selected by a one-hot gate (the oracle task id, or the router's prediction). Its compact storage

@@ -8,9 +8,9 @@ truncated SVD ``ΔW = U S Vᵀ`` (Eckart–Young: the best rank-``r`` approximat
     B = U_r diag(S_r)   (out, r),      A = V_rᵀ   (r, in),      B A = ΔW   when rank ΔW ≤ r
 
 (PEFT's own factors are not unique: ``B A = (B M)(M⁻¹ A)`` for any invertible ``M``; these are the canonical
-ones, with the scaling ``α / r`` folded into ``B`` as contract B asks). A convolution kernel ``(out, in, kh, kw)``
-is factored as its ``(out, in·kh·kw)`` matrix (routing's convention). The SVD runs in float64; the factors are
-returned in the base tensor's dtype.
+ones, with the scaling ``α / r`` folded into ``B`` as :class:`~neuromerge.routing.experts.LowRankExpert` asks:
+``ΔW = B A``, no separate scaling). A convolution kernel ``(out, in, kh, kw)`` is factored as its ``(out, in·kh·kw)``
+matrix (routing's convention). The SVD runs in float64; the factors are returned in the base tensor's dtype.
 """
 
 from __future__ import annotations

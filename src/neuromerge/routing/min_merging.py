@@ -1,4 +1,4 @@
-"""MIN-Merging's enhancement stage as pure functions (Liang, arXiv 2510.17890; no public code; METHODS.md §3).
+"""MIN-Merging's enhancement stage as pure functions (Liang, arXiv 2510.17890; no public code; docs/methods/spec.md §3).
 
 A *layer* is a transformer block (CNN block), found from a module name by :func:`block_index`
 (``encoder.layer.{l}.``, ``model.layers.{l}.`` / ``layers.{l}.``, ``_blocks.{l}.``). With task ``t``'s LoRA expert

@@ -4,7 +4,7 @@
   the shared + exclusive knowledge of every expert);
 * :class:`TopKGates` — keep each row's ``k`` largest probabilities, optionally renormalized to sum 1 (sparse
   MoE gating, Shazeer et al. 2017; MIN-Merging's router stage);
-* :class:`HierarchicalGates` — MIN-Merging (arXiv 2510.17890, METHODS.md §3 step 4): with ``e1 = argmax p``,
+* :class:`HierarchicalGates` — MIN-Merging (arXiv 2510.17890, docs/methods/spec.md §3 step 4): with ``e1 = argmax p``,
   a module in ``core[e1]`` gets the one-hot gate of ``e1``, any other module the top-k renormalized gates;
 * :class:`OneHotGates` — ``g = onehot(argmax p)`` (EMR-Merging with a router-predicted task id).
 

@@ -1,6 +1,6 @@
 """MERGE: modular expert recombination — configurations, the module library and the chain-routed model.
 
-MERGE (Qiu, Wu, Feng, Tan, arXiv 2602.06552; no public code; METHODS.md §2, reconstruction steps 2, 3 and 6):
+MERGE (Qiu, Wu, Feng, Tan, arXiv 2602.06552; no public code; docs/methods/spec.md §2, reconstruction steps 2, 3 and 6):
 
 - A **configuration** gives, for each component ``c`` (:mod:`.components`), a partition ``P_c`` of the tasks
   (canonical label vector: groups numbered by first occurrence) and optionally a merge operator and its

@@ -1,5 +1,5 @@
 """Twin-Merging: a shared expert plus SVD-compressed exclusive knowledge, mixed per input by a router (Lu et al.,
-NeurIPS 2024, arXiv 2406.15479; official code ``LZY-the-boys/Twin-Merging``; METHODS.md §4).
+NeurIPS 2024, arXiv 2406.15479; official code ``LZY-the-boys/Twin-Merging``; docs/methods/spec.md §4).
 
     θ*        = θ0 + λ Σ_t τ_t                      (shared expert: Task Arithmetic, λ = 0.3)
     v_t       = θ_t − θ*                            (exclusive knowledge of task t)

@@ -1,4 +1,4 @@
-"""Generic surrogate-assisted NSGA-II search over per-component task partitions (MERGE, METHODS.md §2).
+"""Generic surrogate-assisted NSGA-II search over per-component task partitions (MERGE, docs/methods/spec.md §2).
 
 The search core knows nothing about models: the caller supplies ``evaluate(config) -> float`` (maximize) and
 ``storage(config) -> int`` (bytes, minimize). See :mod:`.nsga` for the algorithm, :mod:`.encoding` for the

@@ -1,7 +1,8 @@
 """Encoding of a MERGE configuration: per component a partition of the tasks (+ optional operator and coefficient).
 
-METHODS.md §2 (MERGE, arXiv 2602.06552), reconstruction step 2: "for each component c a partition ``P_c`` of the
-tasks, encoded as a label vector canonicalized by first occurrence; optionally an operator and its λ per component".
+docs/methods/spec.md §2 (MERGE, arXiv 2602.06552), reconstruction step 2: "for each component c a partition ``P_c``
+of the tasks, encoded as a label vector canonicalized by first occurrence; optionally an operator and its λ per
+component".
 
 A partition of ``T`` tasks is written as a label vector ``l ∈ {0..T-1}^T`` (task t belongs to group ``l[t]``).
 Many label vectors describe the same partition (relabelling the groups); the canonical one is the *restricted

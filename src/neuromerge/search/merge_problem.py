@@ -1,6 +1,6 @@
 """MERGE on any implementation of the tasks contract: the two objectives of the search and the representative table.
 
-METHODS.md §2 (MERGE, arXiv 2602.06552), reconstruction step 4:
+docs/methods/spec.md §2 (MERGE, arXiv 2602.06552), reconstruction step 4:
 
 - ``f1 = evaluate(config)`` = mean over the in-domain tasks of the normalized validation accuracy
   ``100 · acc_val(chain_t, head_t) / acc_val(expert_t, head_t)``, where task ``t`` runs its chain

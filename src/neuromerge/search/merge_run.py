@@ -1,4 +1,5 @@
-"""``neuromerge search`` and ``neuromerge route build merge``: MERGE (METHODS.md §2) end to end on a contract object.
+"""``neuromerge search`` and ``neuromerge route build merge``: MERGE (docs/methods/spec.md §2) end to end on a
+contract object.
 
 A search config (YAML, validated by :class:`SearchRunConfig` before any weight is read) names either a suite (its
 tasks and expert mode) or the user's own model (``base`` folder, ``tasks`` file, ``experts``: adapters or full

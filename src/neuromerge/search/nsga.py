@@ -1,6 +1,6 @@
 """Surrogate-assisted NSGA-II over MERGE configurations: pymoo's NSGA2 (ask/tell) + a scikit-learn random forest.
 
-METHODS.md §2 (MERGE, arXiv 2602.06552), reconstruction step 5: "initial population (random + 'all merged' +
+docs/methods/spec.md §2 (MERGE, arXiv 2602.06552), reconstruction step 5: "initial population (random + 'all merged' +
 'all separate'), NSGA-II offspring pre-screened by a random-forest surrogate of f1, best-predicted evaluated
 exactly, surrogate refit, stop at a budget of exact evaluations; report the non-dominated archive, its hypervolume
 per generation".

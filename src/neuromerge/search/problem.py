@@ -1,6 +1,6 @@
 """The search problem handed in by the caller (space + objectives) and the search settings, validated.
 
-Objectives (METHODS.md §2, reconstruction step 4): ``f1 = evaluate(config)`` — an accuracy-like score to
+Objectives (docs/methods/spec.md §2, reconstruction step 4): ``f1 = evaluate(config)`` — an accuracy-like score to
 maximize (expensive; e.g. mean normalized validation accuracy) — and ``f2 = storage(config)`` — stored bytes of
 the module library, to minimize (cheap). The search package knows nothing about models: both are callables.
 """
@@ -29,7 +29,8 @@ class SearchError(NeuromergeError):
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Settings of a surrogate-assisted NSGA-II search (defaults from METHODS.md §2: population 20, 300 evaluations).
+    """Settings of a surrogate-assisted NSGA-II search (defaults from docs/methods/spec.md §2: population 20,
+    300 evaluations).
 
     * ``budget`` — exact evaluations per seed (the initial population included); each seed's search stops there.
     * ``pop_size`` — NSGA-II population, also the number of exact evaluations per generation.

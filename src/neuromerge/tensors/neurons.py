@@ -125,16 +125,12 @@ def gram64(orth: torch.Tensor, block_elements: int = 1 << 18) -> torch.Tensor:
     return gram
 
 
-def _gram_eigh(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Descending eigenpairs of ``O^k O^kᵀ`` for every row, float64: ``s²`` as ``(rows, T)`` (tiny ones set to
-    exactly 0) and ``U`` as ``(rows, T, T)`` with column ``j`` the ``j``-th left singular vector, sign-fixed.
-    Rows ``t`` of ``U`` whose task has ``τ⊥,t^k = 0`` are set to exactly 0 (their coordinates are 0 in exact
-    arithmetic; round-off must not give them a vote in the ``"count"`` sign election)."""
-    return gram_eigh(gram64(orth))
-
-
 def gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_gram_eigh` from the per-row Gram matrices ``(rows, T, T)`` (float64) themselves."""
+    """Descending eigenpairs of the per-row Gram matrices ``G^k = O^k O^kᵀ`` (``(rows, T, T)``, float64, e.g. from
+    :func:`gram64`): ``s²`` as ``(rows, T)`` (those at or below ``GRAM_RTOL · s_1²`` set to exactly 0) and ``U`` as
+    ``(rows, T, T)`` with column ``j`` the ``j``-th left singular vector of ``O^k``, its largest-magnitude entry made
+    positive. Rows ``t`` of ``U`` whose task has ``τ⊥,t^k = 0`` (``G_tt = 0``) are set to exactly 0 (their
+    coordinates are 0 in exact arithmetic; round-off must not give them a vote in the ``"count"`` sign election)."""
     present = torch.diagonal(gram, dim1=-2, dim2=-1) > 0
     eigvals, eigvecs = torch.linalg.eigh(gram)
     eigvals = eigvals.flip(-1).clamp(min=0.0)

@@ -1,6 +1,6 @@
 """Symmetric 8-bit quantization per output channel after percentile clipping (MERGE's module library).
 
-MERGE (Qiu et al., arXiv 2602.06552; METHODS.md §2 step 3) stores its modules "range-clipped and 8-bit
+MERGE (Qiu et al., arXiv 2602.06552; docs/methods/spec.md §2 step 3) stores its modules "range-clipped and 8-bit
 quantized". Reconstruction, for a tensor ``W`` of shape ``(out, …)`` seen as rows ``w_o`` (output channels):
 
     c_o   = percentile_p(|w_o|)                  (linear interpolation between order statistics, numpy's default)

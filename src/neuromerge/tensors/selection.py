@@ -39,7 +39,12 @@ def trim(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
     Computed as ``hardshrink(x, t⁻)`` (keeps ``|x| > t⁻``) with ``t⁻`` the largest value of ``x``'s dtype below
     ``threshold``, which keeps exactly ``|x| >= threshold``: one vectorized pass, ~5× faster on CPU than a boolean
-    mask times ``x`` (float ⊙ bool runs a type-promoting copy). Dropped entries are ``+0.0``."""
+    mask times ``x`` (float ⊙ bool runs a type-promoting copy). Dropped entries are ``+0.0``.
+
+    ``threshold`` is compared after rounding to ``x``'s dtype, as in :func:`threshold_mask` (torch casts a Python
+    scalar to the tensor's dtype) and the fused kernels (which take it as fp32). The thresholds of
+    :func:`magnitude_threshold` and of the engine's statistics pass are values of that dtype, so for them the kept set
+    is exactly ``|x| >= threshold``."""
     if not x.dtype.is_floating_point:
         return x * threshold_mask(x, threshold)
     if threshold <= 0.0:

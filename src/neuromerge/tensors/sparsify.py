@@ -5,7 +5,7 @@
 - Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795): per tensor, drop the largest-magnitude
   outliers and the smallest entries.
 - Weighted disjoint merge (mergekit ``GeneralizedTaskArithmeticMerge``): the TIES disjoint mean of weighted
-  task vectors, normalised by the weights of the agreeing entries.
+  task vectors, normalised by the weights of the agreeing entries (:func:`disjoint_merge_with_conflicts`).
 - Diagnostics reported by the methods: kept density and sign-conflict rate.
 
 All functions are pure: they never draw random numbers themselves (DARE takes the uniform draws as input).
@@ -91,30 +91,22 @@ def breadcrumbs_sparsify(x: torch.Tensor, density: float, gamma: float) -> torch
     return torch.where(outlier_mask(x, density, gamma), x, torch.zeros((), dtype=x.dtype))
 
 
-def weighted_disjoint_merge(
-    weighted: torch.Tensor | Sequence[torch.Tensor],
-    weights: Sequence[float],
-    sign: torch.Tensor,
-    variant: TiesVariant = "dis-mean",
-) -> torch.Tensor:
-    """Disjoint merge of *weighted* task vectors ``τ'_t = w_t τ̂_t`` (stacked ``(T, ...)`` or a sequence).
-
-    With ``m_t = [sign(τ'_t) = γ]`` (non-zero entries agreeing with the elected sign ``γ``): ``"dis-sum"``:
-    ``Σ_t m_t τ'_t``; ``"dis-mean"``: ``Σ_t m_t τ'_t / Σ_t m_t w_t``, a coordinate whose divisor is 0
-    getting divisor 1 (mergekit ``GeneralizedTaskArithmeticMerge`` with ``normalize: true``). With unit
-    weights this is the TIES disjoint mean of the official code and PEFT.
-    """
-    return disjoint_merge_with_conflicts(weighted, weights, sign, variant)[0]
-
-
 def disjoint_merge_with_conflicts(
     weighted: torch.Tensor | Sequence[torch.Tensor],
     weights: Sequence[float],
     sign: torch.Tensor,
     variant: TiesVariant = "dis-mean",
 ) -> tuple[torch.Tensor, float]:
-    """:func:`weighted_disjoint_merge` plus the sign-conflict rate of the inputs, in one streamed loop over the
-    models (no ``(T, ...)`` temporaries). ``γ`` must be ``±1`` everywhere; then ``p_t = γ τ'_t > 0`` is exactly
+    """Disjoint merge of *weighted* task vectors ``τ'_t = w_t τ̂_t`` (stacked ``(T, ...)`` or a sequence) and the
+    sign-conflict rate of the inputs, in one streamed loop over the models (no ``(T, ...)`` temporaries).
+
+    With ``m_t = [sign(τ'_t) = γ]`` (non-zero entries agreeing with the elected sign ``γ``): ``"dis-sum"``:
+    ``Σ_t m_t τ'_t``; ``"dis-mean"``: ``Σ_t m_t τ'_t / Σ_t m_t w_t``, a coordinate whose divisor is 0 getting divisor 1
+    (mergekit ``GeneralizedTaskArithmeticMerge`` with ``normalize: true``). With unit weights this is the TIES disjoint
+    mean of the official code and PEFT. The conflict rate is the share of coordinates where some ``τ'_t`` has the sign
+    opposite to ``γ``.
+
+    ``γ`` must be ``±1`` everywhere; then ``p_t = γ τ'_t > 0`` is exactly
     "non-zero and agreeing", and a coordinate has a conflict iff some ``p_t < 0`` (if the non-zero entries all
     share a sign, the elected sign is that sign).
 
