@@ -1,0 +1,102 @@
+"""The methods added for mergekit parity (NuSLERP, Multi-SLERP, Karcher, SCE, RAM / RAM+, DELLA, Arcee Fusion) as the
+engine calls them (``run_method``): task vectors vs weights, per-model parameters, DELLA's draws and combine, chunking,
+refusals, against float64 references. Their tensor formulas: ``tests/tensors/test_{spherical,sce,ram,magprune,
+fusion}.py``; mergekit equality: ``tests/peers/test_mergekit_methods.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from neuromerge.errors import NeuromergeError
+from neuromerge.methods import get
+from neuromerge.tensors.magprune import magprune_keep_probabilities
+from neuromerge.tensors.spherical import karcher_mean
+from tests.tensors.test_ram import sparse_taus
+from tests.tensors.test_spherical import slerp_np
+
+
+def rand(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_method_uses_task_vectors_with_a_base(run_method, with_base: bool) -> None:
+    base, m0, m1 = rand((4, 6), 5), rand((4, 6), 6), rand((4, 6), 7)
+    x_out, x = run_method("nuslerp", base, [m0, m1], {}, [{"weight": 1.0}, {"weight": 3.0}])
+    if not with_base:  # the engine's input without base_model (x.base is then the first model's, and unused)
+        x.base_given = False
+        x_out = get("nuslerp")().merge(x)
+    t = 3.0 / 4.0
+    B, A0, A1 = base.numpy(), m0.numpy(), m1.numpy()
+    want = (B + slerp_np(t, (A0 - B).ravel(), (A1 - B).ravel()).reshape(B.shape) if with_base
+            else slerp_np(t, A0.ravel(), A1.ravel()).reshape(B.shape))
+    np.testing.assert_allclose(x_out.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_multislerp_method_error_names_the_tensor(run_method) -> None:
+    x = rand((3, 4), 21)
+    base = torch.zeros_like(x)
+    with pytest.raises(NeuromergeError, match=r"^w: multislerp"):
+        run_method("multislerp", base, [x, -x, x, -x], {}, [{"weight": 1.0}] * 4)
+
+
+def test_karcher_method_averages_the_listed_models(run_method) -> None:
+    base = rand((3, 4), 42)
+    ms = [base + rand((3, 4), 43 + i) for i in range(3)]
+    out, _ = run_method("karcher", base, ms, {"max_iter": 50, "tol": 1e-7})
+    want = karcher_mean(ms, [1 / 3] * 3, max_iter=50, tol=1e-7)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ram_method_is_chunk_invariant(run_method) -> None:
+    base = rand((8, 5), 62)
+    models = [base + t for t in sparse_taus(63, (8, 5))]
+    whole, _ = run_method("ram", base, models, {})
+    parts = [run_method("ram", base, models, {}, rows=(a, b))[0] for a, b in ((0, 3), (3, 8))]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+
+
+def test_della_inverse_rescale_is_unbiased_and_chunk_invariant(run_method) -> None:
+    """``rescale: inverse`` (the paper's 1/p_i) is chunkable: row chunks give the same draws and ranks; averaged over
+    many seeds, θ − θ0 estimates τ."""
+    base = rand((8, 40), 73)
+    model = base + rand((8, 40), 74)
+    params = {"density": 0.5, "epsilon": 0.2, "rescale": "inverse", "lambda": 1.0}
+    whole, _ = run_method("della_linear", base, [model], params)
+    parts = [run_method("della_linear", base, [model], params, rows=r)[0] for r in ((0, 5), (5, 8))]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    mean = sum(run_method("della_linear", base, [model], params, seed=s)[0].double() for s in range(200)) / 200
+    tau = (model - base).double()
+    # per entry the estimate has variance τ²(1 − p)/p / 200 <= τ² · 2.33/200: check the mean error over entries
+    assert float(((mean - base.double() - tau).abs() / tau.abs()).mean()) < 0.1
+
+
+def test_della_ties_combine_matches_the_disjoint_reference(run_method, reference_disjoint_merge) -> None:
+    base = rand((4, 6), 75)
+    models = [base + rand((4, 6), 76 + i) for i in range(3)]
+    weights = [0.5, 1.0, 1.5]
+    per_model = [{"weight": w, "density": 0.5, "epsilon": 0.1} for w in weights]
+    out, x = run_method("della", base, models, {"rescale": False}, per_model)
+    taus = []
+    for t, m in enumerate(models):
+        d = (m - base).double()
+        u = x.random_uniform(t).double()
+        taus.append(np.where(u.numpy() < magprune_keep_probabilities(d, 0.5, 0.1).numpy(), d.numpy(), 0.0))
+    want = base.double().numpy() + reference_disjoint_merge(taus, weights, zero_sign="positive")
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_della_rescale_l1_is_refused_on_a_row_chunk(run_method) -> None:
+    base = rand((8, 5), 77)
+    with pytest.raises(NeuromergeError, match="needs the whole tensor"):
+        run_method("della", base, [base + 1], {"density": 0.5}, rows=(0, 4))
+
+
+@pytest.mark.parametrize("name", ["sce", "karcher", "ram", "ramplus_tl", "arcee_fusion"])
+def test_methods_without_weights_refuse_a_weight(name: str) -> None:
+    with pytest.raises(ValidationError, match="does not use per-model weights"):
+        get(name).Params.model_validate({"weight": 2.0})
+    assert get(name).Params.model_validate({"weight": 1.0}).weight == 1.0
