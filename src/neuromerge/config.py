@@ -371,7 +371,7 @@ def validate_method_parameters(config: MergeConfig) -> None:
         )
     n = len(config.models)
     besides = ""
-    if config.base_model is not None and not cls.averages_weights and not cls.min_models == cls.max_models == 2:
+    if config.base_model is not None and not cls.averages_weights and not cls.interpolates_base:
         # a base listed under `models` is dropped from the experts (its task vector is zero): it does not count
         listed = sum(1 for m in config.models if m.model == config.base_model)
         n, besides = n - listed, " besides the base" if listed else ""

@@ -141,6 +141,9 @@ class MergeMethod(Generic[P]):
     #: also listed under ``models`` is then a model like any other (averaged with its weight, as mergekit does);
     #: otherwise it is dropped from the experts (its task vector is zero). SLERP's two-model rule is separate.
     averages_weights: ClassVar[bool] = False
+    #: True for SLERP: a base also listed under ``models`` is one of the two interpolated models (put first), not a
+    #: zero task vector to drop
+    interpolates_base: ClassVar[bool] = False
     #: parameters that may differ per model (``models[i].parameters``); every other one is global: the method reads
     #: it once per tensor from ``params``, so a per-model value would be silently ignored — the config refuses it
     per_model_params: ClassVar[frozenset[str]] = frozenset({"weight"})

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError
 from ..tensors.spherical import nuslerp as nuslerp_tensors
 from .base import MergeInput
 from .define import merge_function
@@ -24,16 +23,9 @@ def nuslerp_t(weights: Sequence[float]) -> float:
     return 0.5 if abs(total) < WEIGHT_SUM_EPS else weights[1] / total
 
 
-def _two_models(name: str, params: Any, per_model: Sequence[Any]) -> None:
-    """Exactly two models besides the base (a base listed under ``models`` has been dropped by then)."""
-    if len(per_model) != 2:
-        raise ConfigError(f"merge method 'nuslerp' needs exactly 2 models besides the base, got {len(per_model)}")
-
-
 @merge_function(
     name="nuslerp", summary="SLERP of two models (or of their task vectors) with t = w_1/(w_0+w_1)",
-    source="mergekit 0.1.5 nuslerp; Shoemake 1985", chunkable=False, needs_base=False, min_models=2,
-    check=_two_models,
+    source="mergekit 0.1.5 nuslerp; Shoemake 1985", chunkable=False, needs_base=False, min_models=2, max_models=2,
 )
 def nuslerp(
     x: MergeInput[Any], weights: Sequence[float], *,
