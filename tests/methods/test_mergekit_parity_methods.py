@@ -100,3 +100,37 @@ def test_methods_without_weights_refuse_a_weight(name: str) -> None:
     with pytest.raises(ValidationError, match="does not use per-model weights"):
         get(name).Params.model_validate({"weight": 2.0})
     assert get(name).Params.model_validate({"weight": 1.0}).weight == 1.0
+
+
+NEW_METHODS = {  # method -> (number of experts, per-model parameters)
+    "nuslerp": (2, {"weight": 1.0}), "multislerp": (3, {"weight": 1.0}), "karcher": (3, {}), "sce": (3, {}),
+    "ram": (3, {}), "ramplus_tl": (3, {}), "arcee_fusion": (1, {}), "della": (3, {"density": 0.5}),
+    "della_linear": (3, {"density": 0.5}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_new_methods_run_from_the_cli_and_the_python_api(make_family, tmp_path, method: str) -> None:
+    """``neuromerge merge`` and ``neuromerge.functional.<method>`` give the same model, which differs from the base."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from neuromerge import functional
+    from neuromerge.cli import app
+
+    n, own = NEW_METHODS[method]
+    base_dir, experts = make_family("llama", n_experts=n)
+    cfg = {"merge_method": method, "base_model": str(base_dir),
+           "models": [{"model": str(e), "parameters": own} for e in experts]}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(base_dir / "model.safetensors")
+    models = [load_file(e / "model.safetensors") for e in experts]
+    in_memory = functional.merge_state_dicts(method, base, models, model_parameters=[own] * n)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(in_memory[name], merged[name], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(merged[name], base[name])
