@@ -4,6 +4,12 @@ Model Merging through Magnitude-Based Sampling", arXiv 2406.11617; official code
 MAGPRUNE (:mod:`neuromerge.tensors.magprune`) replaces DARE's uniform drop, followed by TIES' sign election and
 disjoint merge (``della``) or Task Arithmetic (``della_linear``). Peers: mergekit 0.1.5 ``della`` / ``della_linear``
 (``GeneralizedTaskArithmeticMerge`` with ``SparsificationMethod.della_magprune``), whose defaults these take.
+
+Written in the class form, not with :func:`~neuromerge.methods.define.merge_function`: DELLA is a member of the
+task-arithmetic family (:class:`~neuromerge.methods.task_arithmetic.TaskVectorMerge`: its combine steps, reports and
+``normalize`` / ``variant`` parameters are shared, only :meth:`sparsify` differs), and whether a tensor may be split
+into row chunks depends on a parameter (``rescale: l1`` needs whole tensors), which the decorator's single
+``chunkable`` cannot say.
 """
 
 from __future__ import annotations
@@ -73,9 +79,13 @@ class DellaLinear(TaskVectorMerge[DellaLinearParams]):
     per_model_params = frozenset({"weight", "density", "epsilon"})
     summary = "magnitude-ranked random drop (keep prob. density ± ε) + rescale, then θ0 + λ Σ w_t τ̃_t"
     source = "Deep et al. 2024, arXiv 2406.11617 (declare-lab/della); mergekit della_linear"
-    chunkable = True
+    #: False: the default ``rescale: l1`` needs whole tensors; :meth:`chunkable_for` allows row chunks otherwise
+    chunkable = False
     random = True
     sparsifying = True
+
+    def chunkable_for(self, params: Any) -> bool:
+        return not self.whole_tensor_reasons(params)
 
     def check(self, name: str, params: Any, per_model: Sequence[Any]) -> None:
         for i, p in enumerate(per_model):
