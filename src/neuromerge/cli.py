@@ -179,6 +179,10 @@ def _print_plan(summary: dict[str, Any], scanned: int | None = None) -> None:
     if summary["output"]["format"] == "lora":
         typer.echo(f"output           LoRA adapter, rank {summary['output']['rank']}, "
                    f"{summary['output']['modules']} modules")
+    if summary.get("vocabulary"):
+        v = summary["vocabulary"]
+        typer.echo(f"vocabulary       {v['tokens']} tokens ({v['source']}), {v['rows']} embedding rows; "
+                   f"{len(v['remapped_tensors'])} tensors permuted by token")
     typer.echo(f"peak memory      ~{_human(summary['estimated_peak_working_set_bytes'])} tensor working set "
                f"({summary['threads']} threads)")
     for w in summary["warnings"]:
@@ -551,6 +555,15 @@ def _fail_lines(message: str, code: int = 2) -> None:
     for line in lines[:-1]:
         typer.echo(f"error: {line}", err=True)
     _fail(lines[-1], code)
+
+
+def _add_mergekit_yaml() -> None:
+    from .mergekit_cli import CONTEXT_SETTINGS, mergekit_yaml
+
+    app.command("mergekit-yaml", context_settings=CONTEXT_SETTINGS)(mergekit_yaml)
+
+
+_add_mergekit_yaml()
 
 
 def _add_route() -> None:

@@ -13,7 +13,12 @@ dtype: bfloat16
 overflow: error                 # a value beyond `dtype`'s range is an error; clamp: clamped to it and counted
 seed: 0
 output: {format: full}          # or {format: lora, rank: 16 | concat} when every model is a LoRA adapter
+tokenizer_source: union         # optional: base | union | a model path; rows matched by token (io/tokenizer_merge.py)
+chat_template: chatml           # optional: a name, auto, or a Jinja template (io/chat_templates.py)
 ```
+
+``tokenizer_source`` may instead be a ``tokenizer: {source, tokens: {TOKEN: {source, force}}, pad_to_multiple_of}``
+block (mergekit 0.1.5's ``TokenizerConfig``; not both).
 
 Data-aware methods (``fisher``, ``regmean``, ``adamerging``, ``adamerging++``) also need task data: ``data:`` names
 a task file (or is a mapping ``{tasks: FILE, seq_len, batch_size, train_examples, val_examples, probe_steps,
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import MergeMethod, MethodParams
@@ -49,14 +54,6 @@ DEFAULT_EXCLUDE = (
 )
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-#: mergekit top-level keys that would change the output's tokenizer or embeddings: refused by name until implemented
-#: (the tokenizer files are copied from the base as they are; accepting and ignoring them would be silently wrong)
-UNSUPPORTED_MERGEKIT_KEYS = {
-    "tokenizer_source": "the tokenizer files are copied from the base model as they are",
-    "tokenizer": "the tokenizer files are copied from the base model as they are (no `tokens`, no "
-                 "`pad_to_multiple_of`)",
-    "chat_template": "the chat template comes with the base model's tokenizer files",
-}
 #: mergekit method parameters that are performance hints only
 IGNORED_MERGEKIT_PARAMS = ("int8_mask",)
 
@@ -115,6 +112,11 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["full", "lora"] = "full"
     rank: int | Literal["concat"] | None = None
+    #: copy the base's tokenizer / processor files next to the weights (mergekit's ``--copy-tokenizer``)
+    copy_tokenizer: bool = True
+    #: at most this many *parameters* per shard (mergekit's ``--out-shard-size`` unit); overrides ``shard_size``
+    #: (bytes = parameters × the largest element size written)
+    shard_params: int | None = Field(None, ge=1)
 
     @field_validator("rank")
     @classmethod
@@ -130,6 +132,50 @@ class OutputConfig(BaseModel):
         if self.format == "full" and self.rank is not None:
             raise ValueError("rank applies to format lora only")
         return self
+
+
+class ModelTokenSource(BaseModel):
+    """A token's embedding row taken from one model's row: ``token_id`` (a row index of that model) or ``token``
+    (looked up in that model's tokenizer); exactly one (mergekit's ``ModelTokenEmbedding``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """A token whose embedding row is zero (mergekit's ``ZeroEmbedding``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSpec(BaseModel):
+    """Where one output token's embedding rows come from (mergekit's ``TokenEmbeddingConfig``): ``source`` a
+    model (its row of that token), a ``model_token`` or ``zero``; ``force`` uses it for every model, even those that
+    have the token (else only for models lacking it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary ``source`` (``union``, ``base`` or a model path),
+    ``tokens`` added or re-sourced, and ``pad_to_multiple_of`` (embedding rows padded with the mean row)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class MergeConfig(BaseModel):
@@ -155,6 +201,33 @@ class MergeConfig(BaseModel):
     data: str | dict[str, Any] | None = None
     #: data-aware merges: the split the method reads instead of its own (train: Fisher / RegMean, test: AdaMerging)
     data_split: Literal["train", "val", "test"] | None = None
+    #: one-line notes found while validating (a key mergekit accepts for this method and ignores, such as ``weight``
+    #: on ``slerp``): the plan shows them as warnings
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
+
+    #: mergekit's output vocabulary (``union``, ``base`` or a model path): embedding rows matched by token string
+    tokenizer_source: str | None = None
+    #: mergekit's ``tokenizer:`` block (``tokenizer_source`` with ``tokens`` and ``pad_to_multiple_of``)
+    tokenizer: TokenizerSpec | None = None
+    #: the output tokenizer's chat template: a name (chatml, llama3, mistral, alpaca, exaone), ``auto`` or Jinja
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or a `tokenizer:` block, not both")
+        return self
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output-vocabulary request: ``tokenizer:``, or ``tokenizer_source`` as a block; None without them."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
     @field_validator("data")
     @classmethod
@@ -188,12 +261,6 @@ class MergeConfig(BaseModel):
         if isinstance(data, dict) and "out_dtype" in data and "dtype" not in data:
             data = {**data, "dtype": data["out_dtype"]}
             data.pop("out_dtype")
-        if isinstance(data, dict):
-            for key, why in UNSUPPORTED_MERGEKIT_KEYS.items():
-                if key in data and data[key] is None:  # explicitly unset: nothing asked
-                    data = {k: v for k, v in data.items() if k != key}
-                elif key in data:
-                    raise ConfigError(f"`{key}` is not supported yet ({why}); remove it from the config")
         if isinstance(data, dict) and "slices" in data:
             raise ValueError(
                 "mergekit `slices` (layer-range recombination) are not supported; list whole models under `models`"
@@ -265,15 +332,55 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             data, base_dir = source, None
         if not isinstance(data, dict):
             raise ConfigError("the config must be a mapping with merge_method, base_model and models")
+        data, notes = mergekit_spellings(data)
         try:
             config = MergeConfig.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_one_line(err)) from None
+        config.notes.extend(notes)
         if base_dir is not None:
             config = _relative_to(config, base_dir)
     validate_method_parameters(config)
     validate_output(config)
     return config
+
+
+def mergekit_spellings(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What mergekit configs in the wild write that mergekit 0.1.5 accepts, in our spelling, with a note each:
+
+    * ``parameters:`` left empty (YAML null), top level or per model → ``{}`` (no note);
+    * ``pattern:`` in a parameter condition (older mergekit examples, e.g. ``gradient-slerp.yml``) → ``filter:``.
+      mergekit 0.1.5 ignores the unknown key, so there the condition matches *every* tensor; here it filters as
+      its author meant — the outputs differ, and the note says so (docs/peers.md)."""
+    notes: list[str] = []
+
+    def params(value: Any, where: str) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, setting in value.items():
+            conditions = setting if isinstance(setting, list) else [setting]
+            if any(isinstance(c, dict) and "pattern" in c and "filter" not in c for c in conditions):
+                fixed = [{("filter" if k == "pattern" else k): v for k, v in c.items()} if isinstance(c, dict) else c
+                         for c in conditions]
+                setting = fixed if isinstance(setting, list) else fixed[0]
+                notes.append(f"{where}.{key}: `pattern:` read as `filter:` (mergekit 0.1.5 ignores `pattern`, so "
+                             "its condition matches every tensor there; the outputs differ)")
+            out[key] = setting
+        return out
+
+    data = dict(data)
+    if "parameters" in data:
+        data["parameters"] = params(data["parameters"], "parameters")
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, "parameters": params(m["parameters"], f"models[{i}].parameters")}
+            if isinstance(m, dict) and "parameters" in m else m
+            for i, m in enumerate(data["models"])
+        ]
+    return data, notes
 
 
 def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
@@ -283,13 +390,42 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
     def fix(p: str | None) -> str | None:
         return None if p is None else resolve_str(p, base_dir)
 
-    models = [m.model_copy(update={"model": fix(m.model)}) for m in config.models]
+    def fix_model(p: str) -> str:
+        """A ``MODEL+LORA`` reference (mergekit's) resolves each part; a path that exists as written stays whole."""
+        whole = resolve_str(p, base_dir)
+        parts = p.split("+")
+        if len(parts) != 2 or Path(whole).expanduser().exists():
+            return whole
+        return f"{resolve_str(parts[0], base_dir)}+{resolve_str(parts[1], base_dir)}"
+
+    models = [m.model_copy(update={"model": fix_model(m.model)}) for m in config.models]
     data = config.data
     if isinstance(data, str):
         data = fix(data)
     elif isinstance(data, dict):
         data = {**data, "tasks": fix(str(data["tasks"]))}
-    return config.model_copy(update={"base_model": fix(config.base_model), "models": models, "data": data})
+    update: dict[str, Any] = {"base_model": fix(config.base_model), "models": models, "data": data}
+    if config.tokenizer_source not in (None, "union", "base"):
+        update["tokenizer_source"] = fix(config.tokenizer_source)
+    if config.tokenizer is not None:
+        update["tokenizer"] = _tokenizer_relative_to(config.tokenizer, fix)
+    return config.model_copy(update=update)
+
+
+def _tokenizer_relative_to(spec: TokenizerSpec, fix: Any) -> TokenizerSpec:
+    """``spec`` with its model paths (the source, the tokens' source models) resolved like the models' paths."""
+    tokens = None
+    if spec.tokens is not None:
+        tokens = {}
+        for tok, t in spec.tokens.items():
+            src = t.source
+            if isinstance(src, str):
+                src = fix(src)
+            elif isinstance(src, ModelTokenSource):
+                src = src.model_copy(update={"model": fix(src.model)})
+            tokens[tok] = t.model_copy(update={"source": src})
+    source = spec.source if spec.source in ("union", "base") else fix(spec.source)
+    return spec.model_copy(update={"source": source, "tokens": tokens})
 
 
 def _one_line(err: ValidationError) -> str:
@@ -315,8 +451,10 @@ def _candidates(value: Any) -> list[Scalar]:
     return [value]
 
 
-def _clean(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
-    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS}
+def _clean(params: dict[str, ParamValue], cls: type[MergeMethod] | None = None) -> dict[str, ParamValue]:
+    """``params`` without mergekit's performance hints and the keys the method ignores (``cls.ignored_params``)."""
+    ignored = cls.ignored_params if cls is not None else frozenset()
+    return {k: v for k, v in params.items() if k not in IGNORED_MERGEKIT_PARAMS and k not in ignored}
 
 
 def with_output(config: MergeConfig, output_format: str | None = None, rank: int | str | None = None
@@ -341,8 +479,18 @@ def with_output(config: MergeConfig, output_format: str | None = None, rank: int
 def validate_output(config: MergeConfig) -> None:
     """What a LoRA output needs from the config alone (the pool is checked from its headers by the engine)."""
     out = config.output
+    if config.chat_template is not None:
+        from .io.chat_templates import check_chat_template
+
+        check_chat_template(config.chat_template)
+    if config.data is not None and (config.tokenizer_spec is not None or config.chat_template is not None):
+        raise ConfigError("a data-aware merge keeps the base's vocabulary: `tokenizer_source`, `tokenizer:` and "
+                          "`chat_template` are not supported with `data:`")
     if out.format != "lora":
         return
+    if config.tokenizer_spec is not None:
+        raise ConfigError("output format lora keeps the base's vocabulary: `tokenizer_source` / `tokenizer:` need "
+                          "output format full")
     if config.data is not None:
         raise ConfigError("a data-aware merge writes a full model folder; output format lora is not supported "
                           "with `data:`")
@@ -386,8 +534,14 @@ def validate_method_parameters(config: MergeConfig) -> None:
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models)
     ]
     for where, params in scopes:
+        for key in params:
+            if key in cls.ignored_params:
+                note = (f"{where}.{key}: merge method {cls.name!r} does not use {key!r}; ignored (as mergekit "
+                        "does), remove it to silence this warning")
+                if note not in config.notes:
+                    config.notes.append(note)
         canonical: dict[str, str] = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, cls).items():
             for candidate in _candidates(value):
                 _validate_one(cls, where, key, candidate)
             field = _field_name(cls.Params, key)
@@ -512,7 +666,7 @@ class ParamResolver:
 
     def _resolve(self, params: dict[str, ParamValue], name: str, t: float) -> dict[str, Any]:
         out = {}
-        for key, value in _clean(params).items():
+        for key, value in _clean(params, self.cls).items():
             v = evaluate(value, name, t)
             if v is not None:  # by field name: a per-model ``lam`` overrides a global ``lambda``
                 out[_field_name(self.cls.Params, key)] = v

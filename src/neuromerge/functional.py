@@ -20,7 +20,7 @@ from .config import layer_index as _layer_index
 from .engine.layout import LayoutRules, from_canonical, to_canonical
 from .engine.plan import plan_statistics
 from .engine.reading import kernel_inputs
-from .engine.stats import global_thresholds
+from .engine.stats import trim_statistics
 from .engine.threads import one_torch_thread
 from .methods import MergeInput
 from .numeric import to_output_dtype
@@ -56,17 +56,18 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
         return (to_canonical(base[n].float(), layouts[n]),
                 [to_canonical(m[n].float(), layouts[n]) for m in models])
 
-    stats = None
-    spec = plan_statistics(impl, resolver, names)  # the engine's rule: one density, over the tensors that ask
+    trim = None
+    spec = plan_statistics(impl, resolver, names)  # the engine's rule: one trim per (model, density value)
     if spec is not None:
         stat_names = [n for n in names if n in spec.tensors]
         with ThreadPoolExecutor(max_workers=1, initializer=one_torch_thread) as pool:
-            stats = global_thresholds(range(len(stat_names)), lambda i: canonical(stat_names[i]), list(spec.densities),
-                                      executor=pool, l1=spec.l1, group_of=lambda i: i)
+            trim = trim_statistics(spec.groups, stat_names, lambda n: n, canonical, len(models), executor=pool,
+                                   progress=lambda _: iter, l1=spec.l1)
     out = dict(base)
     for n in names:
         b, ms = canonical(n)
         params, per_model = resolver.resolve(n)
+        stats = trim.for_tensor(n) if trim is not None else None
 
         def uniform(t: int, shape: tuple[int, ...], _n: str = n) -> torch.Tensor:
             return rng.draw(seed, impl.name, _n, t, 0, shape)

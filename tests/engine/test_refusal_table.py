@@ -204,6 +204,38 @@ def _(d: Path) -> list[str]:
     return merge(d, config(d, slices=[{"sources": []}]))
 
 
+@case("tokenizer-source-and-block")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union", tokenizer={"source": "base"}))
+
+
+@case("unknown-chat-template")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, chat_template="nosuch"))
+
+
+@case("tokenizer-lora-output")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union", output={"format": "lora", "rank": 4}))
+
+
+@case("tokenizer-without-files")
+def _(d: Path) -> list[str]:
+    return merge(d, config(d, tokenizer_source="union"))
+
+
+@case("token-without-source")
+def _(d: Path) -> list[str]:
+    from tests.vocab_models import make_vocab_family
+
+    fam = make_vocab_family(d / "vocab")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+           "models": [{"model": str(fam["expert0"])}, {"model": str(fam["expert1"])}],
+           "tokenizer": {"source": "union", "tokens": {"x1": {"force": False}}}}
+    (d / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    return merge(d, d / "merge.yaml")
+
+
 @case("bad-dtype")
 def _(d: Path) -> list[str]:
     return merge(d, config(d, dtype="float8"))
@@ -299,11 +331,6 @@ def _(d: Path) -> list[str]:
 @case("wrong-parameter-type")
 def _(d: Path) -> list[str]:
     return merge(d, config(d, parameters={"scope": "everywhere"}))
-
-
-@case("global-density-varies")
-def _(d: Path) -> list[str]:
-    return merge(d, config(d, parameters={"density": [0.2, 0.5]}))
 
 
 @case("linear-weights-sum-to-zero")

@@ -120,16 +120,7 @@ def test_filter_condition_parameters_are_written(make_family, tmp_path: Path, sc
     assert report["summary"]["merged_tensors"] > 0
 
 
-# ------------------------------------------------------------------- 8: refused keys, tokenizer vocabularies
-@pytest.mark.parametrize("key, value", [("tokenizer_source", "union"), ("tokenizer", {"pad_to_multiple_of": 8}),
-                                        ("tokenizer", {"tokens": {"<x>": {"source": "base"}}}),
-                                        ("chat_template", "chatml")])
-def test_tokenizer_keys_are_refused_by_name(make_family, tmp_path: Path, key: str, value: object) -> None:
-    base, experts = make_family("llama", n_experts=2)
-    cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, **{key: value})
-    _dry_run_fails(cfg, tmp_path / "o", f"`{key}` is not supported yet")
-
-
+# ------------------------------------------- 8: tokenizer vocabularies (tokenizer_source: test_tokenizer_merge.py)
 def test_explicitly_unset_tokenizer_keys_are_accepted(make_family, tmp_path: Path) -> None:
     base, experts = make_family("llama", n_experts=2)
     cfg = write_config(tmp_path / "c.yaml", "task_arithmetic", base, experts, tokenizer_source=None,
@@ -164,7 +155,7 @@ def test_shared_vocab_refuses_a_different_token_at_a_shared_id(make_family, tmp_
     swapped = tokens.copy()
     swapped[7], swapped[9] = swapped[9], swapped[7]
     _tokenizer_json(tmp_path / "big", swapped, added={96: "<added0>"})
-    _dry_run_fails(cfg, tmp_path / "o", "token id 7", "'tok9' there", "'tok7' in")
+    _dry_run_fails(cfg, tmp_path / "o", "token id 7", "'tok9' there", "'tok7' in", "`tokenizer_source`")
     # the same check with equal sizes (vocab: error), slow-tokenizer files
     for folder in (tmp_path / "big", base, experts[0]):
         (folder / "tokenizer.json").unlink()
@@ -246,12 +237,61 @@ def test_global_trim_leaves_out_unchanged_tensors(make_family, tmp_path: Path) -
         assert torch.equal(got[n], in_memory[n]), n
 
 
-# --------------------------------------------------------------------------- 11: --dry-run refuses it too
-def test_dry_run_refuses_a_density_that_varies_under_a_global_trim(make_family, tmp_path: Path) -> None:
+# --------------------------------------------------------------------------- a density varying under a global trim
+def _group_thresholds(base: Path, expert: Path, names: list[str], density: float) -> tuple[float, int, int]:
+    """(threshold, kept, population) of a global trim at ``density`` of ``expert``'s task vector over ``names``:
+    the k-th largest |τ| of a float64-free sort (the values are fp32), k = ⌊density · N⌋."""
+    b, w = Weights.load(base), Weights.load(expert)
+    mags = torch.cat([(w[n].float() - b[n].float()).abs().reshape(-1) for n in names])
+    k = kept_count(mags.numel(), density)
+    thr = torch.sort(mags, descending=True).values[k - 1].item()
+    return thr, int((mags >= thr).sum()), mags.numel()
+
+
+def test_global_trim_with_a_density_gradient_has_one_threshold_per_model_and_density(make_family,
+                                                                                    tmp_path: Path) -> None:
+    """mergekit's ``examples/ties.yml`` shape: density ``[1, 0.7, 0.1]``-style gradients under TIES's default global
+    trim. Each (model, density value) is a global trim of its own over the tensors where the model has that density:
+    the report's thresholds are the exact k-th largest |τ| of those tensors, the CLI, ``--dry-run`` and the in-memory
+    merge agree, and a per-tensor check of the kept entries holds."""
     base, experts = make_family("llama", n_experts=2)
-    cfg = write_config(tmp_path / "c.yaml", "ties", base, experts,
-                       parameters={"density": [{"filter": "mlp", "value": 0.1}, {"value": 0.3}]})
-    _dry_run_fails(cfg, tmp_path / "o", "density varies", "scope: tensor")
+    b = Weights.load(base)
+    merged = [n for n, v in b.items() if v.is_floating_point()]
+    # expert 0: a gradient over 2 layers (layer 0 and the tensors outside the stack: 0.3; layer 1: 0.6);
+    # expert 1: one density everywhere, so its single trim covers every tensor
+    cfg = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "parameters": {"lambda": 1.0},
+           "models": [{"model": str(experts[0]), "parameters": {"density": [0.3, 0.6]}},
+                      {"model": str(experts[1]), "parameters": {"density": 0.25}}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert "density varies" not in _ok(path, tmp_path / "dry", "--dry-run")
+    _ok(path, tmp_path / "o")
+    stats = json.loads((tmp_path / "o" / "merge_report.json").read_text())["global_statistics"]
+    groups = {(tuple(g["models"]), tuple(g["densities"])): g for g in stats["groups"]}
+    layer1 = [n for n in merged if ".layers.1." in n]
+    rest = [n for n in merged if n not in layer1]
+    expected = {((0,), (0.3,)): (0, rest, 0.3), ((0,), (0.6,)): (0, layer1, 0.6), ((1,), (0.25,)): (1, merged, 0.25)}
+    assert set(groups) == set(expected)
+    for key, (t, names, density) in expected.items():
+        thr, kept, total = _group_thresholds(base, experts[t], names, density)
+        g = groups[key]
+        assert g["tensors"] == len(names) and g["thresholds"] == [thr] and g["kept"] == [kept] and g["total"] == [total]
+    # the merge itself: TIES with the masks of those thresholds (formula), and the in-memory merge
+    got = _load_dir(tmp_path / "o")
+    sds = [Weights.load(e) for e in experts]
+    in_memory = merge_state_dicts("ties", b, sds, parameters={"lambda": 1.0},
+                                  model_parameters=[{"density": [0.3, 0.6]}, {"density": 0.25}],
+                                  model_type="llama")
+    thr = {(t, n): groups[k]["thresholds"][0] for k, (t, names, _) in expected.items() for n in names}
+    for n in merged:
+        taus = [sd[n].double() - b[n].double() for sd in sds]
+        trimmed = [tau * (tau.abs() >= thr[(t, n)]) for t, tau in enumerate(taus)]
+        stacked = torch.stack(trimmed)
+        sign = torch.sign(stacked.sum(0))
+        agree = (torch.sign(stacked) == sign) & (stacked != 0)
+        mean = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        torch.testing.assert_close(got[n].double(), b[n].double() + mean, rtol=1e-5, atol=1e-6, msg=n)
+        assert torch.equal(got[n], in_memory[n]), n
 
 
 def test_global_and_tensor_scopes_mixed_by_filter(make_family, tmp_path: Path) -> None:

@@ -179,6 +179,26 @@ def test_per_tensor_ties_equals_mergekit(make_family, tmp_path: Path, normalize:
     assert not torch.allclose(dense[name], theirs[name], rtol=1e-3, atol=1e-4)
 
 
+def test_ties_density_gradient_equals_mergekit_per_tensor(deep_llama: Family, tmp_path: Path) -> None:
+    """mergekit's ``examples/ties.yml`` shape (our own equivalent): a density gradient for one model, a filtered
+    density and a weight gradient for the other. With ``scope: tensor`` (mergekit's trim) the outputs are equal;
+    with our default global trim the same config runs too (one threshold per (model, density value)) and differs
+    from mergekit."""
+    base_dir, experts = deep_llama
+    models = [{"model": str(experts[0]), "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+              {"model": str(experts[1]), "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}],
+                                                        "weight": [0, 0.3, 0.7, 1]}}]
+    cfg = {"merge_method": "ties", "base_model": str(base_dir), "models": models, "dtype": "float32",
+           "parameters": {"normalize": True, "int8_mask": True, "scope": "tensor"}}
+    ours, theirs = merge_both(cfg, tmp_path)
+    assert_same_model(ours, theirs)
+    global_cfg = copy.deepcopy(cfg)
+    del global_cfg["parameters"]["scope"]
+    ours_global = run_ours(global_cfg, tmp_path / "global")
+    name = "model.layers.2.mlp.up_proj.weight"
+    assert not torch.allclose(ours_global[name], theirs[name], rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_per_tensor_ties_equals_mergekit_other_archs(make_family, tmp_path: Path, arch: str) -> None:
     family = make_family(arch)

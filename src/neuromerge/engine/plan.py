@@ -19,6 +19,7 @@ from ..errors import CompatibilityError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraCheckpoint, open_model, unverified_base_note
 from ..io.lora_output import LoraOutputPlan, delta_coefficients, plan_lora_output
+from ..io.tokenizer_merge import VocabularyMerge, build_vocabulary
 from ..io.vocab import vocab_mismatch
 from ..methods import MergeMethod
 from .layout import Layout, LayoutRules
@@ -28,6 +29,8 @@ OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 #: names of input embeddings, used to resolve an output head tied to them (``tie_word_embeddings``)
 INPUT_EMBEDDING_RE = re.compile(r"(embed_tokens|wte|word_embeddings|shared|embed_in)\.weight$")
 OUTPUT_EMBEDDING_RE = re.compile(r"(lm_head|embed_out|predictions\.decoder|output)\.weight$")
+#: tensors whose rows are token ids: permuted to the output vocabulary when the config gives a tokenizer source
+VOCAB_TENSOR_RE = re.compile(f"(?:{INPUT_EMBEDDING_RE.pattern})|(?:{OUTPUT_EMBEDDING_RE.pattern})")
 EMBEDDING_RE = re.compile(r"(embed|wte|lm_head|predictions\.decoder|shared|output)[^.]*\.weight$")
 
 
@@ -39,6 +42,8 @@ class Pool:
     models: list[Checkpoint]
     base_given: bool
     notes: list[str] = field(default_factory=list)
+    #: the output vocabulary when the config gives ``tokenizer_source`` / ``tokenizer:`` (rows matched by token)
+    vocabulary: VocabularyMerge | None = None
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -67,6 +72,7 @@ class TensorPlan:
     sources: list[str] = field(default_factory=list)  # per model: name of the tensor to read (tied aliases)
     chunks: list[tuple[int, int]] = field(default_factory=list)  # row ranges merged
     extra_rows: tuple[int, int, int] | None = None  # (start, stop, model index; -1 = base) copied, vocab=shared
+    remapped: bool = False  # rows permuted to the output vocabulary (Pool.vocabulary) before the merge
 
     @property
     def numel(self) -> int:
@@ -74,13 +80,40 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
-class StatisticsPlan:
-    """What the statistics pass computes, decided at planning: one global trim density per model, over the merged
-    tensors whose resolved parameters ask for it (``tensors``), with the L1 mass when some tensor needs it."""
+class StatisticsGroup:
+    """One global trim: the models ``models`` (indices into the pool) share the tensors ``tensors`` and each has
+    one density there (``densities``, in the order of ``models``); their thresholds are computed over those tensors
+    only."""
 
+    models: tuple[int, ...]
     densities: tuple[float, ...]
     tensors: frozenset[str]
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """What the statistics pass computes, decided at planning: one global threshold per (model, density value)
+    over the merged tensors whose resolved parameters ask for it (``tensors``), with the L1 mass when some tensor
+    needs it. ``groups`` partition (model, tensor) pairs; a density that never varies makes one group holding
+    every model and every such tensor (``densities``: that group's densities, one per model)."""
+
+    groups: tuple[StatisticsGroup, ...]
+    tensors: frozenset[str]
     l1: bool
+
+    @property
+    def densities(self) -> tuple[float, ...]:
+        """The per-model densities when there is one group of every model (the common case), else an error."""
+        if len(self.groups) != 1:
+            raise ValueError("the density varies: several statistics groups")
+        return self.groups[0].densities
+
+    def group_of(self, model: int, tensor: str) -> int:
+        """Index of the group holding ``model``'s trim of ``tensor``."""
+        for i, g in enumerate(self.groups):
+            if model in g.models and tensor in g.tensors:
+                return i
+        raise KeyError((model, tensor))
 
 
 @dataclass
@@ -199,10 +232,14 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
     cfg = base.config or {}
     rules = LayoutRules.build(cfg.get("model_type"), [(r.filter, r.layout) for r in config.layout])
     exclude = [re.compile(p) for p in config.exclude]
-    warnings = list(pool.notes)
+    warnings = [*config.notes, *pool.notes]
     tensors: list[TensorPlan] = []
     overrides: dict[str, object] = {}
     out_dtype_override = OUT_DTYPES[config.dtype] if config.dtype else None
+    vocabulary = pool.vocabulary = _plan_vocabulary(config, pool)
+    if vocabulary is not None:
+        warnings += vocabulary.warnings
+        overrides["vocab_size"] = vocabulary.size
 
     for name in base.names():
         info = base.info(name)
@@ -211,17 +248,24 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
         plan = TensorPlan(name, tuple(info.shape), info.dtype, out_dtype, "copy", "")
         if not floating:
             plan.reason = "non-floating (copied from the base)"
+        elif vocabulary is not None and VOCAB_TENSOR_RE.search(name) and plan.shape and any(
+                p.search(name) for p in exclude):
+            raise ConfigError(f"{name!r} is excluded from merging, but `tokenizer_source` changes the vocabulary "
+                              "its rows index; merge it (remove the `exclude` pattern)")
         elif any(p.search(name) for p in exclude):
             plan.reason = "excluded by pattern (copied from the base)"
         else:
             plan.action, plan.reason = "merge", "merged"
             plan.sources = [_source_name(name, m, base) for m in pool.models]
-            _check_models(plan, pool, config, overrides)
+            if vocabulary is not None and VOCAB_TENSOR_RE.search(name) and plan.shape:
+                _plan_remapped(plan, pool, vocabulary)
+            else:
+                _check_models(plan, pool, config, overrides)
             plan.layout, plan.fallback_layout = rules.classify(name, plan.shape)
             plan.chunks = _row_chunks(plan, method.chunkable_for(resolver.resolve(name)[0]), chunk_elements)
         tensors.append(plan)
 
-    if any(t.action == "merge" and EMBEDDING_RE.search(t.name) for t in tensors):
+    if vocabulary is None and any(t.action == "merge" and EMBEDDING_RE.search(t.name) for t in tensors):
         _check_vocabularies(pool)
     for m in pool.models:
         extra = sorted(set(m.names()) - set(base.names()))
@@ -255,29 +299,40 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
 
 
 def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[str]) -> StatisticsPlan | None:
-    """The global statistics pass the method asks for (``global_densities``), or None. Refused when the density
-    varies across the tensors that take part: a global trim has one threshold, hence one density, per model."""
-    densities: list[float] | None = None
-    first = ""
-    tensors: list[str] = []
+    """The global statistics pass the method asks for (``global_densities``), or None.
+
+    A global trim keeps the top ``density`` fraction of a model's task vector over the tensors it covers. When the
+    density varies by layer (a gradient) or by filter, each (model, density value) pair is its own global trim: the
+    tensors where model ``t`` has density ``d`` share one threshold. Models whose densities vary over the same
+    partition of the tensors share groups (one read of those tensors for all of them)."""
+    per_tensor: dict[str, tuple[float, ...]] = {}
     l1 = False
     for name in names:
         params, per_model = resolver.resolve(name)
         d = method.global_densities(params, per_model)
         if d is None:
             continue
-        if densities is None:
-            densities, first = list(d), name
-        elif list(d) != densities:
-            raise ConfigError(
-                f"density varies across tensors ({densities} at {first!r} vs {list(d)} at {name!r}) but a global "
-                "trim needs one density per model; use `scope: tensor` for per-tensor densities"
-            )
-        tensors.append(name)
+        per_tensor[name] = tuple(float(v) for v in d)
         l1 = l1 or method.needs_l1_mass(params)
-    if densities is None:
+    if not per_tensor:
         return None
-    return StatisticsPlan(tuple(densities), frozenset(tensors), l1)
+    n_models = len(next(iter(per_tensor.values())))
+    # each model's partition of the tensors by its density value, in first-seen order
+    partitions: list[tuple[tuple[float, tuple[str, ...]], ...]] = []
+    for t in range(n_models):
+        blocks: dict[float, list[str]] = {}
+        for name, d in per_tensor.items():
+            blocks.setdefault(d[t], []).append(name)
+        partitions.append(tuple((v, tuple(ns)) for v, ns in blocks.items()))
+    classes: dict[tuple[tuple[str, ...], ...], list[int]] = {}
+    for t, part in enumerate(partitions):
+        classes.setdefault(tuple(ns for _, ns in part), []).append(t)
+    groups = []
+    for blocks_key, models in classes.items():
+        for i, tensors in enumerate(blocks_key):
+            groups.append(StatisticsGroup(tuple(models), tuple(partitions[t][i][0] for t in models),
+                                          frozenset(tensors)))
+    return StatisticsPlan(tuple(groups), frozenset(per_tensor), l1)
 
 
 def dtype_overrides(tensors: list[TensorPlan]) -> dict[str, object]:
@@ -298,6 +353,52 @@ def dtype_overrides(tensors: list[TensorPlan]) -> dict[str, object]:
     return {"dtype": name, "torch_dtype": name}
 
 
+def _plan_vocabulary(config: MergeConfig, pool: Pool) -> VocabularyMerge | None:
+    """The output vocabulary of ``tokenizer_source`` / ``tokenizer:`` (None without them), over the pool's
+    distinct checkpoints (:attr:`Pool.checkpoints`: the base first)."""
+    spec = config.tokenizer_spec
+    if spec is None:
+        return None
+    ckpts = pool.checkpoints
+    folders = [Path(c.path) for c in ckpts]
+    for f in folders:
+        if not f.is_dir():
+            raise ConfigError(f"`tokenizer_source` needs model folders with tokenizer files; {f} is a bare weights "
+                              "file")
+    keys = {str(f.resolve()): i for i, f in enumerate(folders)}
+    position = {id(c): i for i, c in enumerate(ckpts)}
+    # the config's own spelling of each model (an HF id, a path) names its checkpoint too
+    named = {entry.model: position[id(m)] for entry, m in zip(config.models, pool.models, strict=True)}
+    if config.base_model is not None:
+        named[config.base_model] = position[id(pool.base)]
+
+    def model_index(ref: str) -> int | None:
+        if ref in named:
+            return named[ref]
+        return keys.get(str(Path(ref).resolve())) if Path(ref).exists() else None
+
+    return build_vocabulary(spec, folders, [c.config for c in ckpts], 0 if pool.base_given else None, model_index)
+
+
+def _plan_remapped(plan: TensorPlan, pool: Pool, vocabulary: VocabularyMerge) -> None:
+    """A tensor whose rows are token ids, permuted to the output vocabulary: every checkpoint's copy is read whole
+    (its rows count may differ from the base's), one chunk of the output's rows."""
+    ckpts = pool.checkpoints
+    names = {id(pool.base): plan.name, **{id(m): s for m, s in zip(pool.models, plan.sources, strict=True)}}
+    rows = []
+    for c in ckpts:
+        info = c.info(names[id(c)])
+        if not info.dtype.is_floating_point or tuple(info.shape[1:]) != plan.shape[1:]:
+            raise CompatibilityError(
+                f"{names[id(c)]!r} in {c.path} is {str(info.dtype).removeprefix('torch.')} {list(info.shape)}; the "
+                f"base's is {list(plan.shape)}: only the number of rows (tokens) may differ")
+        rows.append(int(info.shape[0]))
+    vocabulary.check_rows(plan.name, rows)
+    plan.remapped = True
+    plan.shape = (vocabulary.size, *plan.shape[1:])
+    plan.reason = f"merged, rows permuted to the output vocabulary ({vocabulary.source})"
+
+
 def _check_vocabularies(pool: Pool) -> None:
     """Refuse a model whose tokenizer gives some id another token than the base's tokenizer does: embedding rows
     are merged by index (with ``vocab: shared`` too), so that row would mix two tokens. A vocabulary that extends
@@ -312,7 +413,7 @@ def _check_vocabularies(pool: Pool) -> None:
             raise CompatibilityError(
                 f"the tokenizer of {m.path} differs from the base's at token id {i} ({theirs!r} there, {ours!r} in "
                 f"{base}); embedding rows are merged by index, so vocabularies may differ only by tokens added at "
-                "new ids"
+                "new ids, unless `tokenizer_source` is given (rows are then matched by token string)"
             )
 
 
@@ -352,7 +453,7 @@ def _check_models(plan: TensorPlan, pool: Pool, config: MergeConfig, overrides: 
             raise CompatibilityError(
                 f"vocabulary size mismatch in {plan.name!r}: base has {plan.shape[0]} rows, {m.path} has "
                 f"{info.shape[0]}; set `vocab: shared` to merge the shared rows and take added rows from the "
-                "model that has them"
+                "model that has them, or `tokenizer_source` to match the rows by token"
             )
         rows.append(info.shape[0])
     shared, total = min(rows), max(rows)
@@ -366,6 +467,8 @@ def _check_models(plan: TensorPlan, pool: Pool, config: MergeConfig, overrides: 
 
 
 def _row_chunks(plan: TensorPlan, chunkable: bool, chunk_elements: int) -> list[tuple[int, int]]:
+    if plan.remapped:  # every model's rows are needed to build the default rows: one chunk
+        return [(0, plan.shape[0])]
     shared_rows = plan.extra_rows[0] if plan.extra_rows else (plan.shape[0] if plan.shape else 1)
     if not plan.shape:
         return [(0, 1)]

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import NonFiniteError
-from .layout import to_canonical
+from .layout import from_canonical, to_canonical
 from .plan import Pool, TensorPlan
 
 
@@ -37,7 +37,10 @@ def read_fp32(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, mod
 
 def read_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, allow_nonfinite: bool,
              device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Base and every model's copy of one chunk, in the pool's fixed model order."""
+    """Base and every model's copy of one chunk, in the pool's fixed model order (rows permuted to the output
+    vocabulary first for a ``remapped`` tensor)."""
+    if plan.remapped:
+        return _remapped(pool, plan, rows, allow_nonfinite=allow_nonfinite, device=device)
     base = read_fp32(pool, plan, rows, model=-1, allow_nonfinite=allow_nonfinite, device=device)
     models = [
         read_fp32(pool, plan, rows, model=i, allow_nonfinite=allow_nonfinite, device=device)
@@ -51,9 +54,38 @@ def read_stored_all(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None
     """Base and every model's copy of one chunk in canonical layout, in the checkpoints' dtype when they share
     bfloat16 or float32 (the fused kernels' inputs), else all as float32. Not checked for NaN/Inf: the kernels
     count them and the caller then reads through :func:`read_all`, which does."""
+    if plan.remapped:  # float32 (the permuted rows are computed in float32)
+        return _remapped(pool, plan, rows, allow_nonfinite=True, device=torch.device("cpu"))
     names = [(pool.base, plan.name), *zip(pool.models, plan.sources, strict=True)]
     raw = kernel_inputs([to_canonical(ckpt.read(name, rows), plan.layout) for ckpt, name in names])
     return raw[0], raw[1:]
+
+
+def _remapped(pool: Pool, plan: TensorPlan, rows: tuple[int, int] | None, *, allow_nonfinite: bool,
+              device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base and models of a ``remapped`` tensor: every distinct checkpoint's whole copy (fp32, rows = token ids)
+    permuted to the output vocabulary (:meth:`~neuromerge.io.tokenizer_merge.VocabularyMerge.remap`), cut to
+    ``rows``, in canonical layout. A checkpoint listed twice gets copies (a method may work in place)."""
+    assert pool.vocabulary is not None
+    ckpts = pool.checkpoints
+    index = {id(pool.base): -1, **{id(m): i for i, m in reversed(list(enumerate(pool.models)))}}
+    raw = []
+    for ckpt in ckpts:
+        i = index[id(ckpt)]
+        t = read_fp32(pool, plan, None, model=i, allow_nonfinite=allow_nonfinite, device=device)
+        raw.append(from_canonical(t, plan.layout, tuple(t.shape)) if plan.layout == "in_out" else t)
+    permuted = pool.vocabulary.remap(raw)
+    if rows is not None:
+        permuted = [t[rows[0]:rows[1]] for t in permuted]
+    by_id = {id(c): to_canonical(t, plan.layout) for c, t in zip(ckpts, permuted, strict=True)}
+    base = by_id[id(pool.base)]
+    seen = {id(base)}
+    models = []
+    for m in pool.models:
+        t = by_id[id(m)]
+        models.append(t.clone() if id(t) in seen else t)
+        seen.add(id(t))
+    return base, models
 
 
 def kernel_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

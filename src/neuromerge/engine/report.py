@@ -16,6 +16,7 @@ from .. import __version__, kernels
 from ..io.lora import LoraCheckpoint
 from ..methods import GlobalStats
 from .plan import MergePlan
+from .stats import TrimStatistics
 
 
 def _versions() -> dict[str, str]:
@@ -45,6 +46,9 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
         "fused_kernels": kernels.available(),  # the compiled kernels were there for the methods that have them
         "layout_fallback_tensors": [t.name for t in plan.tensors if t.fallback_layout],
         "output": plan.lora.summary() if plan.lora is not None else {"format": "full"},
+        "vocabulary": None if (v := plan.pool.vocabulary) is None else {
+            "source": v.source, "tokens": v.tokens, "rows": v.size,
+            "remapped_tensors": [t.name for t in plan.tensors if t.remapped]},
         "warnings": plan.warnings,
     }
 
@@ -65,7 +69,18 @@ def _stats_dict(stats: GlobalStats | None) -> dict[str, Any] | None:
     }
 
 
-def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_tensor: dict[str, dict[str, float]],
+def _trim_dict(trim: TrimStatistics | None) -> dict[str, Any] | None:
+    """``global_statistics``: one group of every model as before (a dict of per-model lists); several groups (a
+    density varying by layer or filter) as ``{"groups": [...]}``, each with its models, densities and tensor count."""
+    if trim is None:
+        return None
+    if len(trim.groups) == 1 and len(trim.groups[0][0].models) == trim.n_models:
+        return _stats_dict(trim.groups[0][1])
+    return {"groups": [{"models": list(g.models), "densities": list(g.densities), "tensors": len(g.tensors),
+                        **(_stats_dict(s) or {})} for g, s in trim.groups]}
+
+
+def write_reports(plan: MergePlan, out: Path, *, stats: TrimStatistics | None, per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
                   peak_rss: int, lora: dict[str, Any] | None = None, overflow: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
@@ -87,7 +102,7 @@ def write_reports(plan: MergePlan, out: Path, *, stats: GlobalStats | None, per_
         "bytes_read": bytes_read,
         "bytes_written": shards.get("bytes_written", shards.get("total_size")),
         "shards": shards.get("files", []),
-        "global_statistics": _stats_dict(stats),
+        "global_statistics": _trim_dict(stats),
         "overall": overall,
         "tensors": per_tensor,
         "warnings": warnings,

@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 from .. import kernels
 from ..config import MergeConfig, ParamResolver, load_config
 from ..errors import ConfigError, NeuromergeError
+from ..io.chat_templates import resolve_chat_template
 from ..io.lora_output import LoraSink, concat_adapter, delta_coefficients, lora_report, write_adapter
 from ..io.output_guard import InputRef, check_output, check_writable
+from ..io.tokenizer_merge import load_tokenizer, write_tokenizer
 from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_files
-from ..methods import GlobalStats, MergeInput
+from ..methods import MergeInput
 from ..numeric import to_output_dtype
 from ..tensors import rng
 from .layout import from_canonical
@@ -37,7 +39,7 @@ from .memory import retain_freed_memory
 from .plan import DEFAULT_CHUNK_ELEMENTS, MergePlan, TensorPlan, build_plan, open_pool, split_rows
 from .reading import all_finite, chunk_rows, read_all, read_stored_all
 from .report import write_reports
-from .stats import global_thresholds
+from .stats import TrimStatistics, trim_statistics
 from .threads import one_torch_thread
 
 
@@ -156,7 +158,7 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
         # a LoRA output receives the merged rows of every merged tensor; copied tensors are the base's, not written
         writer: ShardedWriter | LoraSink = LoraSink(plan.lora, cfg.overflow) if plan.lora is not None else (
             ShardedWriter(tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
-                          max_shard_bytes=cfg.shard_bytes, metadata={"format": "pt", "merged_by": "neuromerge"})
+                          max_shard_bytes=_shard_bytes(plan), metadata={"format": "pt", "merged_by": "neuromerge"})
         )
         work = [("merge", tp, chunk) for tp, chunk in jobs] + ([] if plan.lora is not None else _copy_jobs(plan))
 
@@ -192,7 +194,9 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     t0 = time.perf_counter()
     warnings = list(plan.warnings)
     if plan.lora is None:
-        warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides)
+        warnings += copy_model_files(plan.pool.base.path, tmp, config_overrides=plan.config_overrides,
+                                     tokenizer=cfg.output.copy_tokenizer)
+        warnings += write_output_tokenizer(plan, tmp)  # a built tokenizer is always written, as mergekit
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     if clamped:
@@ -200,6 +204,32 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
     return write_reports(plan, tmp, stats=stats, per_tensor=per_tensor, shards=shards, timings=timings,
                          warnings=warnings, threads=threads, peak_rss=_peak_rss(), lora=lora,
                          overflow=_overflow_report(plan, clamped))
+
+
+def write_output_tokenizer(plan: MergePlan, out: Path) -> list[str]:
+    """The output tokenizer, when the config asks for one: the merged vocabulary of ``tokenizer_source`` /
+    ``tokenizer:`` (:mod:`neuromerge.io.tokenizer_merge`), and/or the ``chat_template``
+    (:mod:`neuromerge.io.chat_templates`) set on it or on the base's tokenizer; the tokenizer files copied from the
+    base are replaced. Without these keys the base's files stay as copied. Returns warnings."""
+    cfg = plan.config
+    vocabulary = plan.pool.vocabulary
+    if vocabulary is None and cfg.chat_template is None:
+        return []
+    template = None
+    if cfg.chat_template is not None:
+        template = resolve_chat_template(cfg.chat_template, [Path(c.path) for c in plan.pool.checkpoints])
+        if template is None and vocabulary is None:
+            return ["chat_template auto: no merged model's tokenizer has a chat template; the base's files stay"]
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+    else:
+        try:
+            tokenizer = load_tokenizer(plan.pool.base.path)
+        except Exception as err:
+            return [f"chat_template: the base {plan.pool.base.path} has no loadable tokenizer "
+                    f"({type(err).__name__}); the chat template is not written"]
+    write_tokenizer(out, tokenizer, template)
+    return []
 
 
 def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings: dict[str, float], *,
@@ -224,36 +254,47 @@ def _execute_concat(plan: MergePlan, tmp: Path, resolver: ParamResolver, timings
                          lora=lora_report(plan.lora, per_module), overflow=_overflow_report(plan, clamped))
 
 
+def _shard_bytes(plan: MergePlan) -> int:
+    """The shard budget in bytes: ``shard_size``, or ``output.shard_params`` parameters of the largest element size
+    written (mergekit counts parameters)."""
+    params = plan.config.output.shard_params
+    if params is None:
+        return plan.config.shard_bytes
+    return params * max((t.out_dtype.itemsize for t in plan.tensors), default=4)
+
+
 def _statistics(plan: MergePlan, jobs: list[tuple[TensorPlan, tuple[int, int]]],
-                pool: ThreadPoolExecutor, device: torch.device, bar: Progress) -> GlobalStats | None:
+                pool: ThreadPoolExecutor, device: torch.device, bar: Progress) -> TrimStatistics | None:
     """The global statistics pass planned by :func:`~.plan.plan_statistics` (None when there is none), over the
-    chunks of the tensors that take part; its population leaves out tensors no model changes."""
+    chunks of the tensors that take part, one global trim per group; its population leaves out tensors no model
+    changes."""
     spec = plan.statistics
     if spec is None:
         return None
-    jobs = [job for job in jobs if job[0].name in spec.tensors]
+    Job = tuple[TensorPlan, tuple[int, int]]
 
-    def read(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        tp, chunk = jobs[i]
+    def read(job: Job) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tp, chunk = job
         return read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=plan.config.allow_nonfinite,
                         device=device)
 
-    def read_stored(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        tp, chunk = jobs[i]
+    def read_stored(job: Job) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tp, chunk = job
         return read_stored_all(plan.pool, tp, chunk_rows(tp, chunk))
 
-    return global_thresholds(
-        range(len(jobs)), read, list(spec.densities), executor=pool,
-        progress=lambda it: bar(it, len(jobs), "statistics"), l1=spec.l1,
+    return trim_statistics(
+        spec.groups, [job for job in jobs if job[0].name in spec.tensors], lambda job: job[0].name, read,
+        len(plan.pool.models), executor=pool, l1=spec.l1,
+        progress=lambda n: (lambda it: bar(it, n, "statistics")),
         read_stored=read_stored if device.type == "cpu" and kernels.available() else None,
-        group_of=lambda i: jobs[i][0].name,
     )
 
 
 def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk: tuple[int, int],
-                 stats: GlobalStats | None, writer: ShardedWriter | LoraSink, device: torch.device
+                 trim: TrimStatistics | None, writer: ShardedWriter | LoraSink, device: torch.device
                  ) -> tuple[str, int, dict[str, float]]:
     rows = chunk_rows(tp, chunk)
+    stats = trim.for_tensor(tp.name) if trim is not None else None
     params, per_model = resolver.resolve(tp.name)
     full_shape = _canonical_shape(tp)
     storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape

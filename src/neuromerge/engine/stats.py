@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ WINDOW_PAD = 1
 MAX_WINDOW = 32
 
 ChunkReader = Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]
+Job = TypeVar("Job")
 #: (first high bin, number of bins) whose entries a pass counts by their low 16 bits
 Window = tuple[int, int]
 # EXPONENT_SLOTS (kernels): a significand sum ``S`` in slot ``s`` of an exact L1 mass stands for
@@ -470,3 +472,75 @@ def _global_thresholds(jobs: Sequence[int], read: ChunkReader, read_stored: Chun
         return GlobalStats(thresholds, (), (), kept, totals, unchanged, unchanged_tensors)
     return GlobalStats(thresholds, tuple(_exponent_mass(sel.below) for sel in done),
                        tuple(_exponent_mass(sel.total) for sel in done), kept, totals, unchanged, unchanged_tensors)
+
+
+class TrimGroup(Protocol):
+    """A global trim of some models over some tensors (:class:`~neuromerge.engine.plan.StatisticsGroup`)."""
+
+    models: tuple[int, ...]
+    densities: tuple[float, ...]
+    tensors: frozenset[str]
+
+
+@dataclass
+class TrimStatistics:
+    """The statistics pass's result: each group's :class:`GlobalStats` (its models in the group's order), and per
+    tensor the :class:`GlobalStats` a method sees (one entry per model, each from the group holding that model's
+    trim of the tensor)."""
+
+    groups: list[tuple[TrimGroup, GlobalStats]]
+    n_models: int
+
+    def __post_init__(self) -> None:
+        self._assembled: dict[tuple[int, ...], GlobalStats] = {}
+
+    def for_tensor(self, name: str) -> GlobalStats | None:
+        """The statistics of tensor ``name``; with one group of every model, that group's (for every tensor, as
+        the method decides per tensor whether it trims globally); None for a tensor outside every group otherwise."""
+        if len(self.groups) == 1 and len(self.groups[0][0].models) == self.n_models:
+            return self.groups[0][1]
+        where: list[tuple[int, int]] = []  # per model: (group index, position in the group)
+        for t in range(self.n_models):
+            found = next(((g, g_spec.models.index(t)) for g, (g_spec, _) in enumerate(self.groups)
+                          if t in g_spec.models and name in g_spec.tensors), None)
+            if found is None:
+                return None
+            where.append(found)
+        key = tuple(g for g, _ in where)
+        if key not in self._assembled:
+            parts = [(self.groups[g][1], i) for g, i in where]
+            l1 = all(s.total_l1 for s, _ in parts)
+            self._assembled[key] = GlobalStats(
+                thresholds=tuple(s.thresholds[i] for s, i in parts),
+                removed_l1=tuple(s.removed_l1[i] for s, i in parts) if l1 else (),
+                total_l1=tuple(s.total_l1[i] for s, i in parts) if l1 else (),
+                kept=tuple(s.kept[i] for s, i in parts), total=tuple(s.total[i] for s, i in parts),
+                unchanged_entries=parts[0][0].unchanged_entries, unchanged_tensors=parts[0][0].unchanged_tensors)
+        return self._assembled[key]
+
+
+def trim_statistics(groups: Sequence[TrimGroup], jobs: Sequence[Job], tensor_of: Callable[[Job], str],
+                    read: Callable[[Job], tuple[torch.Tensor, list[torch.Tensor]]], n_models: int, *,
+                    executor: ThreadPoolExecutor, progress: Callable[[int], Callable[[Iterable], Iterable]],
+                    l1: bool, read_stored: Callable[[Job], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+                    ) -> TrimStatistics:
+    """:func:`global_thresholds` of each group over the chunks (``jobs``) of its tensors, reading only its models.
+    ``progress(n)`` wraps the iteration over a group's ``n`` chunks."""
+    done: list[tuple[TrimGroup, GlobalStats]] = []
+    for group in groups:
+        sel = [j for j in jobs if tensor_of(j) in group.tensors]
+        models = list(group.models)
+
+        def only(reader: Callable[[Job], tuple[torch.Tensor, list[torch.Tensor]]], sel: list[Job] = sel,
+                 models: list[int] = models) -> ChunkReader:
+            def chunk(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                base, ms = reader(sel[i])
+                return base, ms if len(models) == len(ms) else [ms[t] for t in models]
+            return chunk
+
+        stats = global_thresholds(range(len(sel)), only(read), list(group.densities), executor=executor,
+                                  progress=progress(len(sel)), l1=l1,
+                                  read_stored=only(read_stored) if read_stored is not None else None,
+                                  group_of=lambda i, sel=sel: tensor_of(sel[i]))
+        done.append((group, stats))
+    return TrimStatistics(done, n_models)

@@ -275,9 +275,14 @@ class LoraCheckpoint:
         """Adapter tensor bytes read so far."""
         return self.adapter.bytes_read
 
+    #: True for mergekit's ``MODEL+LORA`` reference: the view opened ``base`` itself and closes it
+    owns_base: bool = False
+
     def close(self) -> None:
-        """Close the adapter file (the base is closed by its owner)."""
+        """Close the adapter file (the base is closed by its owner: the pool, or this view for ``MODEL+LORA``)."""
         self.adapter.close()
+        if self.owns_base:
+            self.base.close()
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -349,12 +354,47 @@ def unverified_base_note(view: LoraCheckpoint) -> str | None:
             f"base {view.base.path}; assumed to be the same model: only the factor shapes could be checked")
 
 
+def split_lora_reference(text: str) -> tuple[str, str] | None:
+    """mergekit's ``MODEL+LORA`` reference (``ModelReference``: a model with a LoRA adapter applied) as its two
+    parts, or None for a plain reference (no ``+``, or a path that exists as written)."""
+    if "+" not in text or Path(text).expanduser().exists():
+        return None
+    chunks = text.split("+")
+    if len(chunks) != 2 or not all(c.strip() for c in chunks):
+        raise CheckpointError(f"model reference {text!r}: expected MODEL+LORA (a model, then one LoRA adapter, as "
+                              "mergekit writes it)")
+    return chunks[0], chunks[1]
+
+
+def open_applied_lora(text: str, model_ref: str, lora_ref: str, *, allow_download: bool = False) -> LoraCheckpoint:
+    """``MODEL+LORA``: the full weights ``W_model + s·B·A`` of the adapter ``LORA`` applied to ``MODEL`` (mergekit
+    merges the adapter into the model with PEFT's ``merge_and_unload`` first; here the product is added per tensor
+    as it is read, in float32)."""
+    model = open_checkpoint(model_ref, allow_download=allow_download)
+    try:
+        lora = Path(lora_ref).expanduser()
+        if not lora.exists() and looks_like_hf_id(lora_ref):
+            lora = resolve_hf_id(lora_ref, allow_download=allow_download)
+        if not is_adapter_folder(lora):
+            raise CheckpointError(f"model reference {text!r}: {lora_ref} is not a PEFT LoRA adapter folder (no "
+                                  f"{ADAPTER_CONFIG})")
+        view = open_lora(lora, model, source=text)
+    except BaseException:
+        model.close()
+        raise
+    view.owns_base = True
+    return view
+
+
 def open_model(path: str | os.PathLike[str], base: Checkpoint | None, *, allow_download: bool = False
                ) -> Checkpoint | LoraCheckpoint:
     """A pool member: a PEFT LoRA adapter folder as :class:`LoraCheckpoint` over ``base``, anything else through
     :func:`~neuromerge.io.checkpoint.open_checkpoint` (same arguments, same errors)."""
     text = os.fspath(path)
     p = Path(text).expanduser()
+    split = split_lora_reference(text)
+    if split is not None:
+        return open_applied_lora(text, *split, allow_download=allow_download)
     if not p.exists() and looks_like_hf_id(text):
         try:
             p = resolve_hf_id(text, allow_download=False)
@@ -365,5 +405,5 @@ def open_model(path: str | os.PathLike[str], base: Checkpoint | None, *, allow_d
     return open_checkpoint(text, allow_download=allow_download)
 
 
-__all__ = ["LoraCheckpoint", "LoraModule", "is_adapter_folder", "lora_scaling", "open_lora", "open_model",
-           "unverified_base_note"]
+__all__ = ["LoraCheckpoint", "LoraModule", "is_adapter_folder", "lora_scaling", "open_applied_lora", "open_lora",
+           "open_model", "split_lora_reference", "unverified_base_note"]

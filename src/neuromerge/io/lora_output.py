@@ -157,6 +157,9 @@ def plan_lora_output(rank: int | str, dtype: str | None, base: Checkpoint, model
         if not isinstance(m, LoraCheckpoint):
             raise CompatibilityError(f"output format lora needs every model to be a LoRA adapter folder; {m.path} "
                                      "is a full checkpoint (use output format full)")
+        if m.owns_base:
+            raise CompatibilityError(f"output format lora needs adapters over the base; {m.source} applies an adapter "
+                                     "to another model (use output format full)")
         _check_representable(m)
         adapters.append(m)
     ref = _refs(adapters) or base_ref

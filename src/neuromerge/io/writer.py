@@ -574,10 +574,11 @@ def install_signal_cleanup() -> None:
             signal.signal(sig, _raise_system_exit)
 
 
-def copy_model_files(src: Checkpoint | Path, out_dir: Path, *, config_overrides: dict | None = None) -> list[str]:
+def copy_model_files(src: Checkpoint | Path, out_dir: Path, *, config_overrides: dict | None = None,
+                     tokenizer: bool = True) -> list[str]:
     """Copy ``config.json`` (with ``config_overrides`` applied to its top-level keys, written with indent 2),
     ``generation_config.json`` and the tokenizer / processor files from the base model's folder to
-    ``out_dir``.
+    ``out_dir`` (the tokenizer files only with ``tokenizer``: mergekit's ``--no-copy-tokenizer`` leaves them out).
 
     Returns warnings (missing config, missing tokenizer); nothing missing is an error.
     """
@@ -597,10 +598,10 @@ def copy_model_files(src: Checkpoint | Path, out_dir: Path, *, config_overrides:
     else:
         warnings.append(f"no config.json in {base}; the output cannot be loaded with from_pretrained")
     copied = []
-    for name in (*CONFIG_FILES[1:], *TOKENIZER_FILES):
+    for name in (*CONFIG_FILES[1:], *(TOKENIZER_FILES if tokenizer else ())):
         if (base / name).is_file():
             shutil.copyfile(base / name, out_dir / name)  # follows HF-cache symlinks: copies the content
             copied.append(name)
-    if not set(copied) & set(TOKENIZER_FILES):
+    if tokenizer and not set(copied) & set(TOKENIZER_FILES):
         warnings.append(f"no tokenizer files in {base}; the output has no tokenizer")
     return warnings

@@ -147,6 +147,9 @@ class MergeMethod(Generic[P]):
     #: parameters that may differ per model (``models[i].parameters``); every other one is global: the method reads
     #: it once per tensor from ``params``, so a per-model value would be silently ignored — the config refuses it
     per_model_params: ClassVar[frozenset[str]] = frozenset({"weight"})
+    #: parameters mergekit accepts for this method and ignores (``weight`` on ``slerp`` / ``model_stock``): a config
+    #: that gives one is merged with a one-line warning instead of an error; unknown keys stay errors
+    ignored_params: ClassVar[frozenset[str]] = frozenset()
 
     def global_densities(self, params: P, per_model: Sequence[P]) -> list[float] | None:
         """Per-model densities whose exact *global* top-k thresholds the statistics pass must compute, or None

@@ -17,7 +17,8 @@ SINGULAR_EPS = 1e-6
 
 
 class UnweightedParams(MethodParams):
-    """Parameters of a method that ignores per-model weights: a ``weight`` other than 1 is an error."""
+    """Parameters of a method that ignores per-model weights. A config's ``weight`` is dropped with a warning (the
+    method's ``ignored_params``, as mergekit ignores it); built directly, a ``weight`` other than 1 is an error."""
 
     @field_validator("weight")
     @classmethod
@@ -63,6 +64,7 @@ class ModelStock(MergeMethod[ModelStockParams]):
     row with ``filter_wise``). Needs the base and ``k >= 2``; weights are not used."""
 
     name = "model_stock"
+    ignored_params = frozenset({"weight"})  # mergekit ignores it too
     Params = ModelStockParams
     summary = "t·mean θ_t + (1−t)θ0, t = k cos/(1+(k−1)cos)"
     source = "Jang et al. 2024, arXiv 2403.19522 (naver-ai/model-stock); mergekit model_stock"

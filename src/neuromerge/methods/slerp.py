@@ -60,6 +60,7 @@ class Slerp(MergeMethod[SlerpParams]):
     convention)."""
 
     name = "slerp"
+    ignored_params = frozenset({"weight"})  # mergekit ignores it too
     Params = SlerpParams
     summary = "spherical interpolation of two models, lerp when nearly (anti)parallel"
     source = "Shoemake 1985; mergekit slerp"
