@@ -96,10 +96,24 @@ def test_della_rescale_l1_is_refused_on_a_row_chunk(run_method) -> None:
 
 
 @pytest.mark.parametrize("name", ["sce", "karcher", "ram", "ramplus_tl", "arcee_fusion"])
-def test_methods_without_weights_refuse_a_weight(name: str) -> None:
+def test_weight_on_a_method_without_weights_is_a_warning_and_changes_nothing(make_family, tmp_path, name: str) -> None:
+    """mergekit's methods declare no ``weight`` here and ignore it: a config's ``weight`` merges with one warning per
+    place it was given and the same output; built directly, the parameter model still refuses a weight ≠ 1."""
+    import neuromerge
+    from tests.peers.test_mergekit import load_dir
+
     with pytest.raises(ValidationError, match="does not use per-model weights"):
         get(name).Params.model_validate({"weight": 2.0})
-    assert get(name).Params.model_validate({"weight": 1.0}).weight == 1.0
+    base, experts = make_family("llama", n_experts=1 if name == "arcee_fusion" else 3)
+    plain = {"merge_method": name, "base_model": str(base), "models": [{"model": str(e)} for e in experts]}
+    weighted = {**plain, "models": [{"model": str(e), "parameters": {"weight": 0.3 + i}} for i, e in
+                                    enumerate(experts)]}
+    res = neuromerge.merge(weighted, tmp_path / "w", progress=False)
+    notes = [w for w in res.report["warnings"] if f"merge method {name!r} does not use 'weight'" in w]
+    assert len(notes) == len(experts)
+    neuromerge.merge(plain, tmp_path / "p", progress=False)
+    a, b = load_dir(tmp_path / "w"), load_dir(tmp_path / "p")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
 
 
 NEW_METHODS = {  # method -> (number of experts, per-model parameters)

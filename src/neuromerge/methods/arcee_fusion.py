@@ -28,3 +28,4 @@ def arcee_fusion(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Te
 
 
 ArceeFusion = arcee_fusion
+ArceeFusion.ignored_params = frozenset({"weight"})  # mergekit declares no weight here and ignores it

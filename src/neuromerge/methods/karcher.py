@@ -35,3 +35,4 @@ def karcher(
 
 
 Karcher = karcher
+Karcher.ignored_params = frozenset({"weight"})  # mergekit declares no weight here and ignores it

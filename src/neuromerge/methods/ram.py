@@ -46,4 +46,6 @@ def ramplus_tl(
 
 
 Ram = ram
+Ram.ignored_params = frozenset({"weight"})  # mergekit declares no weight here and ignores it
 RamPlusTl = ramplus_tl
+RamPlusTl.ignored_params = frozenset({"weight"})  # mergekit declares no weight here and ignores it

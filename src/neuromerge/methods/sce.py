@@ -33,3 +33,4 @@ def sce(
 
 
 Sce = sce
+Sce.ignored_params = frozenset({"weight"})  # mergekit declares no weight here and ignores it
