@@ -48,7 +48,7 @@ NOISE_STD = 0.002
 OUTLIER_SHARE = 0.05
 OUTLIER_FACTOR = 10.0
 BLOCK = 64 * 2**20
-OUR_METHODS = ("ta", "ties", "neuromerging")
+OUR_METHODS = ("ta", "ties", "neuromerging", "passthrough")
 #: runs available with ``--methods`` beyond the default ones (no target in benchmarks/README.md: informational ratios)
 EXTRA_METHODS = ("della",)
 #: DELLA's row: mergekit's defaults (``rescale: true`` = L1, ``normalize: true``, λ 1) with a real drop
@@ -233,27 +233,44 @@ def _models(experts: list[Path], **params: float) -> list[dict[str, Any]]:
     return [{"model": str(e), "parameters": {"weight": 1.0, **params}} for e in experts]
 
 
-def configs(base: Path, experts: list[Path], methods: list[str], mergekit: bool) -> dict[str, dict[str, Any]]:
+def frankenmerge(experts: list[Path], layers: int) -> list[dict[str, Any]]:
+    """The ``passthrough`` slice merge: expert 0's first ¾ of the layers, then expert 1's last ¾ (a depth-upscaled
+    stack of 1.5× the layers, SOLAR's recipe across two models)."""
+    cut = 3 * layers // 4
+    return [{"sources": [{"model": str(experts[0]), "layer_range": [0, cut]}]},
+            {"sources": [{"model": str(experts[1]), "layer_range": [layers - cut, layers]}]}]
+
+
+def configs(base: Path, experts: list[Path], methods: list[str], mergekit: bool,
+            layers: int = 16) -> dict[str, dict[str, Any]]:
     """Merge configs by run name. Ours: TA (λ 0.3), TIES (global trim, density 0.2), NeuroMerging (density
-    0.2), DELLA (density 0.5, ε 0.15, mergekit's defaults otherwise); mergekit: TA (λ 0.3), per-tensor TIES (density
-    0.2) and the same DELLA config. Output bf16, 1 GB shards."""
+    0.2), a ``passthrough`` slice merge (:func:`frankenmerge`), DELLA (density 0.5, ε 0.15, mergekit's defaults
+    otherwise; with ``--methods …,della``); mergekit: TA (λ 0.3), per-tensor TIES (density 0.2), the same slice merge
+    and the same DELLA config. Output bf16, 1 GB shards."""
     common = {"base_model": str(base), "dtype": "bfloat16"}
+    sliced = {"merge_method": "passthrough", "slices": frankenmerge(experts, layers)}
     ours = {
         "ta": {"merge_method": "task_arithmetic", "models": _models(experts), "parameters": {"lambda": 0.3}},
         "ties": {"merge_method": "ties", "models": _models(experts, density=0.2),
                  "parameters": {"scope": "global", "lambda": 1.0}},
         "neuromerging": {"merge_method": "neuromerging", "models": _models(experts, density=0.2)},
+        "passthrough": sliced,
         "della": {"merge_method": "della", "models": _models(experts, **DELLA_PARAMS)},
     }
     theirs = {
         "ta": {"merge_method": "task_arithmetic", "models": _models(experts), "parameters": {"lambda": 0.3}},
         "ties": {"merge_method": "ties", "models": _models(experts, density=0.2),
                  "parameters": {"normalize": True, "lambda": 1.0}},
+        "passthrough": sliced,
         "della": {"merge_method": "della", "models": _models(experts, **DELLA_PARAMS)},
     }
-    out = {f"ours_{m}": {**common, **ours[m], "shard_size": SHARD_BYTES} for m in methods}
+
+    def with_common(m: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {**({"dtype": "bfloat16"} if m == "passthrough" else common), **cfg}  # slices: no base model
+
+    out = {f"ours_{m}": {**with_common(m, ours[m]), "shard_size": SHARD_BYTES} for m in methods}
     if mergekit:
-        out.update({f"mergekit_{m}": {**common, **theirs[m]} for m in methods if m in theirs})
+        out.update({f"mergekit_{m}": with_common(m, theirs[m]) for m in methods if m in theirs})
     return out
 
 
@@ -365,6 +382,7 @@ def summarize(runs: dict[str, dict[str, Any]], rss_baseline: dict[str, Any] | No
     ratios = {
         "ours_ta/mergekit_ta": ratio(runs, "ours_ta", "mergekit_ta"),
         "ours_ties/mergekit_ties": ratio(runs, "ours_ties", "mergekit_ties"),
+        "ours_passthrough/mergekit_passthrough": ratio(runs, "ours_passthrough", "mergekit_passthrough"),
         "neuromerging/ours_ties": ratio(runs, "ours_neuromerging", "ours_ties"),
         **{f"ours_{m}/floor": ratio(runs, f"ours_{m}", "floor") for m in OUR_METHODS},
     }
@@ -429,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = root / "runs"
     run_dir.mkdir(exist_ok=True)
-    plan = list(configs(base, experts, methods, not args.skip_mergekit).items())
+    plan = list(configs(base, experts, methods, not args.skip_mergekit, arch.layers).items())
     plan += [] if args.skip_floor else [("floor", None)]
     cmds: dict[str, tuple[list[str], Path, bool]] = {}
     for name, cfg in plan:

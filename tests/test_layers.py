@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "tasks": 2,
     "routing": 3, "search": 3, "data_aware": 3, "inspection": 3, "evaluation": 3,
     "bench": 4,
-    "cli": 5,
+    "cli": 5, "mergekit_cli": 5,  # mergekit-yaml's command line on the engine
 }
 
 

@@ -171,6 +171,14 @@ def _print_plan(summary: dict[str, Any], scanned: int | None = None) -> None:
     typer.echo(f"base             {summary['base_model']}")
     for m in summary["models"]:
         typer.echo(f"model            {m}")
+    for sl in summary.get("slices", []):  # mergekit `slices`: output layers ← each source's layer range
+        layers = sl["output_layers"]
+        where = f"layers {layers[0]}..{layers[1] - 1}" if layers else "final tensors"
+        srcs = " + ".join(f"{s['model']} [{s['layer_range'][0]}, {s['layer_range'][1]})" if "layer_range" in s
+                          else s["model"] for s in sl["sources"])
+        ends = {"pre": "embeddings", "post": "final norm / head"}
+        extra = f" (with the {' and '.join(ends[e] for e in sl['with'])})" if sl["with"] and layers else ""
+        typer.echo(f"slice {sl['slice']:<10} {where} <- {srcs}{extra}")
     typer.echo(f"tensors          {summary['tensors']} ({summary['merged_tensors']} merged, "
                f"{summary['copied_tensors']} copied from the base; {summary['chunked_tensors']} in row chunks)")
     typer.echo(f"parameters       {summary['merged_parameters']:,} merged")

@@ -85,6 +85,35 @@ class ModelEntry(BaseModel):
     task: str | None = None
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice (mergekit's ``InputSliceDefinition``): layers ``[start, end)`` of ``model``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} is not [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(BaseModel):
+    """One run of output layers (mergekit's ``OutputSliceDefinition``): its sources' layer ranges merged layer by
+    layer with the config's method; ``base_model`` and ``parameters`` override the config's for this slice.
+    ``residual_weight`` is accepted and ignored, as mergekit 0.1.5 does (a warning). The engine's side is
+    :mod:`neuromerge.engine.slices`."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    residual_weight: float | None = None
+
+
 #: the keys a ``data:`` mapping may hold besides ``tasks`` (the data budget of
 #: :class:`neuromerge.tasks.hf.UserModelConfig`, validated there)
 DATA_KEYS = ("seq_len", "batch_size", "train_examples", "val_examples", "probe_steps", "probe_l2")
@@ -185,7 +214,9 @@ class MergeConfig(BaseModel):
 
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    #: mergekit ``slices``: the output's layers assembled from layer ranges (instead of ``models``)
+    slices: list[OutputSlice] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     dtype: str | None = None
@@ -261,11 +292,21 @@ class MergeConfig(BaseModel):
         if isinstance(data, dict) and "out_dtype" in data and "dtype" not in data:
             data = {**data, "dtype": data["out_dtype"]}
             data.pop("out_dtype")
-        if isinstance(data, dict) and "slices" in data:
-            raise ValueError(
-                "mergekit `slices` (layer-range recombination) are not supported; list whole models under `models`"
-            )
+        if isinstance(data, dict) and data.get("slices") is None:
+            data = {k: v for k, v in data.items() if k != "slices"}
         return data
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if self.slices is not None and self.models:
+            raise ConfigError("invalid config: give either `models` (whole models) or `slices` (layer ranges), "
+                              "not both")
+        if self.slices is None and not self.models:
+            raise ConfigError("invalid config: models: give at least one model under `models` (or layer ranges "
+                              "under `slices`)")
+        if self.slices is not None and not self.slices:
+            raise ConfigError("invalid config: slices: give at least one slice")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -340,7 +381,12 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
         config.notes.extend(notes)
         if base_dir is not None:
             config = _relative_to(config, base_dir)
-    validate_method_parameters(config)
+    if config.slices is not None:
+        from .engine.slices import validate_slices
+
+        validate_slices(config)
+    else:
+        validate_method_parameters(config)
     validate_output(config)
     return config
 
@@ -399,12 +445,18 @@ def _relative_to(config: MergeConfig, base_dir: Path) -> MergeConfig:
         return f"{resolve_str(parts[0], base_dir)}+{resolve_str(parts[1], base_dir)}"
 
     models = [m.model_copy(update={"model": fix_model(m.model)}) for m in config.models]
+    slices = None if config.slices is None else [
+        s.model_copy(update={"base_model": fix(s.base_model),
+                             "sources": [src.model_copy(update={"model": fix_model(src.model)}) for src in s.sources]})
+        for s in config.slices
+    ]
     data = config.data
     if isinstance(data, str):
         data = fix(data)
     elif isinstance(data, dict):
         data = {**data, "tasks": fix(str(data["tasks"]))}
-    update: dict[str, Any] = {"base_model": fix(config.base_model), "models": models, "data": data}
+    update: dict[str, Any] = {"base_model": fix(config.base_model), "models": models, "slices": slices,
+                              "data": data}
     if config.tokenizer_source not in (None, "union", "base"):
         update["tokenizer_source"] = fix(config.tokenizer_source)
     if config.tokenizer is not None:
@@ -652,16 +704,19 @@ def evaluate(value: ParamValue, name: str, t: float) -> Scalar | None:
 class ParamResolver:
     """Resolves the method parameters of every tensor: globals → ``params``, per-model overrides → ``per_model``."""
 
-    def __init__(self, config: MergeConfig, num_layers: int | None):
+    def __init__(self, config: MergeConfig, num_layers: int | None, layer_offset: int = 0):
         self.config = config
         self.cls = config.method_class()
         self.num_layers = num_layers
+        #: a slice's first output layer: its layers are at depth ``(layer − offset) / (num_layers − 1)``
+        self.layer_offset = layer_offset
         self._cache: dict[str, tuple[MethodParams, list[MethodParams]]] = {}
 
     def depth(self, name: str) -> float:
         idx = layer_index(name)
         if idx is None or not self.num_layers:
             return 0.0
+        idx -= self.layer_offset
         return idx / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
     def _resolve(self, params: dict[str, ParamValue], name: str, t: float) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def _read(folder: Path, name: str) -> torch.Tensor:
 def test_zero_dim_tensor_merges_with_every_static_method(clip_family, tmp_path: Path, method: str) -> None:
     """CLIP's ``logit_scale`` (shape ``[]``) is a point tensor: planned, dry-run, merged and written as ``[]``."""
     base, experts = clip_family
-    experts = experts[: available()[method].max_models or len(experts)]  # arcee_fusion takes one model
+    experts = experts[: available()[method].max_models]  # passthrough and arcee_fusion take one model
     cfg = _config(method, base, experts)
     plan = prepare(cfg)
     try:
@@ -101,7 +101,7 @@ def test_zero_dim_tensor_merges_with_every_static_method(clip_family, tmp_path: 
     assert merged.shape == () and merged.dtype == torch.float32
     assert torch.isfinite(merged)
     b, e0, e1 = 2.6592, 2.6592 + 0.125, 2.6592 + 0.25
-    expected = {"linear": (e0 + e1) / 2, "task_arithmetic": b + 0.3 * ((e0 - b) + (e1 - b))}
+    expected = {"linear": (e0 + e1) / 2, "task_arithmetic": b + 0.3 * ((e0 - b) + (e1 - b)), "passthrough": e0}
     if method in expected:
         assert float(merged) == pytest.approx(expected[method], abs=1e-6)
 

@@ -199,9 +199,58 @@ def _(d: Path) -> list[str]:
     return merge(d, config(d, models=[{"model": str(experts[0]), "weight": 0.5}, {"model": str(experts[1])}]))
 
 
-@case("slices")
+def sliced(d: Path, *ranges: list[tuple[int, int, int]], **fields: object) -> Path:
+    """A ``slices`` config of the family: each argument is a slice, a list of (model, start, end) with model 0 = the
+    base, 1 and 2 = the experts."""
+    base, experts = family(d)
+    paths = [base, *experts]
+    slices = [{"sources": [{"model": str(paths[m]), "layer_range": [a, b]} for m, a, b in sl]} for sl in ranges]
+    return config(d, **{"models": None, "base_model": None, "merge_method": "passthrough", "slices": slices,
+                        **fields})
+
+
+@case("models-and-slices")
 def _(d: Path) -> list[str]:
-    return merge(d, config(d, slices=[{"sources": []}]))
+    base, _ = family(d)
+    return merge(d, config(d, slices=[{"sources": [{"model": str(base), "layer_range": [0, 2]}]}]))
+
+
+@case("slice-out-of-bounds")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(0, 0, 2)], [(1, 1, 5)]))
+
+
+@case("slice-lengths-differ")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(1, 0, 2), (2, 1, 2)], merge_method="linear"))
+
+
+@case("slice-bad-range")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(1, 1, 1)]))
+
+
+@case("slice-model-missing")
+def _(d: Path) -> list[str]:
+    cfg = sliced(d, [(1, 0, 2)])
+    cfg.write_text(cfg.read_text().replace(str(d / "expert0"), str(d / "nowhere")))
+    return merge(d, cfg)
+
+
+@case("slice-base-not-a-source")
+def _(d: Path) -> list[str]:
+    base, _ = family(d)
+    return merge(d, sliced(d, [(1, 0, 2), (2, 0, 2)], merge_method="ties", base_model=str(base)))
+
+
+@case("slice-model-count")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(1, 0, 2), (2, 0, 2)]))
+
+
+@case("slices-lora-output")
+def _(d: Path) -> list[str]:
+    return merge(d, sliced(d, [(1, 0, 2)], output={"format": "lora", "rank": 4}))
 
 
 @case("tokenizer-source-and-block")

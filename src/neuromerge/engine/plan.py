@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..config import MergeConfig, ParamResolver
+from ..config import MergeConfig, ModelEntry, ParamResolver
 from ..errors import CompatibilityError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraCheckpoint, open_model, unverified_base_note
@@ -128,6 +128,21 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     lora: LoraOutputPlan | None = None  # set when the output is a LoRA adapter (config `output.format: lora`)
     statistics: StatisticsPlan | None = None  # the global statistics pass, when the method needs one
+    #: a slice's first output layer (its gradients run over its own layers: :class:`~neuromerge.config.ParamResolver`)
+    layer_offset: int = 0
+    #: ``slices``: one plan per output slice over renamed views of its sources (:mod:`.slices`); this plan then holds
+    #: every output tensor, the real checkpoints and the output config, and runs nothing itself
+    segments: list[MergePlan] = field(default_factory=list)
+    #: ``slices``: the slice plan (output layers ← each source's layers), shown by ``--dry-run`` and the report
+    slice_table: list[dict[str, object]] = field(default_factory=list)
+
+    def parts(self) -> list[MergePlan]:
+        """The plans whose tensors are merged: the slices' plans, or this plan itself."""
+        return self.segments or [self]
+
+    def resolver(self) -> ParamResolver:
+        """The parameter resolver of this plan's tensors (not of a plan with ``segments``)."""
+        return ParamResolver(self.config, self.num_layers, self.layer_offset)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -182,12 +197,19 @@ def open_pool(config: MergeConfig, *, allow_download: bool = False) -> tuple[Poo
             cache[key] = open_model(ref, base, allow_download=allow_download)
         return cache[key]
 
-    cls = config.method_class()
     base = get(config.base_model) if config.base_model is not None else None
     pairs = [(entry, get(entry.model, base)) for entry in config.models]
     notes = _duplicate_notes([c for _, c in pairs])
     notes += [n for c in dict.fromkeys(c for _, c in pairs) if isinstance(c, LoraCheckpoint)
               and (n := unverified_base_note(c)) is not None]
+    return assemble_pool(config, base, pairs, notes)
+
+
+def assemble_pool(config: MergeConfig, base: Checkpoint | None, pairs: list[tuple[ModelEntry, Checkpoint]],
+                  notes: list[str]) -> tuple[Pool, MergeConfig]:
+    """The pool of opened ``pairs`` (config entry, checkpoint) over ``base`` (None: the first model is the
+    reference), with the base-among-the-models rule of :func:`open_pool` (a base listed is recognised by identity)."""
+    cls = config.method_class()
     if base is None:
         return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False, notes=notes), config
     if any(c is base for _, c in pairs):
@@ -224,11 +246,17 @@ def num_layers_of(base: Checkpoint) -> int | None:
     return max(indices) + 1 if indices else None
 
 
-def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
-    """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor."""
+def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+               num_layers: int | None = None, layer_offset: int = 0,
+               vocabulary: VocabularyMerge | None = None) -> MergePlan:
+    """Check names, shapes and dtypes of every model against the base and decide what happens to each tensor.
+
+    ``num_layers`` / ``layer_offset``: the layers gradients run over (default: the base's stack from 0; a slice:
+    its own layers). ``vocabulary``: the output vocabulary built by the caller for this pool (a slice: the one
+    vocabulary of all slices), instead of the config's own."""
     method = config.method_class()()
     base = pool.base
-    resolver = ParamResolver(config, num_layers_of(base))
+    resolver = ParamResolver(config, num_layers if num_layers is not None else num_layers_of(base), layer_offset)
     cfg = base.config or {}
     rules = LayoutRules.build(cfg.get("model_type"), [(r.filter, r.layout) for r in config.layout])
     exclude = [re.compile(p) for p in config.exclude]
@@ -236,7 +264,7 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
     tensors: list[TensorPlan] = []
     overrides: dict[str, object] = {}
     out_dtype_override = OUT_DTYPES[config.dtype] if config.dtype else None
-    vocabulary = pool.vocabulary = _plan_vocabulary(config, pool)
+    vocabulary = pool.vocabulary = vocabulary if vocabulary is not None else _plan_vocabulary(config, pool)
     if vocabulary is not None:
         warnings += vocabulary.warnings
         overrides["vocab_size"] = vocabulary.size
@@ -295,7 +323,7 @@ def build_plan(config: MergeConfig, pool: Pool, *, chunk_elements: int = DEFAULT
                 params, per_model = resolver.resolve(name)
                 delta_coefficients(method.name, params, per_model)
     return MergePlan(config, method, pool, tensors, resolver.num_layers, chunk_elements, overrides, warnings, lora,
-                     statistics)
+                     statistics, layer_offset)
 
 
 def plan_statistics(method: MergeMethod, resolver: ParamResolver, names: list[str]) -> StatisticsPlan | None:
@@ -423,7 +451,8 @@ def _source_name(name: str, model: Checkpoint, base: Checkpoint) -> str:
         return name
     cfg = model.config or base.config or {}
     if OUTPUT_EMBEDDING_RE.search(name) and cfg.get("tie_word_embeddings", True):
-        tied = [n for n in model.names() if INPUT_EMBEDDING_RE.search(n)]
+        listed = getattr(model, "tied_candidates", model.names)()  # a slice's view lists its layers only
+        tied = [n for n in listed if INPUT_EMBEDDING_RE.search(n)]
         if len(tied) == 1:
             return tied[0]
     raise CompatibilityError(f"tensor {name!r} of the base is missing in {model.path}")

@@ -50,6 +50,7 @@ def summarize_plan(plan: MergePlan, threads: int) -> dict[str, Any]:
             "source": v.source, "tokens": v.tokens, "rows": v.size,
             "remapped_tensors": [t.name for t in plan.tensors if t.remapped]},
         "warnings": plan.warnings,
+        **({"slices": plan.slice_table} if plan.slice_table else {}),
     }
 
 
@@ -80,7 +81,8 @@ def _trim_dict(trim: TrimStatistics | None) -> dict[str, Any] | None:
                         **(_stats_dict(s) or {})} for g, s in trim.groups]}
 
 
-def write_reports(plan: MergePlan, out: Path, *, stats: TrimStatistics | None, per_tensor: dict[str, dict[str, float]],
+def write_reports(plan: MergePlan, out: Path, *, stats: TrimStatistics | list[TrimStatistics | None] | None,
+                  per_tensor: dict[str, dict[str, float]],
                   shards: dict[str, Any], timings: dict[str, float], warnings: list[str], threads: int,
                   peak_rss: int, lora: dict[str, Any] | None = None, overflow: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def write_reports(plan: MergePlan, out: Path, *, stats: TrimStatistics | None, p
         "bytes_read": bytes_read,
         "bytes_written": shards.get("bytes_written", shards.get("total_size")),
         "shards": shards.get("files", []),
-        "global_statistics": _trim_dict(stats),
+        # ``slices``: one entry per output slice (each slice has its own global trim)
+        "global_statistics": [_trim_dict(s) for s in stats] if isinstance(stats, list) else _trim_dict(stats),
         "overall": overall,
         "tensors": per_tensor,
         "warnings": warnings,

@@ -69,6 +69,10 @@ def prepare(config: MergeConfig | dict[str, Any] | str | Path, *, allow_download
     if cfg.data is not None:  # the data-aware path lives in layer 3 (neuromerge.data_aware.merge)
         raise ConfigError("a config with `data:` is a data-aware merge: run it with `neuromerge merge`, "
                           "neuromerge.merge or neuromerge.data_aware.merge.merge_with_data")
+    if cfg.slices is not None:
+        from .slices import plan_slices
+
+        return plan_slices(cfg, allow_download=allow_download, chunk_elements=chunk_elements)
     pool, cfg = open_pool(cfg, allow_download=allow_download)
     try:
         return build_plan(cfg, pool, chunk_elements=chunk_elements)
@@ -142,16 +146,20 @@ class Progress:
 def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, durable: bool,
              progress: bool | None, t_start: float) -> dict[str, Any]:
     cfg = plan.config
-    resolver = ParamResolver(cfg, plan.num_layers)
     bar = Progress(progress)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
     if plan.lora is not None and plan.lora.rank == "concat":
-        return _execute_concat(plan, tmp, resolver, timings, threads=threads, t_start=t_start)
-    jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
+        return _execute_concat(plan, tmp, plan.resolver(), timings, threads=threads, t_start=t_start)
+    # one part per output slice (``slices``: each with its own pool of renamed views, parameters and global trim),
+    # else the plan itself; all parts write into one output
+    parts = plan.parts()
+    resolvers = [part.resolver() for part in parts]
+    part_jobs = [[(tp, chunk) for tp in part.merged for chunk in tp.chunks] for part in parts]
 
     with single_threaded_torch(), ThreadPoolExecutor(max_workers=threads, initializer=one_torch_thread) as pool:
         t0 = time.perf_counter()
-        stats = _statistics(plan, jobs, pool, device, bar)
+        part_stats = [_statistics(part, jobs, pool, device, bar) for part, jobs in zip(parts, part_jobs, strict=True)]
+        stats: TrimStatistics | list[TrimStatistics | None] | None = part_stats if plan.segments else part_stats[0]
         timings["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -160,14 +168,16 @@ def _execute(plan: MergePlan, tmp: Path, *, threads: int, device: torch.device, 
             ShardedWriter(tmp, [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.tensors],
                           max_shard_bytes=_shard_bytes(plan), metadata={"format": "pt", "merged_by": "neuromerge"})
         )
-        work = [("merge", tp, chunk) for tp, chunk in jobs] + ([] if plan.lora is not None else _copy_jobs(plan))
+        work = [("merge", k, tp, chunk) for k, jobs in enumerate(part_jobs) for tp, chunk in jobs]
+        if plan.lora is None:
+            work += [(kind, k, tp, chunk) for k, part in enumerate(parts) for kind, tp, chunk in _copy_jobs(part)]
 
-        def run(job: tuple[str, TensorPlan, tuple[int, int]]) -> tuple[str, int, dict[str, float]]:
-            kind, tp, chunk = job
+        def run(job: tuple[str, int, TensorPlan, tuple[int, int]]) -> tuple[str, int, dict[str, float]]:
+            kind, k, tp, chunk = job
             if kind == "merge":
-                return _merge_chunk(plan, resolver, tp, chunk, stats, writer, device)
+                return _merge_chunk(parts[k], resolvers[k], tp, chunk, part_stats[k], writer, device)
             assert isinstance(writer, ShardedWriter)
-            return _copy_chunk(plan, tp, chunk, kind, writer)
+            return _copy_chunk(parts[k], tp, chunk, kind, writer)
 
         per_tensor: dict[str, dict[str, float]] = {}
         counts: dict[str, int] = {}

@@ -26,12 +26,12 @@ def scan_inputs(plan: MergePlan, *, threads: int = 1, progress: Any = None) -> i
     the number of entries checked per model. Nothing is read when the config sets ``allow_nonfinite: true``."""
     if plan.config.allow_nonfinite:
         return 0
-    jobs = [(tp, chunk) for tp in plan.merged for chunk in tp.chunks]
+    jobs = [(part, tp, chunk) for part in plan.parts() for tp in part.merged for chunk in tp.chunks]
     cpu = torch.device("cpu")
 
-    def check(job: tuple[Any, tuple[int, int]]) -> int:
-        tp, chunk = job
-        base, _ = read_all(plan.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=False, device=cpu)
+    def check(job: tuple[MergePlan, Any, tuple[int, int]]) -> int:
+        part, tp, chunk = job
+        base, _ = read_all(part.pool, tp, chunk_rows(tp, chunk), allow_nonfinite=False, device=cpu)
         return int(base.numel())
 
     with ThreadPoolExecutor(max_workers=max(1, threads), initializer=one_torch_thread) as pool:
