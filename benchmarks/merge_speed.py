@@ -49,6 +49,10 @@ OUTLIER_SHARE = 0.05
 OUTLIER_FACTOR = 10.0
 BLOCK = 64 * 2**20
 OUR_METHODS = ("ta", "ties", "neuromerging", "passthrough")
+#: runs available with ``--methods`` beyond the default ones (no target in benchmarks/README.md: informational ratios)
+EXTRA_METHODS = ("della",)
+#: DELLA's row: mergekit's defaults (``rescale: true`` = L1, ``normalize: true``, λ 1) with a real drop
+DELLA_PARAMS = {"density": 0.5, "epsilon": 0.15}
 
 
 # ------------------------------------------------------------------------------------------ the model family
@@ -240,8 +244,9 @@ def frankenmerge(experts: list[Path], layers: int) -> list[dict[str, Any]]:
 def configs(base: Path, experts: list[Path], methods: list[str], mergekit: bool,
             layers: int = 16) -> dict[str, dict[str, Any]]:
     """Merge configs by run name. Ours: TA (λ 0.3), TIES (global trim, density 0.2), NeuroMerging (density
-    0.2), a ``passthrough`` slice merge (:func:`frankenmerge`); mergekit: TA (λ 0.3), per-tensor TIES (density 0.2)
-    and the same slice merge. Output bf16, 1 GB shards."""
+    0.2), a ``passthrough`` slice merge (:func:`frankenmerge`), DELLA (density 0.5, ε 0.15, mergekit's defaults
+    otherwise; with ``--methods …,della``); mergekit: TA (λ 0.3), per-tensor TIES (density 0.2), the same slice merge
+    and the same DELLA config. Output bf16, 1 GB shards."""
     common = {"base_model": str(base), "dtype": "bfloat16"}
     sliced = {"merge_method": "passthrough", "slices": frankenmerge(experts, layers)}
     ours = {
@@ -250,12 +255,14 @@ def configs(base: Path, experts: list[Path], methods: list[str], mergekit: bool,
                  "parameters": {"scope": "global", "lambda": 1.0}},
         "neuromerging": {"merge_method": "neuromerging", "models": _models(experts, density=0.2)},
         "passthrough": sliced,
+        "della": {"merge_method": "della", "models": _models(experts, **DELLA_PARAMS)},
     }
     theirs = {
         "ta": {"merge_method": "task_arithmetic", "models": _models(experts), "parameters": {"lambda": 0.3}},
         "ties": {"merge_method": "ties", "models": _models(experts, density=0.2),
                  "parameters": {"normalize": True, "lambda": 1.0}},
         "passthrough": sliced,
+        "della": {"merge_method": "della", "models": _models(experts, **DELLA_PARAMS)},
     }
 
     def with_common(m: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +386,9 @@ def summarize(runs: dict[str, dict[str, Any]], rss_baseline: dict[str, Any] | No
         "neuromerging/ours_ties": ratio(runs, "ours_neuromerging", "ours_ties"),
         **{f"ours_{m}/floor": ratio(runs, f"ours_{m}", "floor") for m in OUR_METHODS},
     }
+    # informational, no target: the runs beyond the default ones
+    ratios.update({f"ours_{m}/mergekit_{m}": ratio(runs, f"ours_{m}", f"mergekit_{m}") for m in EXTRA_METHODS
+                   if f"ours_{m}" in runs})
     # informational, no target: against the fastest floor run, including the back-to-back ones
     ratios.update({f"ours_{m}/floor_best": ratio(runs, f"ours_{m}", "floor_best") for m in OUR_METHODS
                    if "floor_best" in runs})
@@ -407,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="hidden 256, 4 layers, vocab 4000 (a quick check)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best wall time is kept")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both tools")
-    ap.add_argument("--methods", default=",".join(OUR_METHODS), help=f"subset of {','.join(OUR_METHODS)}")
+    ap.add_argument("--methods", default=",".join(OUR_METHODS),
+                    help=f"subset of {','.join(OUR_METHODS + EXTRA_METHODS)} (default: {','.join(OUR_METHODS)})")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--floor-extra", type=int, default=3,
@@ -416,9 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(OUR_METHODS))
+    unknown = sorted(set(methods) - set(OUR_METHODS + EXTRA_METHODS))
     if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {','.join(OUR_METHODS)}")
+        ap.error(f"unknown methods {unknown}; choose from {','.join(OUR_METHODS + EXTRA_METHODS)}")
 
     arch = arch_from_args(args.hidden, args.small)
     root = args.workdir.expanduser() / arch.name

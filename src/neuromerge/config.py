@@ -570,9 +570,16 @@ def validate_method_parameters(config: MergeConfig) -> None:
             "(the methods that read task data: fisher, regmean, adamerging, adamerging++)"
         )
     n = len(config.models)
+    besides = ""
+    if config.base_model is not None and not cls.averages_weights and not cls.interpolates_base:
+        # a base listed under `models` is dropped from the experts (its task vector is zero): it does not count
+        listed = sum(1 for m in config.models if m.model == config.base_model)
+        n, besides = n - listed, " besides the base" if listed else ""
     if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
         want = str(cls.min_models) if cls.max_models == cls.min_models else f"at least {cls.min_models}"
-        raise ConfigError(f"merge method {cls.name!r} needs {want} models under `models`, got {n}")
+        if cls.max_models is not None and cls.max_models != cls.min_models:
+            want += f" and at most {cls.max_models}"
+        raise ConfigError(f"merge method {cls.name!r} needs {want} models{besides} under `models`, got {n}")
     if config.base_model is None and cls.needs_base:
         raise ConfigError(f"merge method {cls.name!r} needs a `base_model`")
     scopes = [("parameters", config.parameters)] + [

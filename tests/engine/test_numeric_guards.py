@@ -82,7 +82,7 @@ def _read(folder: Path, name: str) -> torch.Tensor:
 def test_zero_dim_tensor_merges_with_every_static_method(clip_family, tmp_path: Path, method: str) -> None:
     """CLIP's ``logit_scale`` (shape ``[]``) is a point tensor: planned, dry-run, merged and written as ``[]``."""
     base, experts = clip_family
-    experts = experts[: available()[method].max_models]  # passthrough takes one model
+    experts = experts[: available()[method].max_models]  # passthrough and arcee_fusion take one model
     cfg = _config(method, base, experts)
     plan = prepare(cfg)
     try:

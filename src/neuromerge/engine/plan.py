@@ -213,7 +213,7 @@ def assemble_pool(config: MergeConfig, base: Checkpoint | None, pairs: list[tupl
     if base is None:
         return Pool(base=pairs[0][1], models=[c for _, c in pairs], base_given=False, notes=notes), config
     if any(c is base for _, c in pairs):
-        if cls.max_models == 2 and cls.min_models == 2:
+        if cls.interpolates_base:
             pairs.sort(key=lambda pair: pair[1] is not base)
         elif not cls.averages_weights:
             pairs = [(e, c) for e, c in pairs if c is not base]

@@ -312,7 +312,8 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     if isinstance(writer, ShardedWriter) and device.type == "cpu" and plan.method.fuses(params, per_model):
         base, models = read_stored_all(plan.pool, tp, rows)
         x = MergeInput(name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
-                       params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape)
+                       params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape,
+                       base_given=plan.pool.base_given)
         fused = plan.method.merge_fused(x, tp.out_dtype)
         if fused is not None:
             merged, nonfinite = fused
@@ -335,6 +336,7 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     x = MergeInput(
         name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
         params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape, uniform=uniform,
+        base_given=plan.pool.base_given,
     )
     try:
         merged = plan.method.merge(x)

@@ -81,6 +81,9 @@ class MergeInput(Generic[P]):
     rows: tuple[int, int] = (0, 0)
     full_shape: tuple[int, ...] = ()
     uniform: UniformFn | None = None
+    #: False when the config names no ``base_model``: ``base`` is then the first model (it provides the names), and
+    #: methods with an optional base (``nuslerp``, ``multislerp``) combine the models' weights instead of task vectors
+    base_given: bool = True
     report: dict[str, float] = field(default_factory=dict)
     _deltas: list[torch.Tensor] | None = None
 
@@ -138,6 +141,9 @@ class MergeMethod(Generic[P]):
     #: also listed under ``models`` is then a model like any other (averaged with its weight, as mergekit does);
     #: otherwise it is dropped from the experts (its task vector is zero). SLERP's two-model rule is separate.
     averages_weights: ClassVar[bool] = False
+    #: True for SLERP: a base also listed under ``models`` is one of the two interpolated models (put first), not a
+    #: zero task vector to drop
+    interpolates_base: ClassVar[bool] = False
     #: parameters that may differ per model (``models[i].parameters``); every other one is global: the method reads
     #: it once per tensor from ``params``, so a per-model value would be silently ignored — the config refuses it
     per_model_params: ClassVar[frozenset[str]] = frozenset({"weight"})

@@ -68,6 +68,7 @@ class Slerp(MergeMethod[SlerpParams]):
     min_models = 2
     max_models = 2
     needs_base = False
+    interpolates_base = True
 
     def merge(self, x: MergeInput[SlerpParams]) -> torch.Tensor:
         return slerp(x.params.t, x.models[0], x.models[1])
