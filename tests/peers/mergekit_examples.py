@@ -42,7 +42,9 @@ ROW_TIES_TRIM = "`ties` default trim"
 ROW_DARE_MASKS = "DARE random masks"
 ROW_PATTERN = "`pattern:` in a parameter condition"
 ROW_LINEAR_BASE = "`linear` with `base_model` not under `models`"
-ROW_WEIGHT = "`weight` given to `slerp` / `model_stock`"
+ROW_KARCHER_BASE = "`karcher` with `base_model` not under `models`"
+ROW_LOW_DTYPE = "output dtype of `ramplus_tl`, `arcee_fusion`"
+ROW_DELLA_MASKS = "DELLA random masks"
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,48 @@ CASES: list[Case] = [
                          chat_template="{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"), "by_token"),
     Case("tokenizer-none-vocab-differs", "test_tokenizer: legacy mode (no tokenizer_source, vocabularies differ)",
          lambda m: _vcfg(m, "task_arithmetic", base=True), "refused"),
+    # ---- the methods mergekit 0.1.5 added (its test suite's configs and variants)
+    Case("arcee-fusion", "examples/arcee_fusion.yml (base listed under models)",
+         lambda m: _cfg("arcee_fusion", m, ("a", None), ("b", None), base="a", dtype="bfloat16"),
+         "documented", ROW_LOW_DTYPE, knob=lambda c: {**c, "dtype": "float32"}, differs_in="dtype"),
+    Case("arcee-fusion-fp32", "variant: arcee_fusion, base not listed, fp32",
+         lambda m: _cfg("arcee_fusion", m, ("a", None), base="base")),
+    Case("nuslerp", "test_basic_merges: nuslerp, two models, weights 0.6 / 0.4",
+         lambda m: _cfg("nuslerp", m, *TWO, dtype="bfloat16")),
+    Case("nuslerp-base", "variant: nuslerp of task vectors (base_model)",
+         lambda m: _cfg("nuslerp", m, *TWO, base="base")),
+    Case("nuslerp-row-wise", "variant: nuslerp_flatten false, nuslerp_row_wise true",
+         lambda m: _cfg("nuslerp", m, ("a", {"weight": 1.0}), ("b", {"weight": 0.5}),
+                        params={"nuslerp_flatten": False, "nuslerp_row_wise": True})),
+    Case("multislerp", "test_basic_merges: multislerp, three models",
+         lambda m: _cfg("multislerp", m, ("a", {"weight": 0.6}), ("b", {"weight": 0.4}), ("c", {"weight": 0.2}),
+                        dtype="bfloat16")),
+    Case("multislerp-base", "variant: multislerp with base_model, normalize_weights false",
+         lambda m: _cfg("multislerp", m, *TWO, base="base", params={"normalize_weights": False})),
+    Case("karcher", "test_basic_merges: karcher, three models",
+         lambda m: _cfg("karcher", m, ("a", None), ("b", None), ("c", None), dtype="bfloat16")),
+    Case("karcher-base-unlisted", "variant: karcher with base_model not under models",
+         lambda m: _cfg("karcher", m, ("a", None), ("b", None), base="base"),
+         "documented", ROW_KARCHER_BASE, knob=lambda c: {**c, "models": [{"model": c["base_model"]}, *c["models"]]}),
+    Case("sce", "test_basic_merges: sce, select_topk 0.5",
+         lambda m: _cfg("sce", m, ("a", None), ("b", None), base="base", params={"select_topk": 0.5},
+                        dtype="bfloat16")),
+    Case("sce-topk-1", "variant: sce, select_topk 1, three models",
+         lambda m: _cfg("sce", m, ("a", None), ("b", None), ("c", None), base="base")),
+    Case("della", "test_basic_merges: della, density 0.5, epsilon 0.1",
+         lambda m: _cfg("della", m, *TWO, base="base", params={"density": 0.5, "epsilon": 0.1, "lambda": 1.0},
+                        dtype="bfloat16"), "random", ROW_DELLA_MASKS),
+    Case("della-linear", "variant: della_linear, per-model density",
+         lambda m: _cfg("della_linear", m, ("a", {"weight": 0.6, "density": 0.4}),
+                        ("b", {"weight": 0.4, "density": 0.7}), base="base", params={"epsilon": 0.05}),
+         "random", ROW_DELLA_MASKS),
+    Case("della-dense", "variant: della at its default density 1 (deterministic)",
+         lambda m: _cfg("della", m, *TWO, base="base")),
+    Case("ram", "test_basic_merges: ram",
+         lambda m: _cfg("ram", m, ("a", None), ("b", None), base="base", dtype="bfloat16")),
+    Case("ramplus-tl", "test_basic_merges: ramplus_tl, r 0.2, alpha 0.3",
+         lambda m: _cfg("ramplus_tl", m, ("a", None), ("b", None), ("c", None), base="base",
+                        params={"r": 0.2, "alpha": 0.3})),
     Case("gpt2-frankenmerge", "variant: gpt2 passthrough of two models' slices",
          _slices(("gpt2", 0, 3), ("gpt2b", 1, 4)), moves=False),
 ]
