@@ -36,7 +36,8 @@ TRIM_FLIPS = 0.01
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     """A 5-layer tiny Llama base, three experts perturbed from it (``a``, ``b``, ``c``), bfloat16 copies of two
-    (``a16``, ``b16``), two unrelated 4-layer GPT-2 models (``gpt2``, ``gpt2b``) and the vocabulary family of
+    (``a16``, ``b16``), two unrelated 4-layer GPT-2 models (``gpt2``, ``gpt2b``), a 2-layer base and two experts of
+    Qwen2, Mistral and Granite (``qwen2-base``, ``qwen2-a``, ``qwen2-b``, …) and the vocabulary family of
     tests/vocab_models.py (``v-base``, ``v-e0``, ``v-e1``: tokenizers that differ)."""
     import transformers as tf
 
@@ -56,6 +57,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         torch.manual_seed(10 + i)
         gpt = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=4, n_head=2, n_positions=32))
         out[name] = str(save(gpt, root / name))
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    for arch, make in (("qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**small))),
+                       ("mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**small))),
+                       ("granite", lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**small)))):
+        torch.manual_seed(20)
+        model = make()
+        out[f"{arch}-base"] = str(save(model, root / arch / "base"))
+        for i, name in enumerate("ab"):
+            perturb(expert := copy.deepcopy(model), seed=400 + i, scale=0.05)
+            out[f"{arch}-{name}"] = str(save(expert, root / arch / name))
     vocab = make_vocab_family(root / "vocab")
     out.update({"v-base": str(vocab["base"]), "v-e0": str(vocab["expert0"]), "v-e1": str(vocab["expert1"])})
     return out
