@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..numeric import FiniteFloat
 
@@ -28,6 +28,17 @@ class MethodParams(BaseModel):
 
     #: multiplier of each model's task vector (mergekit's per-model ``weight``)
     weight: FiniteFloat = Field(1.0, description="per-model multiplier of its task vector (or of its weights)")
+
+
+class UnweightedParams(MethodParams):
+    """Parameters of a method that ignores per-model weights: a ``weight`` other than 1 is an error."""
+
+    @field_validator("weight")
+    @classmethod
+    def _unit_weight(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError("this method does not use per-model weights; remove `weight`")
+        return value
 
 
 @dataclass(frozen=True)
