@@ -55,6 +55,7 @@ SETTINGS: dict[str, list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]
     "tsv": [("default", {}, None), ("lam", {"lambda": 0.5}, None)],
     "model_stock": [("default", {}, None), ("filter-wise", {"filter_wise": True}, None)],
     "slerp": [("default", {}, None), ("t", {"t": 0.2}, None)],
+    "nearswap": [("default", {}, None), ("t", {"t": 0.05}, None)],
 }
 
 
