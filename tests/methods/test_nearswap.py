@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -45,3 +47,13 @@ def test_parameters_and_model_count_are_checked() -> None:
         with pytest.raises(ValidationError):
             cls.Params.model_validate(bad)
     assert (cls.min_models, cls.max_models, cls.needs_base, cls.chunkable) == (1, 1, True, True)
+
+
+def test_the_guide_shows_the_method_as_it_is() -> None:
+    """docs/writing_a_method.md's worked example is the module itself, and its line count is the one it states."""
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "src/neuromerge/methods/nearswap.py").read_text(encoding="utf-8")
+    guide = (root / "docs/writing_a_method.md").read_text(encoding="utf-8")
+    block = guide.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == source
+    assert f"{len(source.splitlines())} lines" in guide
