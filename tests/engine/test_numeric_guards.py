@@ -83,7 +83,7 @@ def _read(folder: Path, name: str) -> torch.Tensor:
 def test_zero_dim_tensor_merges_with_every_static_method(clip_family, tmp_path: Path, method: str) -> None:
     """CLIP's ``logit_scale`` (shape ``[]``) is a point tensor: planned, dry-run, merged and written as ``[]``."""
     base, experts = clip_family
-    cfg = _config(method, base, experts)
+    cfg = _config(method, base, experts[:available()[method].max_models])  # nearswap takes one model
     plan = prepare(cfg)
     try:
         tp = next(t for t in plan.tensors if t.name == "logit_scale")

@@ -102,7 +102,9 @@ def _per_model(annotation: Any) -> tuple[bool, Any]:
     return False, annotation
 
 
-def _camel(name: str) -> str:
+def class_name_of(name: str) -> str:
+    """The class name a method name gets: ``task_arithmetic`` → ``TaskArithmetic``, ``_first-model`` →
+    ``FirstModel``."""
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9A-Za-z]+", name) if part)
 
 
@@ -169,7 +171,7 @@ def merge_function(
                 raise DefinitionError(f"{where}: *args / **kwargs are not supported ({pname!r})")
         if not positional:
             raise DefinitionError(f"{where}: takes none of the tensors ({', '.join(POSITIONAL)})")
-        cls_name = class_name or _camel(name)
+        cls_name = class_name or class_name_of(name)
         params_model = create_model(  # type: ignore[call-overload]
             params_name or f"{cls_name}Params", __base__=params_base, __module__=fn.__module__,
             __doc__=f"Parameters of ``{name}``.", **fields,
@@ -216,4 +218,4 @@ def merge_function(
     return decorate
 
 
-__all__ = ["POSITIONAL", "DefinitionError", "PerModel", "merge_function"]
+__all__ = ["POSITIONAL", "DefinitionError", "PerModel", "class_name_of", "merge_function"]

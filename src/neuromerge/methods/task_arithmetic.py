@@ -31,6 +31,7 @@ from ..tensors.sparsify import (
     sampled_sign_conflict_rate,
 )
 from .base import MergeInput, MergeMethod, MethodParams
+from .define import class_name_of
 
 #: |Σ w_t| below this counts as zero when normalising (mergekit's guard); the sum is then left undivided
 WEIGHT_SUM_EPS = 1e-8
@@ -229,21 +230,17 @@ class TaskVectorMerge(MergeMethod[P]):
         return torch.add(x.base, mixed.mul_(params.lam))
 
 
-def _camel(name: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
-
-
 def variant_class(v: Variant) -> type[TaskVectorMerge[Any]]:
     """The :class:`TaskVectorMerge` subclass of one row (not registered; :mod:`.variants` registers the table)."""
     s = v.sparsify
     attrs: dict[str, Any] = {
-        "__module__": __name__, "__qualname__": _camel(v.name), "__doc__": v.doc,
+        "__module__": __name__, "__qualname__": class_name_of(v.name), "__doc__": v.doc,
         "name": v.name, "aliases": v.aliases, "Params": v.params, "summary": v.summary, "source": v.source,
         "chunkable": s.chunkable if s is not None else True, "random": s.random if s is not None else False,
         "per_model_params": frozenset({"weight"}) | (s.per_model if s is not None else frozenset()),
         "sparsifier": s, "consensus": v.consensus,
     }
-    return type(_camel(v.name), (TaskVectorMerge,), attrs)
+    return type(class_name_of(v.name), (TaskVectorMerge,), attrs)
 
 
 #: Task Arithmetic's docstring (Ilharco et al. 2023)
