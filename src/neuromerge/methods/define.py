@@ -134,8 +134,8 @@ def merge_function(
     ``interpolates_base`` / ``ignored_params`` (keys mergekit accepts and ignores for this method: a warning, not an
     error) / ``min_models`` / ``max_models`` / ``random`` are the class attributes of :class:`MergeMethod` (same
     meaning). ``check(name, params, per_model)`` refuses resolved parameters of one tensor at planning
-    (:meth:`MergeMethod.check`; raise :class:`~neuromerge.errors.ConfigError`). ``params_base`` is the base of the generated ``Params`` model (e.g. a
-    model that refuses per-model weights); ``class_name`` / ``params_name`` name the generated classes (default:
+    (:meth:`MergeMethod.check`; raise :class:`~neuromerge.errors.ConfigError`). ``params_base`` is the base of the
+    generated ``Params`` model (e.g. a model that refuses per-model weights); ``class_name`` / ``params_name`` name the generated classes (default:
     ``name`` in CamelCase, plus ``Params``).
     """
 
