@@ -135,8 +135,8 @@ def merge_function(
     error) / ``min_models`` / ``max_models`` / ``random`` are the class attributes of :class:`MergeMethod` (same
     meaning). ``check(name, params, per_model)`` refuses resolved parameters of one tensor at planning
     (:meth:`MergeMethod.check`; raise :class:`~neuromerge.errors.ConfigError`). ``params_base`` is the base of the
-    generated ``Params`` model (e.g. a model that refuses per-model weights); ``class_name`` / ``params_name`` name the generated classes (default:
-    ``name`` in CamelCase, plus ``Params``).
+    generated ``Params`` model (e.g. a model that refuses per-model weights); ``class_name`` / ``params_name`` name
+    the generated classes (default: ``name`` in CamelCase, plus ``Params``).
     """
 
     def decorate(fn: Callable[..., torch.Tensor]) -> type[MergeMethod[Any]]:
