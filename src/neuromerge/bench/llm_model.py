@@ -15,10 +15,11 @@ label word, label-word scoring, perplexity and LoRA experts.
   tokenizer. The three pieces are tokenized separately and concatenated (the text is cut at a token boundary).
 - **Scoring**: one forward pass; the class scores are the next-token log-probabilities at the last prompt position,
   ``s_k = log softmax(W_out h_T)[v_k]`` and the prediction is ``argmax_k s_k`` (the highest-likelihood label word).
-  The prefix shared by a task's prompts (system turn + ``<|im_start|>user\\n``) runs once per batch and its keys /
-  values are repeated over the batch; the rest is right-padded, continues at positions ``P, P+1, …`` and ``h_T``
-  is gathered at each row's last real token, so positions (RoPE) are those of the unpadded prompt and padding is
-  never attended to (causal mask + attention mask).
+  The prefix shared by a task's prompts (system turn + ``<|im_start|>user\\n``) runs once per split and its keys /
+  values are viewed over each batch; the rest is grouped by length (:func:`length_buckets`: ≤ 5 % padding),
+  right-padded, continues at positions ``P, P+1, …`` and ``h_T`` is gathered at each row's last real token, so
+  positions (RoPE) are those of the unpadded prompt and padding is never attended to (causal mask + attention
+  mask). Every label word is read from the one ``log_softmax`` at ``h_T``.
 - **Expert loss**: the causal-LM loss restricted to the answer token, ``-log p(v_y | prompt)`` — the HF loss with
   every prompt label set to -100, computed on the last prompt position only (the full-vocabulary logits are never
   materialised for the other positions).
