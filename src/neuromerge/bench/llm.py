@@ -19,7 +19,11 @@ one label word (model code in :mod:`neuromerge.bench.llm_model`, choices in ``do
   rounding). Router features: ``"final"`` = mean over real tokens of the last hidden state, ``"embeddings"`` =
   mean over real tokens of ``model.embed_tokens``' output.
 - **Evaluation** keeps one model in memory and reloads only the tensors it is given (``load_state_dict(strict=False)``;
-  tensors loaded by an earlier call and absent from this one are reset to the base's).
+  tensors loaded by an earlier call and absent from this one are reset to the base's; the same unchanged dict is
+  not reloaded). Scoring: :func:`~neuromerge.bench.llm_model.label_log_probs` (prefix once per split, batches of
+  ≤ ``extra["eval_rows"]`` (64) prompts with ≤ 5 % padding); :meth:`LLMSuite.evaluate_examples` gives the
+  per-example results (:class:`~neuromerge.bench.suite.ExampleScores`) whose ``score`` :meth:`LLMSuite.evaluate`
+  returns.
 """
 
 from __future__ import annotations
@@ -341,7 +345,7 @@ class LLMSuite(Suite):
         """Per-dialogue NLL and token count of ``split``'s texts cut at ``ppl_tokens`` tokens under ``model``."""
         nll, count = lm.sequence_nll(model, self.dialogue_tokens(task, split, budget),
                                      pad_id=self._tok().pad_token_id,
-                                     batch_size=int(budget.extra.get("eval_batch", 16)))
+                                     batch_size=max(1, int(budget.extra.get("eval_batch", 16)) // 2))
         return ExampleScores("perplexity", nll=nll, tokens=count)
 
     def dialogue_tokens(self, task: TaskData, split: SplitName, budget: Budget) -> list[list[int]]:
