@@ -17,6 +17,7 @@ import torch
 
 from .config import MergeConfig, ModelEntry, ParamResolver, validate_method_parameters
 from .config import layer_index as _layer_index
+from .engine import fused as fused_path
 from .engine.layout import LayoutRules, from_canonical, to_canonical
 from .engine.plan import plan_statistics
 from .engine.reading import kernel_inputs
@@ -74,12 +75,13 @@ def merge_state_dicts(method: str, base: StateDict, models: Sequence[StateDict],
 
         kind = "point" if layouts[n] == "point" else "neuronal"
         rows = (0, b.shape[0] if b.dim() else 1)
-        if impl.fuses(params, per_model) and all(t.device.type == "cpu" for t in (base[n], *(m[n] for m in models))):
+        if fused_path.fuses(impl, params, per_model) and all(
+                t.device.type == "cpu" for t in (base[n], *(m[n] for m in models))):
             # the engine's fast path, so that an in-memory merge equals the streamed one
             stored = kernel_inputs([to_canonical(t[n], layouts[n]) for t in (base, *models)])
             fx = MergeInput(name=n, kind=kind, base=stored[0], models=stored[1:], params=params, per_model=per_model,
                             stats=stats, rows=rows, full_shape=tuple(b.shape))
-            fused = impl.merge_fused(fx, base[n].dtype)
+            fused = fused_path.merge_fused(impl, fx, base[n].dtype)
             if fused is not None:
                 out[n] = _output(from_canonical(fused[0], layouts[n], base[n].shape), base[n].dtype, n)
                 continue

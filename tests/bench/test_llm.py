@@ -205,3 +205,24 @@ def test_tasks_and_dialogue_perplexity(suite: LLMSuite) -> None:
     assert 1.0 < value < 1000.0
     with pytest.raises(TaskError, match="lora"):
         suite.train_expert(tasks["sentiment"], BUDGET, "full", seed=0)
+
+
+def test_per_example_results_give_the_scores(suite: LLMSuite, sentiment: TaskData, expert: Expert) -> None:
+    tasks = {t.name: t for t in suite.tasks(BUDGET)}
+    ex = suite.evaluate_examples(expert.backbone, None, sentiment, "test", BUDGET)
+    assert ex.metric == "accuracy" and len(ex) == len(sentiment.test)
+    assert ex.score == suite.evaluate(expert.backbone, None, sentiment, "test", BUDGET) == expert.test_score
+    enc = suite.encode(sentiment, "test", BUDGET)
+    with torch.inference_mode():  # each whole prompt alone: the prediction of every example
+        model = suite._load(expert.backbone)
+        preds = [int(model(torch.tensor([enc.prompt(n)])).logits[0, -1, enc.label_ids].argmax())
+                 for n in range(len(enc.bodies))]
+    labels = sentiment.test.labels.tolist()
+    assert ex.correct is not None and ex.correct.tolist() == [p == y for p, y in zip(preds, labels, strict=True)]
+    ppl = tasks[PPL_TASK]
+    per = suite.evaluate_examples(suite.backbone_state(), None, ppl, "test", BUDGET)
+    seqs = suite.dialogue_tokens(ppl, "test", BUDGET)
+    assert per.tokens is not None and per.tokens.tolist() == [len(s) - 1 for s in seqs]
+    assert per.score == pytest.approx(suite.evaluate(suite.backbone_state(), None, ppl, "test", BUDGET), rel=1e-12)
+    module = suite.module(suite.backbone_state())
+    assert suite.evaluate_module_examples(module, None, ppl, "test", BUDGET).score == pytest.approx(per.score, rel=1e-6)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import neuromerge
 from neuromerge import kernels
+from neuromerge.engine import fused as fused_path
 from neuromerge.engine import stats as engine_stats
 from neuromerge.errors import NonFiniteError
 from neuromerge.methods import registry
@@ -83,8 +84,8 @@ def _both(method: str, params: dict, weights: list[float], base: torch.Tensor, m
     ref_x = _input(method, params, weights, base.float(), [t.float() for t in models], **kw)
     ref = m.merge(ref_x).to(base.dtype)
     x = _input(method, params, weights, base, models, **kw)
-    assert m.fuses(x.params, x.per_model)
-    fused = m.merge_fused(x, base.dtype)
+    assert fused_path.fuses(m, x.params, x.per_model)
+    fused = fused_path.merge_fused(m, x, base.dtype)
     assert fused is not None
     return ref, ref_x.report, fused[0], x.report
 
@@ -160,9 +161,9 @@ def test_ties_kernel_majority_sign_is_per_chunk() -> None:
     stats = _thresholds(base, models, 0.2)
     x = _input("ties", {"density": 0.2}, [1.0, 1.0, 1.0], base, models, stats=stats)
     m = registry.get("ties")()
-    fused = m.merge_fused(x, torch.bfloat16)
+    fused = fused_path.merge_fused(m, x, torch.bfloat16)
     x_pos = _input("ties", {"density": 0.2, "zero_sign": "positive"}, [1.0, 1.0, 1.0], base, models, stats=stats)
-    positive = m.merge_fused(x_pos, torch.bfloat16)
+    positive = fused_path.merge_fused(m, x_pos, torch.bfloat16)
     assert fused is not None and positive is not None
     assert not torch.equal(fused[0], positive[0])
 
@@ -170,15 +171,15 @@ def test_ties_kernel_majority_sign_is_per_chunk() -> None:
 def test_ties_kernel_declines_per_tensor_trim() -> None:
     m = registry.get("ties")()
     P = m.Params
-    assert not m.fuses(P(scope="tensor"), [P(scope="tensor", density=0.2)])
-    assert m.fuses(P(scope="tensor"), [P(scope="tensor", density=1.0)])
+    assert not fused_path.fuses(m, P(scope="tensor"), [P(scope="tensor", density=0.2)])
+    assert fused_path.fuses(m, P(scope="tensor"), [P(scope="tensor", density=1.0)])
 
 
 def test_kernels_decline_nonfinite_inputs() -> None:
     base, models = _family(torch.bfloat16, (8, 16))
     models[1][3, 4] = float("nan")
     x = _input("task_arithmetic", {}, [1.0] * 3, base, models)
-    assert registry.get("task_arithmetic")().merge_fused(x, torch.bfloat16) is None
+    assert fused_path.merge_fused(registry.get("task_arithmetic")(), x, torch.bfloat16) is None
     for high, window in ((True, None), (False, (0, 2))):
         bad, good = (engine_stats.Histograms.zeros(high, window, True) for _ in range(2))
         assert not engine_stats._kernel_histograms(base, models[1], bad)
@@ -522,7 +523,8 @@ def test_neuromerging_fused_with_many_models(n_models, monkeypatch) -> None:
     weights = [1.0 + 0.05 * i for i in range(n_models)]
     m = registry.get("neuromerging")()
     ref = m.merge(_input("neuromerging", {"density": 0.3}, weights, base, models, stats=stats))
-    fused = m.merge_fused(_input("neuromerging", {"density": 0.3}, weights, base, models, stats=stats), torch.float32)
+    x = _input("neuromerging", {"density": 0.3}, weights, base, models, stats=stats)
+    fused = fused_path.merge_fused(m, x, torch.float32)
     assert fused is not None
     assert calls == (["neuro_rows"] if n_models <= kernels.MIX_MAX else ["neuro_first"])
     assert float((fused[0] - ref).abs().max()) <= 1e-5 * float((ref - base).abs().max())
@@ -541,7 +543,7 @@ def test_neuromerging_fused_equals_torch(params) -> None:
     ref_x = _input("neuromerging", params, [1.0, 0.8, 1.2], base, models, stats=stats)
     ref = m.merge(ref_x)
     x = _input("neuromerging", params, [1.0, 0.8, 1.2], base, models, stats=stats)
-    fused = m.merge_fused(x, torch.float32)
+    fused = fused_path.merge_fused(m, x, torch.float32)
     assert fused is not None
     update = float((ref - base).abs().max())
     assert float((fused[0] - ref).abs().max()) <= 1e-5 * update

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import neuromerge
 from neuromerge import kernels, numeric
 from neuromerge.cli import app
+from neuromerge.engine import fused as fused_path
 from neuromerge.engine.run import prepare
 from neuromerge.errors import ConfigError, NeuromergeError, NonFiniteError
 from neuromerge.functional import merge_state_dicts
@@ -82,7 +83,7 @@ def _read(folder: Path, name: str) -> torch.Tensor:
 def test_zero_dim_tensor_merges_with_every_static_method(clip_family, tmp_path: Path, method: str) -> None:
     """CLIP's ``logit_scale`` (shape ``[]``) is a point tensor: planned, dry-run, merged and written as ``[]``."""
     base, experts = clip_family
-    experts = experts[: available()[method].max_models]  # passthrough and arcee_fusion take one model
+    experts = experts[: available()[method].max_models]  # passthrough, arcee_fusion and nearswap take one model
     cfg = _config(method, base, experts)
     plan = prepare(cfg)
     try:
@@ -279,7 +280,7 @@ def test_fused_kernels_never_turn_nonfinite_parameters_into_finite_output(method
     for params_, per_model in variants:
         x = MergeInput(name="w", kind="neuronal", base=base, models=models, params=params_, per_model=per_model,
                        stats=stats, rows=(0, 32), full_shape=(32, 64))
-        fused = impl.merge_fused(x, dtype)
+        fused = fused_path.merge_fused(impl, x, dtype)
         assert fused is not None
         out, flagged = fused
         actual = int((~torch.isfinite(out.float())).sum())

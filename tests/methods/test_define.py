@@ -17,8 +17,8 @@ from neuromerge.cli import app
 from neuromerge.errors import ConfigError
 from neuromerge.functional import merge_state_dicts
 from neuromerge.methods import MergeInput, MergeMethod, MethodParams, available, get, registry
+from neuromerge.methods.base import UnweightedParams
 from neuromerge.methods.define import DefinitionError, PerModel, merge_function
-from neuromerge.methods.model_stock import UnweightedParams
 from tests.helpers import write_config
 
 runner = CliRunner()

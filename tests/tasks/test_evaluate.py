@@ -368,3 +368,21 @@ def test_folder_heads_from_a_routed_models_attribute_or_files(tmp_path: Path) ->
         check_head(head, task, "h", features=16)
     with pytest.raises(TaskError, match="needs tensors 'weight'"):
         check_head({"w": head["weight"]}, task, "h")
+
+
+def test_per_example_results_give_every_reported_score(user: dict[str, Any]) -> None:
+    """The scorer's per-example results (expert heads, a classifier expert, label order of the split) average to
+    the scores in the report, for the experts, the base and a merged folder."""
+    from neuromerge.evaluation.models import read_backbone
+    from neuromerge.evaluation.run import _Scorer
+
+    ts, res = user["ts"], user["results"]
+    scorer = _Scorer(ts)
+    merged = read_backbone(user["merged"], ts.base)
+    for t, e in zip(ts.tasks, ts.experts, strict=True):
+        source = res.row("experts").heads[t.name]
+        clf = ClassifierHead(user["tmp"] / "full1", t) if source == "classifier" else None
+        for name, model in (("experts", e.backbone), ("base", ts.base), ("merged", merged)):
+            ex = scorer.examples(model, t, "test", source, e.head, clf)
+            assert ex.correct is not None and len(ex) == min(len(t.test), ts.budget.eval_examples)
+            assert ex.score == pytest.approx(res.row(name).scores["test"][t.name], abs=1e-12), (name, t.name)

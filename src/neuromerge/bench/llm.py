@@ -19,7 +19,11 @@ one label word (model code in :mod:`neuromerge.bench.llm_model`, choices in ``do
   rounding). Router features: ``"final"`` = mean over real tokens of the last hidden state, ``"embeddings"`` =
   mean over real tokens of ``model.embed_tokens``' output.
 - **Evaluation** keeps one model in memory and reloads only the tensors it is given (``load_state_dict(strict=False)``;
-  tensors loaded by an earlier call and absent from this one are reset to the base's).
+  tensors loaded by an earlier call and absent from this one are reset to the base's; the same unchanged dict is
+  not reloaded). Scoring: :func:`~neuromerge.bench.llm_model.label_log_probs` (prefix once per split, batches of
+  ≤ ``extra["eval_rows"]`` (64) prompts with ≤ 5 % padding); :meth:`LLMSuite.evaluate_examples` gives the
+  per-example results (:class:`~neuromerge.bench.suite.ExampleScores`) whose ``score`` :meth:`LLMSuite.evaluate`
+  returns.
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ from torch import nn
 from . import llm_model as lm
 from .cache import cached, read_meta
 from .data import SOURCES, make_splits, raw_text_dataset
-from .suite import Batch, Budget, Expert, SplitName, StateDict, Suite, TaskData, mean_pool, module_output, token_batches
+from .suite import (
+    Batch,
+    Budget,
+    ExampleScores,
+    Expert,
+    SplitName,
+    StateDict,
+    Suite,
+    TaskData,
+    mean_pool,
+    module_output,
+    token_batches,
+)
 from .suites import BenchError
 
 BACKBONE = "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32)"
@@ -119,6 +135,8 @@ class LLMSuite(Suite):
         self._base: StateDict | None = None
         #: keys currently loaded into the model that may differ from the base
         self._loaded: set[str] = set()
+        #: (the last loaded backbone, its (key, tensor id, version) stamp): a repeated load of it is skipped
+        self._stamp: tuple[StateDict, tuple[tuple[str, int, int], ...]] | None = None
         self._encoded: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
     # -- contract ------------------------------------------------------------------------------------------
@@ -209,21 +227,20 @@ class LLMSuite(Suite):
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
         """Accuracy of the label-word prediction on ``split`` of ``task`` (perplexity for a perplexity task) with
-        the base model whose tensors named in ``backbone`` are replaced by ``backbone``'s."""
+        the base model whose tensors named in ``backbone`` are replaced by ``backbone``'s:
+        ``evaluate_examples(...).score``."""
+        return self.evaluate_examples(backbone, head, task, split, budget).score
+
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> ExampleScores:
+        """Per-example results on ``split`` (split order): ``argmax_k log p(w_k | prompt_n) = y_n``, or for a
+        perplexity task each dialogue's summed NLL and number of predicted tokens."""
         if head is not None:
             raise BenchError(f"suite {self.name!r} has no task heads (label-word scoring); got a head for "
                              f"task {task.name!r}")
-        data = getattr(task, split)
-        if len(data) == 0:
+        if len(getattr(task, split)) == 0:
             raise BenchError(f"task {task.name!r} has an empty {split} split")
-        model = self._load(backbone)
-        pad = self._tok().pad_token_id
-        batch = int(budget.extra.get("eval_batch", 16))
-        if task.metric == "perplexity":
-            return self._perplexity(model, task, split, budget)
-        enc = self.encode(task, split, budget)
-        scores = lm.label_log_probs(model, enc, pad_id=pad, batch_size=batch)
-        return float((scores.argmax(1) == data.labels).float().mean())
+        return self._examples(self._load(backbone), task, split, budget)
 
     def expert_rank(self) -> int | None:
         return self.settings.r
@@ -276,14 +293,14 @@ class LLMSuite(Suite):
     def feature_module(self) -> str:
         return "model.embed_tokens"
 
-    def evaluate_module(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
-                        budget: Budget) -> float:
-        """Accuracy (:meth:`Suite.evaluate_module`), or for a perplexity task its perplexity under ``module``
-        exactly as :meth:`evaluate` computes it."""
+    def evaluate_module_examples(self, module: nn.Module, head: StateDict | None, task: TaskData,
+                                 split: SplitName, budget: Budget) -> ExampleScores:
+        """Per-example correctness (:meth:`Suite.evaluate_module_examples`), or for a perplexity task its
+        per-dialogue NLL under ``module`` exactly as :meth:`evaluate_examples` computes it."""
         if task.metric != "perplexity":
-            return super().evaluate_module(module, head, task, split, budget)
+            return super().evaluate_module_examples(module, head, task, split, budget)
         with torch.no_grad():
-            return self._perplexity(module, task, split, budget)
+            return self._ppl_examples(module, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"suite": self.name, "format": SUITE_FORMAT, "backbone": BACKBONE, "conversion": lm.conversion_key(),
@@ -315,13 +332,36 @@ class LLMSuite(Suite):
         self._encoded.move_to_end(key)
         return hit
 
-    def _perplexity(self, model: Any, task: TaskData, split: SplitName, budget: Budget) -> float:
-        """Perplexity of ``split``'s texts cut at ``ppl_tokens`` tokens under ``model``."""
+    def _examples(self, model: Any, task: TaskData, split: SplitName, budget: Budget) -> ExampleScores:
+        """:meth:`evaluate_examples` on the loaded ``model``."""
+        if task.metric == "perplexity":
+            return self._ppl_examples(model, task, split, budget)
+        enc = self.encode(task, split, budget)
+        scores = lm.label_log_probs(model, enc, pad_id=self._tok().pad_token_id,
+                                    batch_size=int(budget.extra.get("eval_rows", lm.MAX_ROWS)))
+        return ExampleScores("accuracy", correct=scores.argmax(1) == getattr(task, split).labels)
+
+    def _ppl_examples(self, model: Any, task: TaskData, split: SplitName, budget: Budget) -> ExampleScores:
+        """Per-dialogue NLL and token count of ``split``'s texts cut at ``ppl_tokens`` tokens under ``model``."""
+        nll, count = lm.sequence_nll(model, self.dialogue_tokens(task, split, budget),
+                                     pad_id=self._tok().pad_token_id,
+                                     batch_size=max(1, int(budget.extra.get("eval_batch", 16)) // 2))
+        return ExampleScores("perplexity", nll=nll, tokens=count)
+
+    def dialogue_tokens(self, task: TaskData, split: SplitName, budget: Budget) -> list[list[int]]:
+        """Token ids of a perplexity split's texts cut at ``ppl_tokens`` (memoised like :meth:`encode`)."""
         width = int(budget.extra.get("ppl_tokens", 64))
-        texts = list(getattr(task, split).inputs)
-        seqs = [ids[:width] for ids in self._tok()(texts, add_special_tokens=False)["input_ids"]]
-        batch = int(budget.extra.get("eval_batch", 16))
-        return lm.perplexity(model, seqs, pad_id=self._tok().pad_token_id, batch_size=max(1, batch // 2))
+        key = ("ppl", task.name, task.fingerprint or id(task), split, width)
+        hit = self._encoded.get(key)
+        if hit is None:
+            texts = list(getattr(task, split).inputs)
+            ids = self._tok()(texts, add_special_tokens=False)["input_ids"] if texts else []
+            hit = [list(x)[:width] for x in ids]
+            self._encoded[key] = hit
+            while len(self._encoded) > 32:
+                self._encoded.popitem(last=False)
+        self._encoded.move_to_end(key)
+        return hit
 
     @staticmethod
     def _max_text_tokens(budget: Budget) -> int:
@@ -371,10 +411,14 @@ class LLMSuite(Suite):
         unknown = sorted(set(backbone) - known)
         if unknown:
             raise BenchError(f"backbone tensors {unknown[:3]} are not SmolLM2 weights ({len(unknown)} unknown)")
+        stamp = tuple((k, id(v), v._version) for k, v in backbone.items())
+        if self._stamp is not None and self._stamp[0] is backbone and self._stamp[1] == stamp:
+            return model  # the same tensors, unchanged since they were loaded (e.g. the next task of a grid point)
         restore = self._base_tensors(self._loaded - set(backbone))
         with torch.no_grad():
             model.load_state_dict({**restore, **backbone}, strict=False)
         self._loaded = set(backbone)
+        self._stamp = (backbone, stamp)
         return model
 
     def _train_to(self, folder: Path, task: TaskData, budget: Budget, seed: int) -> dict[str, Any]:

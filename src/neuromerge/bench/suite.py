@@ -7,6 +7,7 @@ from ..tasks.contract import (
     Batch,
     BatchLike,
     Budget,
+    ExampleScores,
     Expert,
     FeatureSource,
     Metric,
@@ -25,6 +26,6 @@ from ..tasks.contract import (
     token_batches,
 )
 
-__all__ = ["Batch", "BatchLike", "Budget", "Expert", "FeatureSource", "Metric", "ModelAccess", "Split", "SplitName",
-           "StateDict", "Suite", "TaskData", "find_submodule", "length_batches", "mean_pool", "module_output",
-           "output_of", "pad_right", "token_batches"]
+__all__ = ["Batch", "BatchLike", "Budget", "ExampleScores", "Expert", "FeatureSource", "Metric", "ModelAccess",
+           "Split", "SplitName", "StateDict", "Suite", "TaskData", "find_submodule", "length_batches", "mean_pool",
+           "module_output", "output_of", "pad_right", "token_batches"]

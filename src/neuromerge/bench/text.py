@@ -55,6 +55,7 @@ from . import data
 from .suite import (
     Batch,
     Budget,
+    ExampleScores,
     Expert,
     SplitName,
     StateDict,
@@ -298,10 +299,16 @@ class TextSuite(Suite):
 
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
+        """Accuracy of ``backbone`` + ``head`` on ``split``: ``evaluate_examples(...).score``."""
+        return self.evaluate_examples(backbone, head, task, split, budget).score
+
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> ExampleScores:
+        """Per-example correctness ``argmax_k (W f_n + b)_k = y_n`` on ``split`` (split order)."""
         if head is None:
             raise BenchError(f"text suite: task {task.name!r} needs a head")
         feats = self.features(backbone, task, split, budget)
-        return accuracy(linear_head(feats, head), getattr(task, split).labels)
+        return ExampleScores("accuracy", correct=linear_head(feats, head).argmax(-1) == getattr(task, split).labels)
 
     def expert_rank(self) -> int | None:
         return self.config.lora_r

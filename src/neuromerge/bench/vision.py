@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vision_data
-from .suite import Batch, Budget, Expert, Split, SplitName, StateDict, Suite, TaskData, module_output
+from .suite import Batch, Budget, ExampleScores, Expert, Split, SplitName, StateDict, Suite, TaskData, module_output
 from .suites import BenchError
 
 #: bump when anything that determines an expert changes in this file (part of the expert cache key)
@@ -377,10 +377,17 @@ class VisionSuite(Suite):
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
         """Accuracy of ``backbone`` + ``head`` on ``split``, after re-estimating BN statistics on ``task``'s train
-        inputs unless ``budget.extra["bn_reestimate"]`` is False (then the backbone's own statistics are used)."""
+        inputs unless ``budget.extra["bn_reestimate"]`` is False (then the backbone's own statistics are used):
+        ``evaluate_examples(...).score``."""
+        return self.evaluate_examples(backbone, head, task, split, budget).score
+
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> ExampleScores:
+        """Per-example correctness of ``backbone`` + ``head`` on ``split`` (split order; BN statistics as in
+        :meth:`evaluate`)."""
         if head is None:
             raise BenchError(f"vision suite: task {task.name!r} needs a head (got None)")
-        return self._score(self._prepared(backbone, task, budget), head, task, split)
+        return self._examples(self._prepared(backbone, task, budget), head, task, split)
 
     def expert_rank(self) -> int | None:
         return self.config.lora_r
@@ -480,11 +487,14 @@ class VisionSuite(Suite):
         net.load_state_dict(stats, strict=False)
         return net
 
-    @torch.no_grad()
     def _score(self, net: nn.Module, head: StateDict, task: TaskData, split: SplitName) -> float:
+        return self._examples(net, head, task, split).score
+
+    @torch.no_grad()
+    def _examples(self, net: nn.Module, head: StateDict, task: TaskData, split: SplitName) -> ExampleScores:
         data = getattr(task, split)
         logits = F.linear(features(net, data.inputs), head["weight"], head["bias"])
-        return accuracy(logits, data.labels)
+        return ExampleScores("accuracy", correct=logits.argmax(-1) == data.labels)
 
 
 def subset(split: Split, n: int) -> Split:

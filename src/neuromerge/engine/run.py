@@ -34,6 +34,7 @@ from ..io.writer import AtomicOutput, PlannedTensor, ShardedWriter, copy_model_f
 from ..methods import MergeInput
 from ..numeric import to_output_dtype
 from ..tensors import rng
+from . import fused as fused_path
 from .layout import from_canonical
 from .memory import retain_freed_memory
 from .plan import DEFAULT_CHUNK_ELEMENTS, MergePlan, TensorPlan, build_plan, open_pool, split_rows
@@ -309,12 +310,13 @@ def _merge_chunk(plan: MergePlan, resolver: ParamResolver, tp: TensorPlan, chunk
     full_shape = _canonical_shape(tp)
     storage_shape = (chunk[1] - chunk[0], *tp.shape[1:]) if rows is not None else tp.shape
     seed, method_name = plan.config.seed, plan.method.name
-    if isinstance(writer, ShardedWriter) and device.type == "cpu" and plan.method.fuses(params, per_model):
+    if (isinstance(writer, ShardedWriter) and device.type == "cpu"
+            and fused_path.fuses(plan.method, params, per_model)):
         base, models = read_stored_all(plan.pool, tp, rows)
         x = MergeInput(name=tp.name, kind="point" if tp.layout == "point" else "neuronal", base=base, models=models,
                        params=params, per_model=per_model, stats=stats, rows=chunk, full_shape=full_shape,
                        base_given=plan.pool.base_given)
-        fused = plan.method.merge_fused(x, tp.out_dtype)
+        fused = fused_path.merge_fused(plan.method, x, tp.out_dtype)
         if fused is not None:
             merged, nonfinite = fused
             if nonfinite and not plan.config.allow_nonfinite and merged.dtype == torch.float32:

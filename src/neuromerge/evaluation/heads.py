@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
-from ..tasks.contract import Batch, StateDict, TaskData
+from ..tasks.contract import Batch, ExampleScores, StateDict, TaskData, scatter_rows
 
 HeadSource = Literal["folder", "classifier", "label_words", "probe"]
 #: folder of per-task heads inside a merged or routed folder
@@ -190,21 +190,28 @@ class ClassifierHead:
         return out if self.order is None else out[:, self.order]
 
     def accuracy(self, module: nn.Module, batches: list[Batch]) -> float:
-        """``#{argmax logits = label} / N`` over ``batches`` (no gradients, ``module`` in eval mode, its training flag
-        restored)."""
+        """``#{argmax logits = label} / N`` over ``batches``: ``examples(module, batches).score``."""
+        return self.examples(module, batches).score
+
+    def examples(self, module: nn.Module, batches: list[Batch]) -> ExampleScores:
+        """Per-example correctness ``argmax logits = label`` over ``batches``, in split order (each batch's
+        ``index``; consecutive rows when a batch has none), no gradients, ``module`` in eval mode (its training
+        flag restored)."""
         was_training = module.training
         module.eval()
-        correct = total = 0
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen = 0
         try:
             with torch.no_grad():
                 for b in batches:
-                    correct += int((self.logits(module, b).argmax(-1) == b.labels).sum())
-                    total += len(b)
+                    index = b.index if b.index is not None else torch.arange(seen, seen + len(b))
+                    parts.append((self.logits(module, b).argmax(-1) == b.labels, index))
+                    seen += len(b)
         finally:
             module.train(was_training)
-        if not total:
+        if not seen:
             raise TaskError("an empty split cannot be scored")
-        return correct / total
+        return ExampleScores("accuracy", correct=scatter_rows(parts))
 
 
 __all__ = ["HEADS_DIR", "ClassifierHead", "HeadSource", "check_head", "classifier_architecture", "folder_heads",

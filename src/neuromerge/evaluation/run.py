@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TaskError
-from ..tasks.contract import Expert, StateDict, TaskData, TaskSet
+from ..tasks.contract import ExampleScores, Expert, StateDict, TaskData, TaskSet
 from ..tasks.hf import HFSuite
 from .heads import ClassifierHead, HeadSource, classifier_architecture
 from .models import EvaluatedModel, check_model_path, open_model
@@ -273,6 +273,8 @@ class _Scorer:
 
     def score(self, model: StateDict | Any, t: TaskData, split: str, source: HeadSource,
               head: StateDict | None, classifier: ClassifierHead | None) -> float:
+        """The score of ``model`` on ``t``'s ``split`` with the head of ``source`` (the suite's ``evaluate`` /
+        ``evaluate_module``, so a suite without per-example results is scored too)."""
         suite, budget = self.ts.suite, self.ts.budget
         is_state = isinstance(model, dict)
         if source == "classifier":
@@ -286,6 +288,24 @@ class _Scorer:
         if is_state:
             return suite.evaluate(model, head, t, split, budget)  # type: ignore[arg-type]
         return suite.evaluate_module(model, head, t, split, budget)  # type: ignore[arg-type]
+
+    def examples(self, model: StateDict | Any, t: TaskData, split: str, source: HeadSource,
+                 head: StateDict | None, classifier: ClassifierHead | None) -> ExampleScores:
+        """Per-example results of ``model`` on ``t``'s ``split`` with the head of ``source`` (the same paths as
+        :meth:`score`; ``.score`` equals it)."""
+        suite, budget = self.ts.suite, self.ts.budget
+        is_state = isinstance(model, dict)
+        if source == "classifier":
+            assert classifier is not None
+            module = self.module(model) if is_state else model
+            batches = suite.batches(t, split, budget, limit=budget.eval_examples)  # type: ignore[arg-type]
+            return classifier.examples(module, batches)
+        head = None if source == "label_words" else head
+        if is_state and isinstance(suite, HFSuite):  # its evaluate is evaluate_module on a fresh copy: reuse one
+            return suite.evaluate_module_examples(self.module(model), head, t, split, budget)  # type: ignore[arg-type]
+        if is_state:
+            return suite.evaluate_examples(model, head, t, split, budget)  # type: ignore[arg-type]
+        return suite.evaluate_module_examples(model, head, t, split, budget)  # type: ignore[arg-type]
 
 
 def _fill(row: Row, model: StateDict | Any, ts: TaskSet, splits: Sequence[str], scorer: _Scorer,

@@ -21,11 +21,6 @@ def global_trim_thresholds(x: MergeInput, densities: Sequence[float]) -> list[fl
     return [0.0 if d >= 1.0 else x.stats.thresholds[t] for t, d in enumerate(densities)]  # type: ignore[union-attr]
 
 
-def fused_trim_applies(scope: TrimScope, densities: Sequence[float]) -> bool:
-    """Whether a fused kernel, which trims by given thresholds, can take this trim: a global one, or none."""
-    return scope == "global" or all(d >= 1.0 for d in densities)
-
-
 def trimmed_deltas(x: MergeInput, densities: Sequence[float], scope: TrimScope) -> list[torch.Tensor]:
     """``τ̂_t = τ_t ⊙ [|τ_t| >= thr_t]`` with ``thr_t`` the *global* threshold of model ``t`` from the statistics
     pass (``scope="global"``, :func:`global_trim_thresholds`) or the top-k threshold of this tensor alone

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..numeric import FiniteFloat
 
@@ -28,6 +28,18 @@ class MethodParams(BaseModel):
 
     #: multiplier of each model's task vector (mergekit's per-model ``weight``)
     weight: FiniteFloat = Field(1.0, description="per-model multiplier of its task vector (or of its weights)")
+
+
+class UnweightedParams(MethodParams):
+    """Parameters of a method that ignores per-model weights. A config's ``weight`` is dropped with a warning (the
+    method's ``ignored_params``, as mergekit ignores it); built directly, a ``weight`` other than 1 is an error."""
+
+    @field_validator("weight")
+    @classmethod
+    def _unit_weight(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError("this method does not use per-model weights; remove `weight`")
+        return value
 
 
 @dataclass(frozen=True)
@@ -175,16 +187,3 @@ class MergeMethod(Generic[P]):
     def merge(self, x: MergeInput[P]) -> torch.Tensor:
         """Return the merged tensor ``θ`` (fp32, canonical layout, shape of ``x.base``)."""
         raise NotImplementedError
-
-    def fuses(self, params: P, per_model: Sequence[P]) -> bool:
-        """Whether :meth:`merge_fused` handles these (resolved) parameters, so that the engine reads the chunk in
-        the checkpoints' dtype for it. False by default."""
-        return False
-
-    def merge_fused(self, x: MergeInput[P], out_dtype: torch.dtype) -> tuple[torch.Tensor, int] | None:
-        """Optional fast path through a fused kernel (:mod:`neuromerge.kernels`), used by the engine when
-        :meth:`fuses` says so. ``x.base`` / ``x.models`` hold the chunk in the checkpoints' dtype (bfloat16 or
-        float32, one dtype), canonical layout. Returns the merged chunk in ``out_dtype`` (or float32 when the kernel
-        cannot write ``out_dtype``), bitwise equal to ``merge(x)`` rounded to that dtype, with its NaN/Inf count,
-        and fills ``x.report`` as :meth:`merge` does; or None (e.g. an input holds NaN/Inf) to take :meth:`merge`."""
-        return None

@@ -102,7 +102,9 @@ def _per_model(annotation: Any) -> tuple[bool, Any]:
     return False, annotation
 
 
-def _camel(name: str) -> str:
+def class_name_of(name: str) -> str:
+    """The class name a method name gets: ``task_arithmetic`` → ``TaskArithmetic``, ``_first-model`` →
+    ``FirstModel``."""
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9A-Za-z]+", name) if part)
 
 
@@ -115,6 +117,8 @@ def merge_function(
     chunkable: bool = True,
     needs_base: bool = True,
     averages_weights: bool = False,
+    interpolates_base: bool = False,
+    ignored_params: Sequence[str] = (),
     min_models: int = 1,
     max_models: int | None = None,
     random: bool = False,
@@ -126,12 +130,13 @@ def merge_function(
     """Decorator: register the decorated per-tensor formula as merge method ``name`` and return the generated
     :class:`MergeMethod` subclass.
 
-    ``summary`` / ``source`` / ``aliases`` / ``chunkable`` / ``needs_base`` / ``averages_weights`` / ``min_models``
-    / ``max_models`` / ``random`` are the class attributes of :class:`MergeMethod` (same meaning). ``check(name,
-    params, per_model)`` refuses resolved parameters of one tensor at planning (:meth:`MergeMethod.check`; raise
-    :class:`~neuromerge.errors.ConfigError`). ``params_base`` is the base of the generated ``Params`` model (e.g. a
-    model that refuses per-model weights); ``class_name`` / ``params_name`` name the generated classes (default:
-    ``name`` in CamelCase, plus ``Params``).
+    ``summary`` / ``source`` / ``aliases`` / ``chunkable`` / ``needs_base`` / ``averages_weights`` /
+    ``interpolates_base`` / ``ignored_params`` (keys mergekit accepts and ignores for this method: a warning, not an
+    error) / ``min_models`` / ``max_models`` / ``random`` are the class attributes of :class:`MergeMethod` (same
+    meaning). ``check(name, params, per_model)`` refuses resolved parameters of one tensor at planning
+    (:meth:`MergeMethod.check`; raise :class:`~neuromerge.errors.ConfigError`). ``params_base`` is the base of the
+    generated ``Params`` model (e.g. a model that refuses per-model weights); ``class_name`` / ``params_name`` name
+    the generated classes (default: ``name`` in CamelCase, plus ``Params``).
     """
 
     def decorate(fn: Callable[..., torch.Tensor]) -> type[MergeMethod[Any]]:
@@ -169,7 +174,7 @@ def merge_function(
                 raise DefinitionError(f"{where}: *args / **kwargs are not supported ({pname!r})")
         if not positional:
             raise DefinitionError(f"{where}: takes none of the tensors ({', '.join(POSITIONAL)})")
-        cls_name = class_name or _camel(name)
+        cls_name = class_name or class_name_of(name)
         params_model = create_model(  # type: ignore[call-overload]
             params_name or f"{cls_name}Params", __base__=params_base, __module__=fn.__module__,
             __doc__=f"Parameters of ``{name}``.", **fields,
@@ -198,6 +203,8 @@ def merge_function(
             "random": random,
             "needs_base": needs_base,
             "averages_weights": averages_weights,
+            "interpolates_base": interpolates_base,
+            "ignored_params": frozenset(ignored_params),
             "per_model_params": frozenset({"weight"}) | listed,
             "formula": staticmethod(fn),
             "merge": merge,
@@ -216,4 +223,4 @@ def merge_function(
     return decorate
 
 
-__all__ = ["POSITIONAL", "DefinitionError", "PerModel", "merge_function"]
+__all__ = ["POSITIONAL", "DefinitionError", "PerModel", "class_name_of", "merge_function"]

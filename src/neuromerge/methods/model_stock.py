@@ -4,34 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .base import MergeInput, MergeMethod, MethodParams
-from .registry import method
+from .base import UnweightedParams
+from .define import merge_function
 
 #: mergekit's guards: lower clamp of ‖τ_i‖‖τ_j‖ and the |1 + (k−1)cos| below which t = 0
 NORM_PRODUCT_EPS = 1e-6
 SINGULAR_EPS = 1e-6
-
-
-class UnweightedParams(MethodParams):
-    """Parameters of a method that ignores per-model weights. A config's ``weight`` is dropped with a warning (the
-    method's ``ignored_params``, as mergekit ignores it); built directly, a ``weight`` other than 1 is an error."""
-
-    @field_validator("weight")
-    @classmethod
-    def _unit_weight(cls, value: float) -> float:
-        if value != 1.0:
-            raise ValueError("this method does not use per-model weights; remove `weight`")
-        return value
-
-
-class ModelStockParams(UnweightedParams):
-    filter_wise: bool = Field(
-        False, description="one ratio t per row (output neuron) instead of one per tensor"
-    )
 
 
 def model_stock_ratio(deltas: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -57,23 +40,26 @@ def model_stock_ratio(deltas: Sequence[torch.Tensor], filter_wise: bool = False)
     return t.to(deltas[0].dtype)
 
 
-@method
-class ModelStock(MergeMethod[ModelStockParams]):
+@merge_function(
+    name="model_stock", summary="t·mean θ_t + (1−t)θ0, t = k cos/(1+(k−1)cos)",
+    source="Jang et al. 2024, arXiv 2403.19522 (naver-ai/model-stock); mergekit model_stock",
+    chunkable=False, min_models=2, params_base=UnweightedParams, ignored_params=("weight",),
+)
+def model_stock(
+    base: torch.Tensor, models: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], *,
+    filter_wise: Annotated[bool, Field(
+        description="one ratio t per row (output neuron) instead of one per tensor")] = False,
+) -> torch.Tensor:
     """``θ = t · mean_t θ_t + (1 − t) θ0`` with ``t = k cos / (1 + (k−1) cos)``, ``k`` the number of
     fine-tuned models and ``cos`` the mean pairwise cosine between their task vectors (per tensor, or per
     row with ``filter_wise``). Needs the base and ``k >= 2``; weights are not used."""
+    t = model_stock_ratio(deltas, filter_wise)
+    rows = t.shape[0]
+    mean = torch.stack([m.reshape(rows, -1) for m in models]).mean(dim=0)
+    return (t * mean + (1 - t) * base.reshape(rows, -1)).reshape(base.shape)
 
-    name = "model_stock"
-    ignored_params = frozenset({"weight"})  # mergekit ignores it too
-    Params = ModelStockParams
-    summary = "t·mean θ_t + (1−t)θ0, t = k cos/(1+(k−1)cos)"
-    source = "Jang et al. 2024, arXiv 2403.19522 (naver-ai/model-stock); mergekit model_stock"
-    chunkable = False
-    min_models = 2
 
-    def merge(self, x: MergeInput[ModelStockParams]) -> torch.Tensor:
-        t = model_stock_ratio(x.deltas, x.params.filter_wise)
-        rows = t.shape[0]
-        base = x.base.reshape(rows, -1)
-        mean = torch.stack([m.reshape(rows, -1) for m in x.models]).mean(dim=0)
-        return (t * mean + (1 - t) * base).reshape(x.base.shape)
+ModelStock = model_stock
+ModelStockParams = ModelStock.Params
+
+__all__ = ["ModelStock", "ModelStockParams", "UnweightedParams", "model_stock_ratio"]

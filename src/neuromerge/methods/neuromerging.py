@@ -17,12 +17,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .. import kernels
 from ..errors import ConfigError
 from ..numeric import FiniteFloat
 from ..tensors.consensus import SignMethod, ties_merge
-from ..tensors.neurons import Reconstruction, merge_coefficients, neuron_merge, orthogonal_mix
-from ._common import TrimScope, fused_trim_applies, global_trim_thresholds, trimmed_deltas
+from ..tensors.neurons import Reconstruction, neuron_merge
+from ._common import TrimScope, trimmed_deltas
 from .base import GlobalStats, MergeInput, MergeMethod, MethodParams
 from .registry import method
 
@@ -74,11 +73,6 @@ def kept_mass_lambda2(removed: Sequence[float]) -> float | None:
     return 1.0 / smallest if smallest > 0 else None
 
 
-def _share(part: float, total: float) -> float:
-    """``part / total``, 0 when ``total`` is 0 (the parallel energy share of a chunk with no task vector)."""
-    return part / total if total > 0 else 0.0
-
-
 @method
 class NeuroMerging(MergeMethod[NeuroMergingParams]):
     """NeuroMerging (docs/methods/spec.md §1): trim → per-neuron parallel/orthogonal split → TIES on the parallel
@@ -124,56 +118,6 @@ class NeuroMerging(MergeMethod[NeuroMergingParams]):
         x.report["parallel_energy_share"] = parts.parallel_energy
         out = x.base + lam2 * parts.orthogonal
         return out + p.lambda1 * parts.parallel if p.lambda1 != 0.0 else out
-
-    def fuses(self, params: NeuroMergingParams, per_model: Sequence[NeuroMergingParams]) -> bool:
-        """The fused sweeps trim by given thresholds: global ones (or none, density 1)."""
-        return kernels.available() and fused_trim_applies(params.scope, [p.density for p in per_model])
-
-    def merge_fused(self, x: MergeInput[NeuroMergingParams], out_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, int] | None:
-        """:meth:`merge` for neuronal tensors with the fused kernels. With ``λ1 = 0`` (the default) and at most
-        :data:`~neuromerge.kernels.MIX_MAX` models, one sweep (:func:`neuromerge.kernels.neuro_rows`): per row the
-        coefficients ``c_t``, the Gram matrix of ``τ⊥``, its eigenproblem and TIES elections
-        (:func:`~neuromerge.kernels.orthogonal_mix`) and ``θ0 + λ2 ψ⊥``, while the row is in cache. Otherwise two
-        sweeps (:func:`~neuromerge.kernels.neuro_first`, then :func:`~neuromerge.kernels.neuro_second`:
-        ``θ0 + λ2 ψ⊥ + λ1 ψ∥``) with the mix and the chunk-wide election of ``c̄`` in between, as in :meth:`merge`. The
-        same formulas, but the inner products are summed in float64 (torch: fp32 ``einsum``) and the eigenvectors come
-        from Jacobi rotations (torch: LAPACK), so the result agrees with :meth:`merge` to rounding, not bitwise
-        (``tests/engine/test_native_kernels.py``). Point tensors take :meth:`merge`."""
-        p = x.params
-        if x.kind == "point" or x.base.dim() != 2 or not self.fuses(p, x.per_model):
-            return None
-        if not kernels.supports(x.base, x.models):
-            return None
-        densities = [q.density for q in x.per_model]
-        thresholds = global_trim_thresholds(x, densities)
-        weights = x.weights
-        lam2 = self._lambda2(x, densities)
-        sign_count = p.sign_method == "count"
-        if p.lambda1 == 0.0 and len(x.models) <= kernels.MIX_MAX:
-            rows = kernels.neuro_rows(x.base, x.models, weights, thresholds, p.cum_threshold, sign_count, lam2,
-                                      kernels.output_dtype(out_dtype))
-            if rows is None:
-                return None
-            x.report["parallel_energy_share"] = _share(rows.parallel_energy, rows.total_energy)
-            return rows.out, rows.bad
-        sweep = kernels.neuro_first(x.base, x.models, weights, thresholds)
-        if sweep is None:
-            return None
-        mix = kernels.orthogonal_mix(sweep.gram, p.cum_threshold, sign_count)
-        if mix is None:
-            mix = orthogonal_mix(sweep.gram, p.cum_threshold, p.sign_method)
-        parallel = None
-        if p.lambda1 != 0.0:
-            merged = merge_coefficients(sweep.coef, p.sign_method)
-            if p.parallel_reconstruction == "paper":
-                parallel = merged
-            else:
-                norm = sweep.sq_norm.sqrt().to(torch.float32)
-                parallel = torch.where(norm > 0, merged / torch.where(norm > 0, norm, 1.0), 0.0)
-        x.report["parallel_energy_share"] = _share(sweep.parallel_energy, sweep.total_energy)
-        return kernels.neuro_second(x.base, x.models, weights, thresholds, sweep.coef, mix.to(torch.float32),
-                                    parallel, p.lambda1, lam2, kernels.output_dtype(out_dtype))
 
     @staticmethod
     def _lambda2(x: MergeInput[NeuroMergingParams], densities: Sequence[float]) -> float:

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
-from ..numeric import FiniteFloat
-from .base import MergeInput, MergeMethod
-from .model_stock import UnweightedParams
-from .registry import method
+from .base import UnweightedParams
+from .define import merge_function
 
 #: mergekit's threshold on |cos Ω| above which the vectors count as (anti)parallel and are lerped
 DOT_THRESHOLD = 0.9995
 #: norms at or below this are replaced by 1 when computing cos Ω (mergekit)
 NORM_EPS = 1e-8
-
-
-class SlerpParams(UnweightedParams):
-    t: FiniteFloat = Field(0.5, ge=0, le=1, description="interpolation factor: 0 = first model, 1 = second model")
 
 
 def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
@@ -46,29 +42,23 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
     return math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """``c0 v0 + c1 v1`` with :func:`slerp_coefficients` (same dtype as ``v0``)."""
-    c0, c1 = slerp_coefficients(t, v0, v1)
-    return c0 * v0 + c1 * v1
-
-
-@method
-class Slerp(MergeMethod[SlerpParams]):
+@merge_function(
+    name="slerp", summary="spherical interpolation of two models, lerp when nearly (anti)parallel",
+    source="Shoemake 1985; mergekit slerp", chunkable=False, min_models=2, max_models=2, needs_base=False,
+    params_base=UnweightedParams, interpolates_base=True, ignored_params=("weight",),
+)
+def slerp(
+    models: Sequence[torch.Tensor], *,
+    t: Annotated[float, Field(ge=0, le=1, description="interpolation factor: 0 = first model, 1 = second model")
+                 ] = 0.5,
+) -> torch.Tensor:
     """``θ = sin((1−t)Ω)/sin Ω · θ_a + sin(tΩ)/sin Ω · θ_b`` per tensor, ``cos Ω`` the cosine between the
     flattened ``θ_a = models[0]`` and ``θ_b = models[1]``; linear fallback ``(1−t)θ_a + tθ_b`` when ``|cos
     Ω| > 0.9995``. ``t = 0`` gives ``models[0]`` (the base when the base is one of the two, mergekit's
     convention)."""
+    c0, c1 = slerp_coefficients(t, models[0], models[1])
+    return c0 * models[0] + c1 * models[1]
 
-    name = "slerp"
-    ignored_params = frozenset({"weight"})  # mergekit ignores it too
-    Params = SlerpParams
-    summary = "spherical interpolation of two models, lerp when nearly (anti)parallel"
-    source = "Shoemake 1985; mergekit slerp"
-    chunkable = False
-    min_models = 2
-    max_models = 2
-    needs_base = False
-    interpolates_base = True
 
-    def merge(self, x: MergeInput[SlerpParams]) -> torch.Tensor:
-        return slerp(x.params.t, x.models[0], x.models[1])
+Slerp = slerp
+SlerpParams = Slerp.Params

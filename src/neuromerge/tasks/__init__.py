@@ -27,6 +27,7 @@ _EXPORTS = {
     "Budget": "contract",
     "Expert": "contract",
     "Batch": "contract",
+    "ExampleScores": "contract",
     "TaskSet": "contract",
     "StateDict": "contract",
     "FeatureSource": "contract",

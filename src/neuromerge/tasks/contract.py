@@ -22,6 +22,7 @@ Forward hooks (:class:`Batch`, :meth:`Suite.module`, :meth:`Suite.batches`, :met
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,74 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+@dataclass
+class ExampleScores:
+    """Per-example results of one model on one split, in split order; :attr:`score` is the split's score.
+
+    - ``metric="accuracy"``: ``correct`` is the ``(N,)`` bool tensor ``argmax_k s_{n,k} = y_n``;
+      ``score = #correct / N`` (exact, as a Python float: equal counts give equal scores).
+    - ``metric="perplexity"``: ``nll`` is the ``(N,)`` float64 sum of each sequence's token negative
+      log-likelihoods and ``tokens`` its ``(N,)`` number of predicted tokens;
+      ``score = exp(Σ_n nll_n / Σ_n tokens_n)`` (the micro average over tokens of the suites' perplexity).
+
+    A resample of examples (a bootstrap) recomputes the score of the resampled split with the same formula
+    (:meth:`subset`)."""
+
+    metric: Metric
+    correct: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric == "accuracy":
+            if self.correct is None:
+                raise TaskError("accuracy example scores need the per-example correctness")
+            self.correct = self.correct.detach().reshape(-1).to(torch.bool)
+        elif self.metric == "perplexity":
+            if self.nll is None or self.tokens is None or self.nll.shape != self.tokens.shape:
+                raise TaskError("perplexity example scores need per-example nll and token counts of one shape")
+            self.nll = self.nll.detach().reshape(-1).to(torch.float64)
+            self.tokens = self.tokens.detach().reshape(-1).to(torch.int64)
+        else:
+            raise TaskError(f"unknown metric {self.metric!r} (accuracy, perplexity)")
+
+    def __len__(self) -> int:
+        held = self.correct if self.metric == "accuracy" else self.nll
+        assert held is not None
+        return int(held.shape[0])
+
+    @property
+    def score(self) -> float:
+        """Accuracy ``#correct / N`` or perplexity ``exp(Σ nll / Σ tokens)``; NaN for an empty split."""
+        if len(self) == 0:
+            return float("nan")
+        if self.metric == "accuracy":
+            assert self.correct is not None
+            return int(self.correct.sum()) / len(self)
+        assert self.nll is not None and self.tokens is not None
+        count = int(self.tokens.sum())
+        if count == 0:
+            raise TaskError("perplexity of sequences without a predicted token")
+        return math.exp(float(self.nll.sum()) / count)
+
+    def subset(self, index: torch.Tensor | Sequence[int]) -> ExampleScores:
+        """The scores of the examples ``index`` (in that order, repeats allowed)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        if self.metric == "accuracy":
+            assert self.correct is not None
+            return ExampleScores("accuracy", correct=self.correct[idx])
+        assert self.nll is not None and self.tokens is not None
+        return ExampleScores("perplexity", nll=self.nll[idx], tokens=self.tokens[idx])
+
+    def to_list(self) -> list[bool] | list[list[float]]:
+        """JSON-ready: ``[bool, …]`` for accuracy, ``[[nll, tokens], …]`` for perplexity."""
+        if self.metric == "accuracy":
+            assert self.correct is not None
+            return [bool(c) for c in self.correct.tolist()]
+        assert self.nll is not None and self.tokens is not None
+        return [[float(a), int(b)] for a, b in zip(self.nll.tolist(), self.tokens.tolist(), strict=True)]
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``Σ_i m_i h_i / Σ_i m_i`` over the sequence (sentence-transformers' mean pooling)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -153,6 +222,18 @@ def length_batches(seqs: Sequence[Sequence[Any]], batch_size: int) -> Iterator[l
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
         yield order[start: start + batch_size]
+
+
+def scatter_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``(values, index)`` pieces of a split (e.g. per length-grouped batch) → one tensor in split order
+    (``out[index] = values``); every row ``0 … N-1`` must be given exactly once."""
+    index = torch.cat([i for _, i in parts])
+    values = torch.cat([v for v, _ in parts])
+    if sorted(index.tolist()) != list(range(len(index))):
+        raise TaskError("batches do not cover the split's rows exactly once")
+    out = torch.empty_like(values)
+    out[index] = values
+    return out
 
 
 def find_submodule(module: nn.Module, name: str) -> nn.Module:
@@ -276,7 +357,15 @@ class Suite(ABC):
     @abstractmethod
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
-        """Score of ``backbone`` + ``head`` on a split (accuracy in [0, 1], or perplexity)."""
+        """Score of ``backbone`` + ``head`` on a split (accuracy in [0, 1], or perplexity); equal to
+        ``evaluate_examples(...).score`` where the suite implements :meth:`evaluate_examples`."""
+
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> ExampleScores:
+        """Per-example results of ``backbone`` + ``head`` on a split (:class:`ExampleScores`, split order), whose
+        ``score`` is :meth:`evaluate`'s. Default: :meth:`evaluate_module_examples` of :meth:`module`
+        (``backbone``) — suites without forward hooks override it."""
+        return self.evaluate_module_examples(self.module(backbone), head, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything besides the task data and the budget that determines an expert (backbone id, versions,
@@ -347,22 +436,31 @@ class Suite(ABC):
     def evaluate_module(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
                         budget: Budget) -> float:
         """Accuracy ``#{argmax logits = label} / N`` over ``batches(task, split, budget,
-        limit=budget.eval_examples)``, without gradients, ``module`` in eval mode (its training flag restored).
-        The module is used as given: no BatchNorm re-estimation (see :meth:`evaluate` of the vision suite)."""
+        limit=budget.eval_examples)``: ``evaluate_module_examples(...).score``."""
+        return self.evaluate_module_examples(module, head, task, split, budget).score
+
+    def evaluate_module_examples(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
+                                 budget: Budget) -> ExampleScores:
+        """Per-example correctness ``argmax logits = label`` over ``batches(task, split, budget,
+        limit=budget.eval_examples)`` (in split order: batches may be grouped by length), without gradients,
+        ``module`` in eval mode (its training flag restored). The module is used as given: no BatchNorm
+        re-estimation (see :meth:`evaluate` of the vision suite)."""
         was_training = module.training
         module.eval()
-        correct = total = 0
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen = 0
         try:
             with torch.no_grad():
                 for batch in self.batches(task, split, budget, limit=budget.eval_examples):
                     pred = self.logits(module, head, task, batch).argmax(-1)
-                    correct += int((pred == batch.labels).sum())
-                    total += len(batch)
+                    index = batch.index if batch.index is not None else torch.arange(seen, seen + len(batch))
+                    parts.append((pred == batch.labels, index))
+                    seen += len(batch)
         finally:
             module.train(was_training)
-        if total == 0:
+        if not parts:
             raise TaskError(f"task {task.name!r} has an empty {split} split")
-        return correct / total
+        return ExampleScores("accuracy", correct=scatter_rows(parts))
 
 
 @dataclass
