@@ -161,3 +161,14 @@ def test_bootstrap_se_matches_the_binomial_formula():
     expected = 100 * np.std(a.astype(float) - b.astype(float)) / math.sqrt(n)
     assert d.replicates == st.BOOTSTRAP_REPLICATES
     assert d.se == pytest.approx(expected, rel=0.05)
+
+
+def test_bootstrap_with_fixed_expert_accuracies():
+    """Experts given as numbers (the table's denominators) are held fixed; the estimate is the exact difference."""
+    rng = np.random.default_rng(5)
+    a = _seeds(rng, ["x", "y"], 120, {"x": 0.8, "y": 0.6}, 2)
+    b = _seeds(rng, ["x", "y"], 120, {"x": 0.7, "y": 0.6}, 2)
+    e = [{"x": 0.9, "y": 0.75}, {"x": 0.85, "y": 0.7}]
+    d = st.paired_bootstrap(a, b, e, replicates=400)
+    exact = np.mean([np.mean([100 * (a[s][t].mean() - b[s][t].mean()) / e[s][t] for t in "xy"]) for s in range(2)])
+    assert d.estimate == pytest.approx(exact, rel=1e-6) and d.low < d.estimate < d.high

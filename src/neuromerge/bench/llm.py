@@ -225,6 +225,21 @@ class LLMSuite(Suite):
         scores = lm.label_log_probs(model, enc, pad_id=pad, batch_size=batch)
         return float((scores.argmax(1) == data.labels).float().mean())
 
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness of :meth:`evaluate` (``(N,)`` bool, split order); None for a perplexity task."""
+        if task.metric == "perplexity":
+            return None
+        if head is not None:
+            raise BenchError(f"suite {self.name!r} has no task heads (label-word scoring); got a head for "
+                             f"task {task.name!r}")
+        data = getattr(task, split)
+        if len(data) == 0:
+            raise BenchError(f"task {task.name!r} has an empty {split} split")
+        scores = lm.label_log_probs(self._load(backbone), self.encode(task, split, budget),
+                                    pad_id=self._tok().pad_token_id, batch_size=int(budget.extra.get("eval_batch", 16)))
+        return scores.argmax(1) == data.labels
+
     def expert_rank(self) -> int | None:
         return self.settings.r
 
@@ -284,6 +299,13 @@ class LLMSuite(Suite):
             return super().evaluate_module(module, head, task, split, budget)
         with torch.no_grad():
             return self._perplexity(module, task, split, budget)
+
+    def evaluate_module_examples(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
+                                 budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness (:meth:`Suite.evaluate_module_examples`); None for a perplexity task."""
+        if task.metric == "perplexity":
+            return None
+        return super().evaluate_module_examples(module, head, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"suite": self.name, "format": SUITE_FORMAT, "backbone": BACKBONE, "conversion": lm.conversion_key(),

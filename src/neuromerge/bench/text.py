@@ -303,6 +303,14 @@ class TextSuite(Suite):
         feats = self.features(backbone, task, split, budget)
         return accuracy(linear_head(feats, head), getattr(task, split).labels)
 
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness of :meth:`evaluate` (``(N,)`` bool, split order)."""
+        if head is None:
+            raise BenchError(f"text suite: task {task.name!r} needs a head")
+        feats = self.features(backbone, task, split, budget)
+        return linear_head(feats, head).argmax(-1) == getattr(task, split).labels
+
     def expert_rank(self) -> int | None:
         return self.config.lora_r
 

@@ -382,6 +382,15 @@ class VisionSuite(Suite):
             raise BenchError(f"vision suite: task {task.name!r} needs a head (got None)")
         return self._score(self._prepared(backbone, task, budget), head, task, split)
 
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness of :meth:`evaluate` (``(N,)`` bool, split order)."""
+        if head is None:
+            raise BenchError(f"vision suite: task {task.name!r} needs a head (got None)")
+        data = getattr(task, split)
+        net = self._prepared(backbone, task, budget)
+        return F.linear(features(net, data.inputs), head["weight"], head["bias"]).argmax(-1) == data.labels
+
     def expert_rank(self) -> int | None:
         return self.config.lora_r
 

@@ -236,7 +236,8 @@ def bootstrap_accuracies(columns: Mapping[str, np.ndarray], *, replicates: int =
 def difference_from_replicates(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
                                expert: Mapping[str, np.ndarray], confidence: float = 0.95) -> Difference:
     """The :class:`Difference` from replicate accuracies (as :func:`bootstrap_accuracies` returns, row 0 observed):
-    ``a[t]``, ``b[t]``, ``expert[t]`` are ``(B + 1, S)`` (one column per seed, same seeds in the same order).
+    ``a[t]``, ``b[t]`` are ``(B + 1, S)`` (one column per seed, same seeds in the same order); ``expert[t]`` is
+    ``(B + 1, S)`` too (the experts resampled with the same counts) or ``(S,)`` (their accuracies held fixed).
     ``Δ_b = mean_s mean_t 100 · (a − b) / expert``; a task whose expert scores 0 in a replicate gives NaN there,
     and such replicates are dropped."""
     tasks = list(a)
@@ -263,19 +264,22 @@ def paired_bootstrap(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, An
                      seed: int = BOOTSTRAP_SEED, confidence: float = 0.95) -> Difference:
     """Paired, task-stratified bootstrap of the difference in mean normalized accuracy of method A and method B
     (module doc). ``a[s][task]``, ``b[s][task]``, ``expert[s][task]``: per-example correctness (bool / 0-1
-    vectors) of seed ``s``; every seed and all three must have the same tasks with the same number of examples
-    per task (the same test split)."""
+    vectors) of seed ``s``, or for the expert a number (its accuracy, held fixed: the table's denominator); every seed
+    and all must have the same tasks with the same number of examples per task (the same test split)."""
     if not (len(a) == len(b) == len(expert)) or not a:
         raise ValueError("paired_bootstrap needs the same non-zero number of seeds for A, B and the expert")
     tasks = list(a[0])
     columns: dict[str, np.ndarray] = {}
+    fixed = all(np.ndim(e[t]) == 0 for e in expert for t in tasks)
+    sources = (a, b) if fixed else (a, b, expert)
     for t in tasks:
-        vecs = [np.asarray(src[s][t], dtype=bool).ravel() for src in (a, b, expert) for s in range(len(a))]
+        vecs = [np.asarray(src[s][t], dtype=bool).ravel() for src in sources for s in range(len(a))]
         if len({v.size for v in vecs}) != 1:
             raise ValueError(f"task {t!r}: the seeds and methods do not share one test split (sizes differ)")
         columns[t] = np.stack(vecs, 1)
     reps = bootstrap_accuracies(columns, replicates=replicates, seed=seed)
     s = len(a)
+    den = ({t: np.array([float(e[t]) for e in expert]) for t in tasks} if fixed
+           else {t: r[:, 2 * s:] for t, r in reps.items()})
     return difference_from_replicates({t: r[:, :s] for t, r in reps.items()},
-                                      {t: r[:, s:2 * s] for t, r in reps.items()},
-                                      {t: r[:, 2 * s:] for t, r in reps.items()}, confidence)
+                                      {t: r[:, s:2 * s] for t, r in reps.items()}, den, confidence)

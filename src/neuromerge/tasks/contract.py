@@ -278,6 +278,13 @@ class Suite(ABC):
                  budget: Budget) -> float:
         """Score of ``backbone`` + ``head`` on a split (accuracy in [0, 1], or perplexity)."""
 
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness of :meth:`evaluate`: a ``(N,)`` bool tensor in split order whose mean is the
+        accuracy :meth:`evaluate` returns; None when the suite cannot give it (the default; perplexity tasks).
+        The bench keeps these for its statistics (docs/bench.md, "Statistics")."""
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """Everything besides the task data and the budget that determines an expert (backbone id, versions,
         training hyper-parameters). Part of the expert cache key."""
@@ -349,20 +356,35 @@ class Suite(ABC):
         """Accuracy ``#{argmax logits = label} / N`` over ``batches(task, split, budget,
         limit=budget.eval_examples)``, without gradients, ``module`` in eval mode (its training flag restored).
         The module is used as given: no BatchNorm re-estimation (see :meth:`evaluate` of the vision suite)."""
+        correct = self.evaluate_module_examples(module, head, task, split, budget)
+        if correct is None:
+            raise TaskError(f"task {task.name!r} is not scored by accuracy ({task.metric})")
+        return int(correct.sum()) / len(correct)
+
+    def evaluate_module_examples(self, module: nn.Module, head: StateDict | None, task: TaskData, split: SplitName,
+                                 budget: Budget) -> torch.Tensor | None:
+        """Per-example correctness of :meth:`evaluate_module`: ``(N,)`` bool, ``argmax logits = label``, in split
+        order (each batch's ``index``; consecutive when it has none); None where :meth:`evaluate_module` is not an
+        accuracy (a subclass's perplexity task)."""
         was_training = module.training
         module.eval()
-        correct = total = 0
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        start = 0
         try:
             with torch.no_grad():
                 for batch in self.batches(task, split, budget, limit=budget.eval_examples):
                     pred = self.logits(module, head, task, batch).argmax(-1)
-                    correct += int((pred == batch.labels).sum())
-                    total += len(batch)
+                    index = batch.index if batch.index is not None else torch.arange(start, start + len(batch))
+                    parts.append((index, pred == batch.labels))
+                    start += len(batch)
         finally:
             module.train(was_training)
-        if total == 0:
+        if not parts:
             raise TaskError(f"task {task.name!r} has an empty {split} split")
-        return correct / total
+        index = torch.cat([i for i, _ in parts])
+        out = torch.zeros(len(index), dtype=torch.bool)
+        out[index] = torch.cat([c for _, c in parts])
+        return out
 
 
 @dataclass

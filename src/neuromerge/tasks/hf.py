@@ -339,6 +339,10 @@ class HFSuite(Suite):
                  budget: Budget) -> float:
         return self.evaluate_module(self.module(backbone), head, task, split, budget)
 
+    def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
+                          budget: Budget) -> torch.Tensor | None:
+        return self.evaluate_module_examples(self.module(backbone), head, task, split, budget)
+
     # ------------------------------------------------------------------------------------ forward hooks
     def module(self, backbone: StateDict) -> nn.Module:
         import copy
