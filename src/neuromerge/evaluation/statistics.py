@@ -215,8 +215,9 @@ def bootstrap_accuracies(columns: Mapping[str, np.ndarray], *, replicates: int =
                          seed: int = BOOTSTRAP_SEED) -> dict[str, np.ndarray]:
     """Per task, the accuracy of every column under each bootstrap replicate: ``columns[task]`` is an ``(n_t, K)``
     0/1 matrix (one column per (row, seed)); returns ``(replicates + 1, K)`` accuracies whose row 0 is the observed
-    sample (all counts 1). Replicate ``b`` of task ``t`` draws multinomial counts ``w_b ~ Mult(n_t, 1/n_t)`` from
-    a generator seeded by ``(seed, crc32(t))`` and gives ``w_b · C / n_t`` (one matrix product per block)."""
+    sample (all counts 1). Replicate ``b`` of task ``t`` draws ``n_t`` example indices uniformly with replacement
+    from a generator seeded by ``(seed, crc32(t))``; their counts ``w_b ~ Mult(n_t, 1/n_t)`` give ``w_b · C / n_t``
+    (one matrix product per block of replicates)."""
     out: dict[str, np.ndarray] = {}
     for task, cols in columns.items():
         c = np.asarray(cols, dtype=np.float32)
@@ -225,9 +226,11 @@ def bootstrap_accuracies(columns: Mapping[str, np.ndarray], *, replicates: int =
         n = c.shape[0]
         rng = _task_rng(seed, task)
         parts = [c.mean(0, dtype=np.float64)[None, :]]
-        p = np.full(n, 1.0 / n)
         for start in range(0, replicates, _BLOCK):
-            w = rng.multinomial(n, p, size=min(_BLOCK, replicates - start)).astype(np.float32)
+            block = min(_BLOCK, replicates - start)
+            # n draws with replacement per replicate, counted per example: the multinomial counts w_b
+            draws = rng.integers(0, n, size=(block, n)) + (np.arange(block) * n)[:, None]
+            w = np.bincount(draws.ravel(), minlength=block * n).reshape(block, n).astype(np.float32)
             parts.append((w @ c).astype(np.float64) / n)
         out[task] = np.concatenate(parts, 0)
     return out
