@@ -305,3 +305,34 @@ def test_cli_seeds_and_combine(cache_dir, tmp_path, monkeypatch):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_plots_carry_the_t_intervals_as_error_bars(cache_dir, tmp_path, monkeypatch, seeds):
+    from neuromerge.bench import report
+
+    res = protocol.run_suite(SeedToy(), ["task_arithmetic"], quick=True, progress=False, seeds=seeds)
+    axes = []
+    real = report._figure
+
+    def keep(*args):
+        fig, ax = real(*args)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(report, "_figure", keep)
+    report.plot_normalized(res, tmp_path / "n.png")
+    report.plot_in_vs_out(res, tmp_path / "o.png")
+    bars = [c for c in axes[0].containers if hasattr(c, "errorbar")]
+    assert len(bars) == 2  # pretrained + heads, task_arithmetic (the experts row is not plotted)
+    if len(seeds) == 1:
+        assert all(c.errorbar is None for c in bars) and not axes[1].containers  # no fake interval
+        return
+    ivs = res.statistics["intervals"]["task_arithmetic"]
+    want = [ivs["normalized"][t]["high"] - ivs["normalized"][t]["mean"] for t in ("t0", "t1", "t2")]
+    want.append(ivs["mean_normalized"]["high"] - ivs["mean_normalized"]["mean"])
+    segments = bars[1].errorbar.lines[2][0].get_segments()
+    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * w for w in want])
+    # the toy's probes ignore the seed: the base row's accuracies are the same in both seeds (width 0, no bar in
+    # the accuracy plot) while its normalized accuracies move with the experts (bars); TA moves in both
+    assert bars[0].errorbar is not None and len(axes[1].containers) == 1

@@ -88,11 +88,16 @@ def bench_command(suite: str, *, methods: str | None = None, tasks: str | None =
         typer.echo(f"error: cannot write or read{where}: {err.strerror or err}", err=True)
         return 2
     typer.echo(results.markdown())
-    skipped = [r for r in results.rows if r.skipped]
+    several = len(results.per_seed) > 1
+    skipped = [r for rows in results.per_seed.values() for r in rows if r.skipped] or [
+        r for r in results.rows if r.skipped]
     for r in skipped:
-        typer.echo(f"note: {r.name} skipped: {r.skipped}", err=True)
-    failed = [r.name for r in skipped if r.skipped.startswith("failed")]
+        typer.echo(f"note: {r.name}{f' (seed {r.seed})' if several else ''} skipped: {r.skipped}", err=True)
+    failed = list(dict.fromkeys(r.name for r in skipped if (r.skipped or "").startswith("failed")))
     t = results.timings
+    if several:
+        typer.echo(f"\nseeds {', '.join(map(str, results.seeds))}: cells are mean ± half-width of the 95 % t-interval; "
+                   "comparisons against Task Arithmetic and TIES in results.md")
     typer.echo(f"\nreport written to {folder} (results.md, results.json, plots) in {t['total']:.0f} s "
                f"(training {t.get('training', 0):.0f} s, merging {t.get('merging', 0):.0f} s, "
                f"evaluation {t.get('evaluation', 0) + t.get('baselines', 0):.0f} s)")

@@ -803,8 +803,8 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
         if folder is not None and not rebuild:
             done = {n: r for n in names if (r := runstore.load_row(folder, sd, n)) is not None}
         env[sd] = runstore.environment()
-        if folder is not None:
-            if len(done) < len(names) or not runstore.load_environment(folder, sd):
+        if folder is not None:  # the machine that started the seed (a resume on another one keeps it)
+            if not runstore.load_environment(folder, sd):
                 runstore.save_environment(folder, sd, env[sd])
             env[sd] = runstore.load_environment(folder, sd) or env[sd]
         if len(done) == len(names):  # every row of this seed is finished: no expert is needed
