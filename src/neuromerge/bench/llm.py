@@ -213,17 +213,13 @@ class LLMSuite(Suite):
         if head is not None:
             raise BenchError(f"suite {self.name!r} has no task heads (label-word scoring); got a head for "
                              f"task {task.name!r}")
-        data = getattr(task, split)
-        if len(data) == 0:
+        if len(getattr(task, split)) == 0:
             raise BenchError(f"task {task.name!r} has an empty {split} split")
-        model = self._load(backbone)
-        pad = self._tok().pad_token_id
-        batch = int(budget.extra.get("eval_batch", 16))
         if task.metric == "perplexity":
-            return self._perplexity(model, task, split, budget)
-        enc = self.encode(task, split, budget)
-        scores = lm.label_log_probs(model, enc, pad_id=pad, batch_size=batch)
-        return float((scores.argmax(1) == data.labels).float().mean())
+            return self._perplexity(self._load(backbone), task, split, budget)
+        correct = self.evaluate_examples(backbone, head, task, split, budget)
+        assert correct is not None
+        return int(correct.sum()) / len(correct)
 
     def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                           budget: Budget) -> torch.Tensor | None:

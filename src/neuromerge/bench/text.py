@@ -298,10 +298,9 @@ class TextSuite(Suite):
 
     def evaluate(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                  budget: Budget) -> float:
-        if head is None:
-            raise BenchError(f"text suite: task {task.name!r} needs a head")
-        feats = self.features(backbone, task, split, budget)
-        return accuracy(linear_head(feats, head), getattr(task, split).labels)
+        correct = self.evaluate_examples(backbone, head, task, split, budget)
+        assert correct is not None
+        return int(correct.sum()) / len(correct) if len(correct) else float("nan")
 
     def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
                           budget: Budget) -> torch.Tensor | None:
