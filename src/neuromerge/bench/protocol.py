@@ -17,6 +17,11 @@
 4. **Transductive flag**: ``getattr(method_class, "transductive", False)`` (AdaMerging / WEMoE learn from
    unlabelled test inputs); shown in every table.
 
+5. **Seeds** (``seeds=[0, 1, 2]``): steps 1–3 run once per seed on the same splits; every row keeps its
+   per-example test correctness (``Row.examples``, :meth:`Suite.evaluate_examples`); the rows of several seeds are
+   averaged and the statistics (t-intervals, paired bootstrap against TA / TIES, Holm) come from :mod:`.stats`.
+   With ``out``, each finished (seed, row) is written at once and a rerun resumes (:mod:`.runstore`).
+
 Timings are recorded per phase (data, training, baselines, merging, evaluation) and per method.
 """
 
