@@ -336,3 +336,35 @@ def test_plots_carry_the_t_intervals_as_error_bars(cache_dir, tmp_path, monkeypa
     # the toy's probes ignore the seed: the base row's accuracies are the same in both seeds (width 0, no bar in
     # the accuracy plot) while its normalized accuracies move with the experts (bars); TA moves in both
     assert bars[0].errorbar is not None and len(axes[1].containers) == 1
+
+
+class PerplexityOOD(SeedToy):
+    """The OOD task is scored by a perplexity-like number (lower is better) without per-example correctness."""
+
+    def tasks(self, budget):
+        out = super().tasks(budget)
+        out[-1] = dataclasses.replace(out[-1], metric="perplexity")
+        return out
+
+    def evaluate(self, backbone, head, task, split, budget):
+        if task.metric == "perplexity":
+            return 1.0 + float(self._feats(backbone, getattr(task, split).inputs).abs().mean())
+        return super().evaluate(backbone, head, task, split, budget)
+
+    def evaluate_examples(self, backbone, head, task, split, budget):
+        return None if task.metric == "perplexity" else super().evaluate_examples(backbone, head, task, split, budget)
+
+
+def test_a_task_without_per_example_results_keeps_its_score(cache_dir, tmp_path):
+    res = protocol.run_suite(PerplexityOOD(), ["task_arithmetic", "ties"], quick=True, out=tmp_path / "o",
+                             progress=False, seeds=[0, 1])
+    for rows in res.per_seed.values():
+        for r in rows:
+            assert "ood" not in r.examples  # nothing made up for the perplexity task
+            if r.kind != "experts":
+                assert r.ood["ood"] > 1 and r.ood_metrics["ood"] == "perplexity"
+    iv = res.statistics["intervals"]["ties"]["ood"]["ood"]
+    assert iv["mean"] == pytest.approx(np.mean([res.per_seed[s][3].ood["ood"] for s in (0, 1)]))  # not × 100
+    assert len(res.statistics["comparisons"]) == 2  # the in-domain accuracy tasks still compare
+    again = recompute(tmp_path / "o" / "results.json")
+    assert _close([r.ood for r in again.rows], [r.ood for r in res.rows])
