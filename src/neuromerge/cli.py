@@ -282,8 +282,8 @@ def bench(
 
         given = {"--methods": methods, "--tasks": tasks, "--model": model, "--task-file": task_file, "--seed": seed,
                  "--seeds": seeds, "--mode": mode, "--base": base, "--experts": experts}
-        extra = [k for k, v in given.items() if v] + [k for k, v in {"--quick": quick, "--rebuild": rebuild}.items()
-                                                      if v]
+        extra = [k for k, v in given.items() if v is not None and v != []] + [
+            k for k, v in {"--quick": quick, "--rebuild": rebuild}.items() if v]
         if extra:
             _fail(f"bench combine takes run folders and -o only, not {', '.join(extra)}")
         if out is None:

@@ -301,6 +301,8 @@ def test_cli_seeds_and_combine(cache_dir, tmp_path, monkeypatch):
                           (["bench", "combine", str(tmp_path / "a"), "-o", str(tmp_path / "z")], "at least two"),
                           (["bench", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--quick", "-o",
                             str(tmp_path / "z")], "not --quick"),
+                          (["bench", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--seed", "0", "-o",
+                            str(tmp_path / "z")], "not --seed"),
                           (["bench", "toy", str(tmp_path / "a")], "unexpected argument")]:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
