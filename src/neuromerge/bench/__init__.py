@@ -20,13 +20,13 @@ if TYPE_CHECKING:
     from .protocol import BenchResults
     from .suite import Suite
 
-__all__ = ["BenchError", "available_suites", "get_suite", "run"]
+__all__ = ["BenchError", "available_suites", "combine", "get_suite", "recompute", "run"]
 
 
 def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
         quick: bool = False, out: str | Path | None = None, rebuild: bool = False, model: str | Path | None = None,
-        task_file: str | Path | None = None, seed: int = 0, progress: bool | None = None, mode: str | None = None
-        ) -> BenchResults:
+        task_file: str | Path | None = None, seed: int = 0, progress: bool | None = None, mode: str | None = None,
+        seeds: Sequence[int] | None = None) -> BenchResults:
     """Benchmark merge methods on a suite (protocol: :mod:`neuromerge.bench.protocol`).
 
     ``methods``: registry names or aliases (default: every registered static method — with ``quick``, the suite's
@@ -37,9 +37,29 @@ def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequenc
     folder (its backbone tensors, the experts' heads); ``task_file``: a YAML file of extra tasks
     (:mod:`neuromerge.bench.taskfile`); ``seed``: expert training and random merges (splits are fixed);
     ``progress``: tqdm bars on stderr (default: when stderr is a terminal); ``mode``: expert fine-tuning (``full``
-    or ``lora``; default the suite's first mode — routed LoRA methods such as MIN-Merging need ``lora``).
+    or ``lora``; default the suite's first mode — routed LoRA methods such as MIN-Merging need ``lora``);
+    ``seeds``: several seeds (experts trained per seed, the same splits), e.g. ``[0, 1, 2]`` — ``rows`` are then
+    means over the seeds, ``per_seed`` holds each seed's rows and ``statistics`` the 95 % t-intervals and the
+    paired-bootstrap comparisons (docs/bench.md, "Statistics"); ``seed`` is the one seed when ``seeds`` is None.
+    With ``out``, every finished (seed, row) is written there at once, and the same call again resumes.
     """
     from .protocol import run_suite
 
     return run_suite(suite, methods, tasks, quick=quick, out=out, rebuild=rebuild, model=model,
-                     task_file=task_file, seed=seed, progress=progress, mode=mode)
+                     task_file=task_file, seed=seed, progress=progress, mode=mode, seeds=seeds)
+
+
+def combine(folders: Sequence[str | Path], out: str | Path) -> BenchResults:
+    """Merge finished run folders of one protocol that differ by their seeds into one report in ``out`` (a new
+    folder): :func:`neuromerge.bench.combining.combine_runs`."""
+    from .combining import combine_runs
+
+    return combine_runs(folders, out)
+
+
+def recompute(results_json: str | Path | dict) -> BenchResults:  # type: ignore[type-arg]
+    """Every table and figure of a ``results.json`` rebuilt from its per-example correctness
+    (:func:`neuromerge.bench.stats.recompute`)."""
+    from .stats import recompute as _recompute
+
+    return _recompute(results_json)
