@@ -281,6 +281,23 @@ class MethodSpec:
     cls: Any
     transductive: bool
     runner: Runner | None = None
+    #: score the method once at :data:`.grids.PAPER_DEFAULTS` (no validation) instead of tuning it on its grid
+    paper_default: bool = False
+
+    @property
+    def row_name(self) -> str:
+        return self.name + (grids.PAPER_DEFAULT_SUFFIX if self.paper_default else "")
+
+
+def with_paper_defaults(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """``specs`` with, after each static method that has paper defaults (:data:`.grids.PAPER_DEFAULTS`), its
+    paper-default spec (row ``"<method> (paper default)"``)."""
+    out: list[MethodSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if spec.runner is None and not spec.paper_default and grids.paper_default(spec.name) is not None:
+            out.append(MethodSpec(spec.name, spec.cls, spec.transductive, paper_default=True))
+    return out
 
 
 def extra_runners() -> dict[str, tuple[Runner, bool]]:
@@ -460,18 +477,21 @@ def run_method_or_record(ctx: Context, spec: MethodSpec) -> Row:
     except Exception as err:
         traceback.print_exc(file=sys.stderr)
         reason = f"failed: {type(err).__name__}: {err}"
-    return Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
+    return Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
 
 
 def run_method(ctx: Context, spec: MethodSpec) -> Row:
-    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
+    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc); a
+    ``paper_default`` spec is scored at its paper defaults, without validation."""
     if spec.runner is not None:
         return run_produced(ctx, spec)
-    row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
+    row = Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive)
     problem = model_count_problem(spec.cls, len(ctx.in_domain))
     if problem:
         row.skipped = problem
         return row
+    if spec.paper_default:
+        return _run_paper_default(ctx, spec, row)
     t0 = time.perf_counter()
     phases0 = dict(ctx.clock.phases)
     points = grids.grid_for(spec.name, ctx.budget.quick)
@@ -499,6 +519,30 @@ def run_method(ctx: Context, spec: MethodSpec) -> Row:
         row.grid.sort(key=lambda g: points.index(g["params"]))
         ctx.score(row, best[2])
         row.storage_bytes = state_bytes(best[2])
+        bar.update(1)
+    row.time_s = time.perf_counter() - t0
+    row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
+                   if v - phases0.get(k, 0.0) > 0}
+    return row
+
+
+def _run_paper_default(ctx: Context, spec: MethodSpec, row: Row) -> Row:
+    """One merge at :data:`.grids.PAPER_DEFAULTS`, scored on the test splits (no validation score, no grid)."""
+    params = grids.paper_default(spec.name)
+    if params is None:
+        raise BenchError(f"method {spec.name!r} has no paper defaults (grids.PAPER_DEFAULTS)")
+    t0 = time.perf_counter()
+    phases0 = dict(ctx.clock.phases)
+    with ctx.bar(total=1, desc=f"{spec.row_name:<16}", leave=False) as bar:
+        try:
+            merged = ctx.merge(spec.name, params)
+        except Exception as err:
+            err.add_note(f"while merging with {spec.name} {params}")
+            raise
+        row.params = params
+        row.info["paper_default"] = grids.PAPER_DEFAULTS[spec.name].source
+        ctx.score(row, merged)
+        row.storage_bytes = state_bytes(merged)
         bar.update(1)
     row.time_s = time.perf_counter() - t0
     row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
@@ -650,8 +694,10 @@ def train_experts(prep: Prepared, seed: int, *, rebuild: bool = False, clock: Cl
 def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
               quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
               model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
-              progress: bool | None = None, mode: str | None = None) -> BenchResults:
-    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`."""
+              progress: bool | None = None, mode: str | None = None, paper_defaults: bool | None = None
+              ) -> BenchResults:
+    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`. ``paper_defaults``: add the
+    paper-default rows (:func:`with_paper_defaults`; default: in the normal budget, not with ``quick``)."""
     import datetime
     import sys
 
@@ -664,6 +710,8 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     if methods is None and model is None and quick and s.quick_methods is not None:
         methods = list(s.quick_methods)
     specs = resolve_methods(methods) if (methods is not None or model is None) else []
+    if (not quick) if paper_defaults is None else paper_defaults:
+        specs = with_paper_defaults(specs)
     prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
                          clock=clock, bar=bar, need_experts=model is None or bool(specs))
     s, budget, base, chosen = prep.suite, prep.budget, prep.base, prep.chosen
@@ -708,7 +756,7 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
         rows.append(model_row)
     with bar(total=len(specs), desc="methods         ") as b:
         for spec in specs:
-            b.set_postfix_str(spec.name)
+            b.set_postfix_str(spec.row_name)
             rows.append(run_method_or_record(ctx, spec))
             b.update(1)
 
