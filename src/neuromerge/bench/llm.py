@@ -125,13 +125,14 @@ class LLMSuite(Suite):
 
     def budget(self, quick: bool) -> Budget:
         """``--quick``: 8 steps × 8 examples per expert, texts cut at 24 tokens, 16 validation / 32 test examples
-        per task, 16 dialogues of ≤ 48 tokens; normal: 24 steps, 40 tokens, 32 / 64 examples, 32 dialogues of
-        ≤ 64 tokens. (One evaluation of 32 prompts is ~1,000 tokens: ~3-6 s on 2 shared cores.)"""
+        per task, 16 dialogues of ≤ 48 tokens; normal: 24 steps, 40 tokens, 32 validation / 256 test examples
+        (issue #18: at least 200 per task; ``debate_party`` has 155 in all), 32 dialogues of ≤ 64 tokens. (One
+        evaluation of 32 prompts is ~1,000 tokens: ~3-6 s on 2 shared cores.)"""
         if quick:
             return Budget(quick=True, train_steps=8, batch_size=8, eval_examples=32, probe_steps=0,
                           extra={"max_text_tokens": 24, "val_examples": 16, "ppl_examples": 16, "ppl_tokens": 48,
                                  "eval_batch": 16})
-        return Budget(quick=False, train_steps=24, batch_size=8, eval_examples=64, probe_steps=0,
+        return Budget(quick=False, train_steps=24, batch_size=8, eval_examples=256, probe_steps=0,
                       extra={"max_text_tokens": 40, "val_examples": 32, "ppl_examples": 32, "ppl_tokens": 64,
                              "eval_batch": 16})
 
