@@ -670,6 +670,8 @@ def prepare_suite(suite: str | Suite, tasks: Sequence[str] | None = None, *, qui
             all_tasks += load_task_file(task_file, s.name, budget, reserved=[t.name for t in all_tasks])
     chosen = select_tasks(all_tasks, tasks)
     in_domain = [t for t in chosen if t.in_domain]
+    if callable(getattr(s, "prepare_mode", None)):  # a suite whose merged weights depend on the mode (llm)
+        s.prepare_mode(mode)  # type: ignore[attr-defined]
     if not in_domain and need_experts:
         raise BenchError("no in-domain task selected: nothing to train experts on or to merge")
     return Prepared(s, mode, budget, chosen, in_domain, [t for t in chosen if not t.in_domain], s.backbone_state(),
