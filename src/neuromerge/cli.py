@@ -262,7 +262,8 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
     mode: Annotated[str | None, typer.Option(help="expert fine-tuning: full or lora (default: the suite's first; "
-                                             "routed LoRA methods need lora)")] = None,
+                                             "routed LoRA methods need lora); llm: lora (q/k/v/o, default), "
+                                             "lora_all (every linear layer) or full")] = None,
     heads: Annotated[str | None, typer.Option(
         help="experts' task heads (text, vision): frozen = fit on the base and fixed while experts train (default, "
              "as in the papers); trained = trained from zero with the backbone")] = None,

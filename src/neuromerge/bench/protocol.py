@@ -12,8 +12,10 @@
    the best point (first in grid order on ties) is chosen and scored on the test splits. Nothing is tuned on
    test labels. Per task: test accuracy and normalized accuracy ``100 · acc_merged(t) / acc_expert(t)``; their
    means; out-of-domain score = a fresh probe trained on the OOD task's train split over frozen merged
-   features, scored on its test split. Methods that need a number of models the run does not have (SLERP:
-   exactly 2) get a row with the reason, never a silent gap. A method that fails raises.
+   features, scored on its test split. Beside each tuned row, a row ``"<method> (paper default)"`` scores the
+   method once at its paper defaults, without validation (:data:`.grids.PAPER_DEFAULTS`; normal budget).
+   Methods that need a number of models the run does not have (SLERP: exactly 2) get a row with the reason,
+   never a silent gap. A method that fails raises.
 4. **Transductive flag**: ``getattr(method_class, "transductive", False)`` (AdaMerging / WEMoE learn from
    unlabelled test inputs); shown in every table.
 
@@ -712,7 +714,9 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     if methods is None and model is None and quick and s.quick_methods is not None:
         methods = list(s.quick_methods)
     specs = resolve_methods(methods) if (methods is not None or model is None) else []
-    if (not quick) if paper_defaults is None else paper_defaults:
+    if paper_defaults is None:
+        paper_defaults = not quick  # one more merge and test scoring per method: not in the quick budget
+    if paper_defaults:
         specs = with_paper_defaults(specs)
     prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
                          clock=clock, bar=bar, need_experts=model is None or bool(specs))
