@@ -84,7 +84,7 @@ def markdown_report(results: BenchResults) -> str:
     b = results.budget
     out = [f"# neuromerge bench {results.suite}{' --quick' if results.quick else ''}", "",
            f"{results.description}. Created {results.created}; seed {results.seed}; experts: {results.mode} "
-           f"fine-tuning, {b.get('train_steps')} steps of batch {b.get('batch_size')}.", "",
+           f"fine-tuning, {b.get('train_steps')} steps of batch {b.get('batch_size')}{_heads(results)}.", "",
            "Test accuracy (%) per task with each task's expert head; `norm. mean` = mean over in-domain tasks of "
            "100 · acc / acc_expert; OOD = a fresh linear probe on frozen merged features. Hyper-parameters were "
            "chosen on the validation splits (mean validation accuracy over the in-domain tasks).", "",
@@ -107,6 +107,16 @@ def markdown_report(results: BenchResults) -> str:
             out.append(f"- **{r.name}** (chosen {_params(r.params)}): {trace}")
     out += ["", "## Timings", "", _timings(results), ""]
     return "\n".join(out)
+
+
+def _heads(results: BenchResults) -> str:
+    """``", heads frozen"`` (or trained) when the experts record their head protocol (text, vision)."""
+    heads = sorted({str(e.get("meta", {}).get("heads")) for e in results.experts.values()
+                    if e.get("meta", {}).get("heads")})
+    if not heads:
+        return ""
+    what = {"frozen": "frozen at the base probe", "trained": "trained with the backbone"}
+    return ", heads " + " / ".join(what.get(h, h) for h in heads)
 
 
 def standard_error(p: float, n: int) -> float:
