@@ -109,3 +109,18 @@ def test_cli_refuses_an_unknown_head_protocol(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--heads must be one of frozen, trained" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_applies_the_head_protocol(monkeypatch):
+    """``neuromerge.bench.run(..., heads=...)`` configures the suite before the protocol sees it."""
+    import neuromerge.bench as bench
+    from neuromerge.bench import protocol
+
+    seen = []
+    monkeypatch.setattr(protocol, "run_suite", lambda suite, *a, **k: seen.append(suite) or "ran")
+    assert bench.run("text", heads="trained") == "ran"
+    assert isinstance(seen[0], text.TextSuite) and seen[0].config.heads == "trained"
+    assert bench.run(vision.VisionSuite(), heads="trained") == "ran" and seen[1].config.heads == "trained"
+    assert bench.run("text") == "ran" and seen[2] == "text"  # no heads given: the suite's default (frozen)
+    with pytest.raises(BenchError, match="no task heads"):
+        bench.run("llm", heads="frozen")
