@@ -279,7 +279,15 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
     mode: Annotated[str | None, typer.Option(help="expert fine-tuning: full or lora (default: the suite's first; "
-                                             "routed LoRA methods need lora)")] = None,
+                                             "routed LoRA methods need lora); llm: lora (q/k/v/o, default), "
+                                             "lora_all (every linear layer) or full")] = None,
+    heads: Annotated[str | None, typer.Option(
+        help="experts' task heads (text, vision): frozen = fit on the base and fixed while experts train (default, "
+             "as in the papers); trained = trained from zero with the backbone")] = None,
+    paper_defaults: Annotated[bool | None, typer.Option(
+        "--paper-defaults/--no-paper-defaults",
+        help="also score each static method at its paper defaults, without validation (default: on, off with "
+             "--quick)")] = None,
     base: Annotated[Path | None, typer.Option(help="your own base model folder: score --model folders on "
                                               "--task-file against --experts (neuromerge evaluate)")] = None,
     experts: Annotated[Path | None, typer.Option(help="with --base: YAML mapping each task to its expert (adapter "
@@ -315,7 +323,8 @@ def bench(
         _bench_user_model(suite, base, experts, task_file, model or [], out, tasks=tasks, seed=seed or 0,
                           progress=progress, threads=threads, force=force,
                           refused={"--methods": methods is not None, "--quick": quick, "--rebuild": rebuild,
-                                   "--mode": mode is not None})
+                                   "--mode": mode is not None, "--heads": heads is not None,
+                                   "--paper-defaults": paper_defaults is not None})
         return
     if suite is None:
         _fail("give a SUITE (text, vision, llm), or --base, --experts and --task-file to score your own model")
@@ -325,7 +334,7 @@ def bench(
 
     code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild,
                          model=model[0] if model else None, task_file=task_file, seed=seed or 0, progress=progress,
-                         threads=threads, mode=mode, seeds=seeds)
+                         threads=threads, mode=mode, seeds=seeds, heads=heads, paper_defaults=paper_defaults)
     if code:
         raise typer.Exit(code)
 

@@ -62,7 +62,8 @@ def default_out(suite: str) -> Path:
 def bench_command(suite: str, *, methods: str | None = None, tasks: str | None = None, quick: bool = False,
                   out: Path | None = None, rebuild: bool = False, model: Path | None = None,
                   task_file: Path | None = None, seed: int = 0, progress: bool = True, threads: int | None = None,
-                  mode: str | None = None, seeds: str | None = None) -> int:
+                  mode: str | None = None, seeds: str | None = None, heads: str | None = None,
+                  paper_defaults: bool | None = None) -> int:
     """Run a suite, print the Markdown table and where the report is; returns the exit code (2: bad input).
     ``threads`` sets torch's intra-op threads for this process (on a machine shared with other jobs, 1 thread
     avoids the stalls of a thread pool that waits for descheduled workers)."""
@@ -79,7 +80,8 @@ def bench_command(suite: str, *, methods: str | None = None, tasks: str | None =
         check_output(folder, [model, task_file])  # a report folder must not replace the model or task file it reads
         results = run(suite, methods=split_list(methods, "methods"), tasks=split_list(tasks, "tasks"),
                       quick=quick, out=folder, rebuild=rebuild, model=model, task_file=task_file, seed=seed,
-                      progress=progress, mode=mode, seeds=parse_seeds(seeds))
+                      progress=progress, mode=mode, seeds=parse_seeds(seeds), heads=heads,
+                      paper_defaults=paper_defaults)
     except NeuromergeError as err:
         typer.echo(f"error: {err}", err=True)
         return 2

@@ -12,8 +12,10 @@
    the best point (first in grid order on ties) is chosen and scored on the test splits. Nothing is tuned on
    test labels. Per task: test accuracy and normalized accuracy ``100 · acc_merged(t) / acc_expert(t)``; their
    means; out-of-domain score = a fresh probe trained on the OOD task's train split over frozen merged
-   features, scored on its test split. Methods that need a number of models the run does not have (SLERP:
-   exactly 2) get a row with the reason, never a silent gap. A method that fails raises.
+   features, scored on its test split. Beside each tuned row, a row ``"<method> (paper default)"`` scores the
+   method once at its paper defaults, without validation (:data:`.grids.PAPER_DEFAULTS`; normal budget).
+   Methods that need a number of models the run does not have (SLERP: exactly 2) get a row with the reason,
+   never a silent gap. A method that fails raises.
 4. **Transductive flag**: ``getattr(method_class, "transductive", False)`` (AdaMerging / WEMoE learn from
    unlabelled test inputs); shown in every table.
 
@@ -336,6 +338,23 @@ class MethodSpec:
     cls: Any
     transductive: bool
     runner: Runner | None = None
+    #: score the method once at :data:`.grids.PAPER_DEFAULTS` (no validation) instead of tuning it on its grid
+    paper_default: bool = False
+
+    @property
+    def row_name(self) -> str:
+        return self.name + (grids.PAPER_DEFAULT_SUFFIX if self.paper_default else "")
+
+
+def with_paper_defaults(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """``specs`` with, after each static method that has paper defaults (:data:`.grids.PAPER_DEFAULTS`), its
+    paper-default spec (row ``"<method> (paper default)"``)."""
+    out: list[MethodSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if spec.runner is None and not spec.paper_default and grids.paper_default(spec.name) is not None:
+            out.append(MethodSpec(spec.name, spec.cls, spec.transductive, paper_default=True))
+    return out
 
 
 def extra_runners() -> dict[str, tuple[Runner, bool]]:
@@ -550,18 +569,21 @@ def run_method_or_record(ctx: Context, spec: MethodSpec) -> Row:
     except Exception as err:
         traceback.print_exc(file=sys.stderr)
         reason = f"failed: {type(err).__name__}: {err}"
-    return Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
+    return Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
 
 
 def run_method(ctx: Context, spec: MethodSpec) -> Row:
-    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
+    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc); a
+    ``paper_default`` spec is scored at its paper defaults, without validation."""
     if spec.runner is not None:
         return run_produced(ctx, spec)
-    row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
+    row = Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive)
     problem = model_count_problem(spec.cls, len(ctx.in_domain))
     if problem:
         row.skipped = problem
         return row
+    if spec.paper_default:
+        return _run_paper_default(ctx, spec, row)
     t0 = time.perf_counter()
     phases0 = dict(ctx.clock.phases)
     points = grids.grid_for(spec.name, ctx.budget.quick)
@@ -589,6 +611,30 @@ def run_method(ctx: Context, spec: MethodSpec) -> Row:
         row.grid.sort(key=lambda g: points.index(g["params"]))
         ctx.score(row, best[2])
         row.storage_bytes = state_bytes(best[2])
+        bar.update(1)
+    row.time_s = time.perf_counter() - t0
+    row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
+                   if v - phases0.get(k, 0.0) > 0}
+    return row
+
+
+def _run_paper_default(ctx: Context, spec: MethodSpec, row: Row) -> Row:
+    """One merge at :data:`.grids.PAPER_DEFAULTS`, scored on the test splits (no validation score, no grid)."""
+    params = grids.paper_default(spec.name)
+    if params is None:
+        raise BenchError(f"method {spec.name!r} has no paper defaults (grids.PAPER_DEFAULTS)")
+    t0 = time.perf_counter()
+    phases0 = dict(ctx.clock.phases)
+    with ctx.bar(total=1, desc=f"{spec.row_name:<16}", leave=False) as bar:
+        try:
+            merged = ctx.merge(spec.name, params)
+        except Exception as err:
+            err.add_note(f"while merging with {spec.name} {params}")
+            raise
+        row.params = params
+        row.info["paper_default"] = grids.PAPER_DEFAULTS[spec.name].source
+        ctx.score(row, merged)
+        row.storage_bytes = state_bytes(merged)
         bar.update(1)
     row.time_s = time.perf_counter() - t0
     row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
@@ -716,6 +762,8 @@ def prepare_suite(suite: str | Suite, tasks: Sequence[str] | None = None, *, qui
             all_tasks += load_task_file(task_file, s.name, budget, reserved=[t.name for t in all_tasks])
     chosen = select_tasks(all_tasks, tasks)
     in_domain = [t for t in chosen if t.in_domain]
+    if callable(getattr(s, "prepare_mode", None)):  # a suite whose merged weights depend on the mode (llm)
+        s.prepare_mode(mode)  # type: ignore[attr-defined]
     if not in_domain and need_experts:
         raise BenchError("no in-domain task selected: nothing to train experts on or to merge")
     return Prepared(s, mode, budget, chosen, in_domain, [t for t in chosen if not t.in_domain], s.backbone_state(),
@@ -780,11 +828,12 @@ def parse_seeds(seeds: Sequence[int] | None, seed: int) -> list[int]:
 def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
               quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
               model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
-              progress: bool | None = None, mode: str | None = None, seeds: Sequence[int] | None = None
-              ) -> BenchResults:
+              progress: bool | None = None, mode: str | None = None, seeds: Sequence[int] | None = None,
+              paper_defaults: bool | None = None) -> BenchResults:
     """Run the protocol (module docstring) for every seed of ``seeds`` (default ``[seed]``); see
     :func:`neuromerge.bench.run`. With ``out``, each finished (seed, row) is written there at once and a rerun with
-    the same ``out`` resumes (:mod:`.runstore`); ``rebuild`` recomputes every row."""
+    the same ``out`` resumes (:mod:`.runstore`); ``rebuild`` recomputes every row. ``paper_defaults``: add the
+    paper-default rows (:func:`with_paper_defaults`; default: in the normal budget, not with ``quick``)."""
     import datetime
     import sys
 
@@ -799,6 +848,10 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
     if methods is None and model is None and quick and s.quick_methods is not None:
         methods = list(s.quick_methods)
     specs = resolve_methods(methods) if (methods is not None or model is None) else []
+    if paper_defaults is None:
+        paper_defaults = not quick  # one more merge and test scoring per method: not in the quick budget
+    if paper_defaults:
+        specs = with_paper_defaults(specs)
     prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed_list[0], mode=mode,
                          clock=clock, bar=bar, need_experts=model is None or bool(specs))
     s, base, chosen = prep.suite, prep.base, prep.chosen
@@ -809,7 +862,7 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
                           else load_merged_backbone(model, base))
     model_name = f"model: {Path(model).name}" if model is not None else None
     folder = Path(out) if out is not None else None
-    names = [BASE_ROW, EXPERT_ROW, *([model_name] if model_name else []), *(sp.name for sp in specs)]
+    names = [BASE_ROW, EXPERT_ROW, *([model_name] if model_name else []), *(sp.row_name for sp in specs)]
     if folder is not None:
         ident = runstore.identity(s.name, s.fingerprint(), [task_info(t) for t in chosen], asdict(prep.budget),
                                   prep.mode, quick, str(model) if model is not None else None)
@@ -855,10 +908,10 @@ def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: S
                 ctx.score(model_row, model_backbone)
             model_row.time_s = time.perf_counter() - t0
             keep(model_row)
-        todo = [sp for sp in specs if sp.name not in done]
+        todo = [sp for sp in specs if sp.row_name not in done]
         with bar(total=len(todo), desc=f"methods seed {sd:<4}") as b:
             for spec in todo:
-                b.set_postfix_str(spec.name)
+                b.set_postfix_str(spec.row_name)
                 keep(run_method_or_record(ctx, spec))
                 b.update(1)
         per_seed[sd] = [rows[n] for n in names]

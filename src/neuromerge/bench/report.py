@@ -150,7 +150,7 @@ def markdown_report(results: BenchResults) -> str:
     several = len(results.seeds) > 1
     out = [f"# neuromerge bench {results.suite}{' --quick' if results.quick else ''}", "",
            f"{results.description}. Created {results.created}; {_seeds_text(results)}; experts: {results.mode} "
-           f"fine-tuning, {b.get('train_steps')} steps of batch {b.get('batch_size')}.", "",
+           f"fine-tuning, {b.get('train_steps')} steps of batch {b.get('batch_size')}{_heads(results)}.", "",
            ("Each cell: mean over the seeds ± half-width of the 95 % t-interval (docs/bench.md, Statistics)."
             if several else "One seed: intervals over seeds are n/a (1 seed); the comparisons below resample test "
             "examples only."), "",
@@ -158,11 +158,17 @@ def markdown_report(results: BenchResults) -> str:
            "100 · acc / acc_expert; OOD = a fresh linear probe on frozen merged features. Hyper-parameters were "
            "chosen on the validation splits (mean validation accuracy over the in-domain tasks).", "",
            markdown_table(results), "", "## Tasks", "",
-           "| task | in domain | classes | train / val / test | source |", "|---|---|---:|---|---|"]
+           "Standard error (points) of a test accuracy p on n examples: 100 · √(p(1−p)/n), at p = the individual "
+           "expert's accuracy (in domain) or the pretrained + heads row's (OOD), and at most (p = 0.5).", "",
+           "| task | in domain | classes | train / val / test | std. error | std. error at most | source |",
+           "|---|---|---:|---|---:|---:|---|"]
     for t in results.tasks:
         s = t["sizes"]
+        p = _reference_accuracy(results, t)
+        se = "–" if p is None else _num(100 * standard_error(p, s["test"]))
         out.append(f"| {t['name']} | {'yes' if t['in_domain'] else 'no'} | {len(t['classes'])} | "
-                   f"{s['train']} / {s['val']} / {s['test']} | {t['source']} |")
+                   f"{s['train']} / {s['val']} / {s['test']} | {se} | {_num(100 * standard_error(0.5, s['test']))} | "
+                   f"{t['source']} |")
     out += ["", "## Comparisons (paired bootstrap)", "",
             "Δ = difference in mean normalized accuracy (points of %), method minus reference; paired bootstrap "
             "stratified by task (B = 10,000, RNG seed 0, percentile interval). `*`: the 95 % interval excludes 0; "
@@ -181,6 +187,36 @@ def markdown_report(results: BenchResults) -> str:
         out += ["", "## Machine", "", *env]
     out += ["", "## Timings", "", _timings(results), ""]
     return "\n".join(out)
+
+
+def _heads(results: BenchResults) -> str:
+    """``", heads frozen"`` (or trained) when the experts record their head protocol (text, vision)."""
+    heads = sorted({str(e.get("meta", {}).get("heads")) for e in results.experts.values()
+                    if e.get("meta", {}).get("heads")})
+    if not heads:
+        return ""
+    what = {"frozen": "frozen at the base probe", "trained": "trained with the backbone"}
+    return ", heads " + " / ".join(what.get(h, h) for h in heads)
+
+
+def standard_error(p: float, n: int) -> float:
+    """Standard error ``√(p(1−p)/n)`` of an accuracy ``p`` measured on ``n`` independent examples (binomial); NaN
+    when ``n`` is 0."""
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
+
+
+def _reference_accuracy(results: BenchResults, task: dict[str, Any]) -> float | None:
+    """The accuracy a task's standard error is given at: its expert's (in domain) or the base row's (OOD); None
+    for a perplexity task or when the row is missing."""
+    if task.get("metric", "accuracy") != "accuracy":
+        return None
+    name = task["name"]
+    for r in results.rows:
+        if task["in_domain"] and r.kind == "experts" and name in r.test:
+            return r.test[name]
+        if not task["in_domain"] and r.kind == "baseline" and name in r.ood:
+            return r.ood[name]
+    return None
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
