@@ -30,8 +30,9 @@ def run(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequenc
         ) -> BenchResults:
     """Benchmark merge methods on a suite (protocol: :mod:`neuromerge.bench.protocol`).
 
-    ``methods``: registry names or aliases (default: every registered static method — with ``quick``, the suite's
-    ``quick_methods`` where it has some (llm: TA, TIES, NeuroMerging); none when ``model`` is given);
+    ``methods``: registry names or aliases (default: the papers' static methods with a grid,
+    ``grids.DEFAULT_METHODS`` — with ``quick``, the suite's ``quick_methods`` where it has some (llm: TA, TIES,
+    NeuroMerging); none when ``model`` is given);
     ``tasks``: a subset of the suite's task names (default: all, OOD included); ``quick``: small subsets, short
     training, capped grids; ``out``: folder for ``results.json``, ``results.md`` and the plots (nothing is written
     when None); ``rebuild``: retrain cached experts and probes; ``model``: also score an existing merged model

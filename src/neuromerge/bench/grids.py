@@ -80,6 +80,10 @@ GRIDS: dict[str, list[Point]] = {
     "slerp": product(t=[0.3, 0.5, 0.7]),
 }
 
+#: the methods a bench runs when ``--methods`` is not given: the baselines and headline methods of the papers, each
+#: with a validation grid. The mergekit-parity methods (nuslerp, della, sce, karcher, …) run when named.
+DEFAULT_METHODS: tuple[str, ...] = tuple(GRIDS)
+
 QUICK_GRIDS: dict[str, list[Point]] = {
     "linear": [{}],
     "task_arithmetic": product(lam=[0.3, 0.5, 1.0]),

@@ -367,13 +367,13 @@ def extra_runners() -> dict[str, tuple[Runner, bool]]:
 
 def resolve_methods(names: Sequence[str] | None) -> list[MethodSpec]:
     """Requested method names (aliases allowed) → canonical specs, in order, without duplicates; ``None`` →
-    every registered static method. Names of non-static methods (:func:`extra_runners`) resolve to runners.
-    Unknown names raise :class:`BenchError`."""
+    the papers' static methods with a grid (:data:`~.grids.DEFAULT_METHODS`). Names of non-static methods
+    (:func:`extra_runners`) resolve to runners. Unknown names raise :class:`BenchError`."""
     from ..errors import ConfigError
     from ..methods import available, get
 
-    if names is None:  # data-aware methods read task data and take minutes: only when asked for
-        names = [n for n in available() if not getattr(get(n), "data_aware", False)]
+    if names is None:  # data-aware methods read task data and take minutes, mergekit-parity ones are extra:
+        names = list(grids.DEFAULT_METHODS)  # only when asked for
     out: list[MethodSpec] = []
     extra: dict[str, tuple[Runner, bool]] = {}
     for n in names:
