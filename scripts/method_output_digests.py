@@ -56,6 +56,9 @@ SETTINGS: dict[str, list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]
     "model_stock": [("default", {}, None), ("filter-wise", {"filter_wise": True}, None)],
     "slerp": [("default", {}, None), ("t", {"t": 0.2}, None)],
     "nearswap": [("default", {}, None), ("t", {"t": 0.05}, None)],
+    "della": [("default", {}, None), ("drop", {"density": 0.5, "epsilon": 0.1}, None),
+              ("inverse", {"density": 0.5, "rescale": "inverse"}, None)],
+    "della_linear": [("default", {}, None), ("drop", {"density": 0.5, "epsilon": 0.1}, None)],
 }
 
 

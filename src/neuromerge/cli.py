@@ -256,8 +256,10 @@ def methods(
 
 @app.command()
 def bench(
-    suite: Annotated[str | None, typer.Argument(help="suite: text, vision or llm (none with --base: your own model)")]
+    suite: Annotated[str | None, typer.Argument(
+        help="suite: text, vision or llm (none with --base: your own model); `combine RUN… -o OUT` merges runs")]
     = None,
+    runs: Annotated[list[Path] | None, typer.Argument(help="with `combine`: the run folders to merge")] = None,
     methods: Annotated[str | None, typer.Option(
         help="comma-separated methods (default: every static one; llm --quick: TA, TIES, NeuroMerging)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the suite's tasks")] = None,
@@ -269,12 +271,23 @@ def bench(
         help="also evaluate this merged or routed folder (with --base: repeatable)")] = None,
     task_file: Annotated[Path | None, typer.Option(help="YAML file of extra tasks (docs/bench.md); with --base: "
                                                    "your tasks")] = None,
-    seed: Annotated[int, typer.Option(help="seed of expert training and random merges")] = 0,
+    seed: Annotated[int | None, typer.Option(help="seed of expert training and random merges (default 0; one "
+                                             "seed of --seeds)")] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2: experts per seed, intervals "
+                                              "over seeds; a rerun with the same -o resumes")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: cores; 1 on a busy machine)", min=1)]
     = None,
     mode: Annotated[str | None, typer.Option(help="expert fine-tuning: full or lora (default: the suite's first; "
-                                             "routed LoRA methods need lora)")] = None,
+                                             "routed LoRA methods need lora); llm: lora (q/k/v/o, default), "
+                                             "lora_all (every linear layer) or full")] = None,
+    heads: Annotated[str | None, typer.Option(
+        help="experts' task heads (text, vision): frozen = fit on the base and fixed while experts train (default, "
+             "as in the papers); trained = trained from zero with the backbone")] = None,
+    paper_defaults: Annotated[bool | None, typer.Option(
+        "--paper-defaults/--no-paper-defaults",
+        help="also score each static method at its paper defaults, without validation (default: on, off with "
+             "--quick)")] = None,
     base: Annotated[Path | None, typer.Option(help="your own base model folder: score --model folders on "
                                               "--task-file against --experts (neuromerge evaluate)")] = None,
     experts: Annotated[Path | None, typer.Option(help="with --base: YAML mapping each task to its expert (adapter "
@@ -282,12 +295,36 @@ def bench(
     force: Annotated[bool, typer.Option("--force", help="with --base: replace an existing report folder")] = False,
 ) -> None:
     """Benchmark merge methods on an offline SUITE: experts, tuned merges, in- and out-of-domain tables. With
-    --base, --experts and --task-file instead of SUITE: score --model folders on your own tasks."""
+    --base, --experts and --task-file instead of SUITE: score --model folders on your own tasks. `bench combine
+    RUN… -o OUT` merges finished runs of one protocol made with different seeds."""
+    if suite == "combine":
+        from .bench.cli import combine_command
+
+        given = {"--methods": methods, "--tasks": tasks, "--model": model, "--task-file": task_file, "--seed": seed,
+                 "--seeds": seeds, "--mode": mode, "--base": base, "--experts": experts}
+        extra = [k for k, v in given.items() if v is not None and v != []] + [
+            k for k, v in {"--quick": quick, "--rebuild": rebuild}.items() if v]
+        if extra:
+            _fail(f"bench combine takes run folders and -o only, not {', '.join(extra)}")
+        if out is None:
+            _fail("bench combine needs -o OUT, a new folder for the combined report")
+        code = combine_command(runs or [], out)
+        if code:
+            raise typer.Exit(code)
+        return
+    if runs:
+        _fail(f"unexpected argument(s) after the suite: {' '.join(map(str, runs))} (only `bench combine` takes "
+              "folders)")
+    if seed is not None and seeds is not None:
+        _fail("give --seed or --seeds, not both")
     if base is not None or experts is not None:
-        _bench_user_model(suite, base, experts, task_file, model or [], out, tasks=tasks, seed=seed,
+        if seeds is not None:
+            _fail("--seeds is for a suite's bench, not with --base")
+        _bench_user_model(suite, base, experts, task_file, model or [], out, tasks=tasks, seed=seed or 0,
                           progress=progress, threads=threads, force=force,
                           refused={"--methods": methods is not None, "--quick": quick, "--rebuild": rebuild,
-                                   "--mode": mode is not None})
+                                   "--mode": mode is not None, "--heads": heads is not None,
+                                   "--paper-defaults": paper_defaults is not None})
         return
     if suite is None:
         _fail("give a SUITE (text, vision, llm), or --base, --experts and --task-file to score your own model")
@@ -296,8 +333,8 @@ def bench(
     from .bench.cli import bench_command
 
     code = bench_command(suite, methods=methods, tasks=tasks, quick=quick, out=out, rebuild=rebuild,
-                         model=model[0] if model else None, task_file=task_file, seed=seed, progress=progress,
-                         threads=threads, mode=mode)
+                         model=model[0] if model else None, task_file=task_file, seed=seed or 0, progress=progress,
+                         threads=threads, mode=mode, seeds=seeds, heads=heads, paper_defaults=paper_defaults)
     if code:
         raise typer.Exit(code)
 

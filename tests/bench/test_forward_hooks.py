@@ -364,3 +364,45 @@ def test_llm_differentiable_pooled_and_perplexity(llm_env: Any) -> None:
     ppl = suite.dialogue_task(4)
     assert suite.evaluate_module(module, None, ppl, "test", LLM_BUDGET) == pytest.approx(
         suite.evaluate(state, None, ppl, "test", LLM_BUDGET), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- per-example
+
+
+def _check_examples(correct: torch.Tensor | None, score: float, labels: torch.Tensor, tol: float = 1e-6) -> None:
+    """A per-example vector: bool, one entry per test example, mean = the suite's score, not constant-only."""
+    assert correct is not None and correct.dtype == torch.bool and correct.shape == labels.shape
+    assert abs(float(correct.double().mean()) - score) <= tol
+
+
+def test_text_per_example_correctness_matches_evaluate(text_env: Any) -> None:
+    suite, task, state, head = text_env
+    correct = suite.evaluate_examples(state, head, task, "test", TEXT_BUDGET).correct
+    _check_examples(correct, suite.evaluate(state, head, task, "test", TEXT_BUDGET), task.test.labels)
+    module = suite.module(state)  # the module path (routed rows) gives the same vector, in split order
+    assert torch.equal(suite.evaluate_module_examples(module, head, task, "test", TEXT_BUDGET).correct, correct)
+    # the vector is per example: flipping the head's classes flips exactly the decided examples
+    flipped = {"weight": head["weight"].flip(0), "bias": head["bias"].flip(0)}
+    assert torch.equal(suite.evaluate_examples(state, flipped, task, "test", TEXT_BUDGET).correct, ~correct)
+
+
+def test_vision_per_example_correctness_matches_evaluate(vision_env: Any) -> None:
+    suite, task = vision_env
+    state = suite.backbone_state()
+    head = {"weight": _seeded((10, 1280), 12, 0.1), "bias": torch.zeros(10)}
+    budget = dataclasses.replace(suite.budget(quick=True), eval_examples=24)
+    correct = suite.evaluate_examples(state, head, task, "test", budget).correct
+    _check_examples(correct, suite.evaluate(state, head, task, "test", budget), task.test.labels)
+
+
+@needs_llm
+def test_llm_per_example_correctness_matches_evaluate(llm_env: Any) -> None:
+    suite, task, state = llm_env
+    correct = suite.evaluate_examples(state, None, task, "test", LLM_BUDGET).correct
+    _check_examples(correct, suite.evaluate(state, None, task, "test", LLM_BUDGET), task.test.labels)
+    module = suite.module(state)
+    assert torch.equal(suite.evaluate_module_examples(module, None, task, "test", LLM_BUDGET).correct, correct)
+    ppl = suite.dialogue_task(4)  # perplexity: per-sequence NLL, no per-example correctness
+    for result in (suite.evaluate_examples(state, None, ppl, "test", LLM_BUDGET),
+                   suite.evaluate_module_examples(module, None, ppl, "test", LLM_BUDGET)):
+        assert result.metric == "perplexity" and result.correct is None

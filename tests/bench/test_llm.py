@@ -204,7 +204,7 @@ def test_tasks_and_dialogue_perplexity(suite: LLMSuite) -> None:
     value = suite.evaluate(suite.backbone_state(), None, ppl, "test", BUDGET)
     assert 1.0 < value < 1000.0
     with pytest.raises(TaskError, match="lora"):
-        suite.train_expert(tasks["sentiment"], BUDGET, "full", seed=0)
+        suite.train_expert(tasks["sentiment"], BUDGET, "qlora", seed=0)
 
 
 def test_per_example_results_give_the_scores(suite: LLMSuite, sentiment: TaskData, expert: Expert) -> None:

@@ -217,6 +217,9 @@ def test_grids_are_valid_and_capped():
         if name != "slerp":  # two models, a few interpolations: not an affine family
             assert len(grids.scale_groups(name, quick)) == 1  # quick grids cost one merge
     assert grids.grid_for("not_in_table") == [{}]
+    # the default method set: every method with a grid, each a registered static method; the others when named
+    assert [s.name for s in protocol.resolve_methods(None)] == list(grids.DEFAULT_METHODS) == list(grids.GRIDS)
+    assert [s.name for s in protocol.resolve_methods(["della", "nuslerp"])] == ["della", "nuslerp"]
     groups = grids.scale_groups("ties", grids.grid_for("ties"))
     assert [g[0] for g in groups] == [{"density": 0.1, "lam": 1.0}, {"density": 0.2, "lam": 1.0}]
     assert [s for _, m in groups for _, s in m] == [0.7, 1.0, 1.5, 2.0, 0.7, 1.0, 1.5, 2.0]

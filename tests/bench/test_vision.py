@@ -74,10 +74,12 @@ def test_tasks_shapes_sizes_and_stratification(suite: vision.VisionSuite) -> Non
             assert float(split.inputs.min()) >= 0.0 and float(split.inputs.max()) <= 1.0
             assert split.labels.shape == (split.inputs.shape[0],)
     m = tasks["mnist"]
-    assert (len(m.train), len(m.val), len(m.test)) == (3000, 200, 400)
+    assert (len(m.train), len(m.val), len(m.test)) == (3000, 200, 1000)
     assert m.train.labels.bincount().tolist() == [300] * 10  # 60 % of 500 per class
     assert m.val.labels.bincount().tolist() == [20] * 10  # capped at 200 (of 1,000), still stratified
-    assert m.test.labels.bincount().tolist() == [40] * 10  # capped at 400
+    assert m.test.labels.bincount().tolist() == [100] * 10  # the whole test split (20 % of 500 per class)
+    quick = {t.name: t for t in suite.tasks(suite.budget(quick=True))}["mnist"]
+    assert quick.test.labels.bincount().tolist() == [20] * 10  # --quick: capped at 200, still stratified
     assert tasks["letters"].num_classes == 26 and tasks["faces"].classes == ["non-face", "face"]
     assert tasks["faces"].train.labels.bincount().tolist() == [60, 60]
 

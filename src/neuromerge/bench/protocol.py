@@ -12,10 +12,17 @@
    the best point (first in grid order on ties) is chosen and scored on the test splits. Nothing is tuned on
    test labels. Per task: test accuracy and normalized accuracy ``100 · acc_merged(t) / acc_expert(t)``; their
    means; out-of-domain score = a fresh probe trained on the OOD task's train split over frozen merged
-   features, scored on its test split. Methods that need a number of models the run does not have (SLERP:
-   exactly 2) get a row with the reason, never a silent gap. A method that fails raises.
+   features, scored on its test split. Beside each tuned row, a row ``"<method> (paper default)"`` scores the
+   method once at its paper defaults, without validation (:data:`.grids.PAPER_DEFAULTS`; normal budget).
+   Methods that need a number of models the run does not have (SLERP: exactly 2) get a row with the reason,
+   never a silent gap. A method that fails raises.
 4. **Transductive flag**: ``getattr(method_class, "transductive", False)`` (AdaMerging / WEMoE learn from
    unlabelled test inputs); shown in every table.
+
+5. **Seeds** (``seeds=[0, 1, 2]``): steps 1–3 run once per seed on the same splits; every row keeps its
+   per-example test correctness (``Row.examples``, :meth:`Suite.evaluate_examples`); the rows of several seeds are
+   averaged and the statistics (t-intervals, paired bootstrap against TA / TIES, Holm) come from :mod:`.stats`.
+   With ``out``, each finished (seed, row) is written at once and a rerun resumes (:mod:`.runstore`).
 
 Timings are recorded per phase (data, training, baselines, merging, evaluation) and per method.
 """
@@ -35,7 +42,7 @@ from typing import Any
 import torch
 
 from . import cache, grids
-from .suite import Budget, Expert, StateDict, Suite, TaskData
+from .suite import Budget, ExampleScores, Expert, StateDict, Suite, TaskData
 from .suites import BenchError
 
 ENTRY_FORMAT = 1
@@ -71,6 +78,23 @@ class Row:
     latency_ms: dict[str, float] = field(default_factory=dict)
     #: what a non-static method read and built: data split and examples, steps, router accuracy, pruning …
     info: dict[str, Any] = field(default_factory=dict)
+    #: per-example correctness on each task's test split (in-domain and OOD), packed by
+    #: :func:`neuromerge.evaluation.statistics.pack_correct`; absent where the suite cannot tell (perplexity)
+    examples: dict[str, str] = field(default_factory=dict)
+    #: the seed this row was computed with (None: a mean over seeds, see :attr:`BenchResults.per_seed`)
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Row:
+        """Inverse of :meth:`to_dict` (derived keys dropped; NaN written as null read back as NaN)."""
+        from dataclasses import fields
+
+        names = {f.name for f in fields(cls)}
+        row = cls(**{k: v for k, v in d.items() if k in names})
+        for part in (row.test, row.normalized, row.ood):
+            for k, v in part.items():
+                part[k] = float("nan") if v is None else float(v)
+        return row
 
     @property
     def mean(self) -> float | None:
@@ -106,6 +130,14 @@ class BenchResults:
     timings: dict[str, float]
     created: str = ""
     out: str | None = None
+    #: every seed of the run, in order (``seed`` is the first); ``rows`` are means over them when there are several
+    seeds: list[int] = field(default_factory=list)
+    #: the rows of each seed (their per-example correctness included)
+    per_seed: dict[int, list[Row]] = field(default_factory=dict)
+    #: intervals over seeds and paired-bootstrap comparisons (:func:`neuromerge.bench.stats.statistics`)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    #: machine, threads and package versions of each seed's run (:func:`neuromerge.bench.runstore.environment`)
+    environment: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def in_domain(self) -> list[str]:
@@ -122,8 +154,9 @@ class BenchResults:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "rows"}
-        return {**d, "rows": [r.to_dict() for r in self.rows]}
+        d = {k: v for k, v in asdict(self).items() if k not in ("rows", "per_seed")}
+        return {**d, "rows": [r.to_dict() for r in self.rows],
+                "per_seed": {str(s): [r.to_dict() for r in rows] for s, rows in self.per_seed.items()}}
 
     def markdown(self) -> str:
         from .report import markdown_table
@@ -192,7 +225,8 @@ def cached_expert(suite: Suite, task: TaskData, budget: Budget, mode: str, seed:
             _save(expert.head, folder / "head.safetensors")
         built.append(True)
         return {"task": task.name, "test_score": expert.test_score, "meta": expert.meta,
-                "backbone_names": sorted(expert.backbone), "has_head": expert.head is not None}
+                "backbone_names": sorted(expert.backbone), "has_head": expert.head is not None,
+                "test_correct": _packed(suite.evaluate_examples(expert.backbone, expert.head, task, "test", budget))}
 
     key = _entry_key(suite, task, budget, seed, kind="expert", mode=mode)
     for attempt in range(2):
@@ -205,6 +239,11 @@ def cached_expert(suite: Suite, task: TaskData, budget: Budget, mode: str, seed:
             head = _load(entry / "head.safetensors") if meta["has_head"] else None
             expert = Expert(task=task.name, backbone=backbone, head=head, test_score=float(meta["test_score"]),
                             meta=dict(meta.get("meta", {})))
+            # per-example test correctness (entries written before it was kept: computed now, not stored)
+            packed = meta["test_correct"] if "test_correct" in meta else _packed(
+                suite.evaluate_examples(backbone, head, task, "test", budget))
+            if packed is not None:
+                expert.meta["test_correct"] = packed
             return expert, not built
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             if attempt:
@@ -213,16 +252,32 @@ def cached_expert(suite: Suite, task: TaskData, budget: Budget, mode: str, seed:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _correct(result: ExampleScores | torch.Tensor | None) -> torch.Tensor | None:
+    """Per-example correctness from a suite's per-example result: :class:`ExampleScores` of an accuracy task (its
+    ``correct``), a bool tensor as is; None for a perplexity task or a suite that gives none."""
+    if isinstance(result, ExampleScores):
+        return result.correct if result.metric == "accuracy" else None
+    return result
+
+
+def _packed(result: ExampleScores | torch.Tensor | None) -> str | None:
+    from ..evaluation.statistics import pack_correct
+
+    correct = _correct(result)
+    return None if correct is None else pack_correct(correct.cpu().numpy())
+
+
 def cached_base_probe(suite: Suite, task: TaskData, budget: Budget, seed: int, base: StateDict, *,
-                      rebuild: bool = False) -> tuple[StateDict | None, float]:
-    """The linear probe of ``task`` on frozen pre-trained features and its test score (cached)."""
+                      rebuild: bool = False) -> tuple[StateDict | None, float, str | None]:
+    """The linear probe of ``task`` on frozen pre-trained features, its test score and its packed per-example test
+    correctness (None where the suite cannot tell), cached."""
 
     def build(folder: Path) -> dict[str, Any]:
         head = suite.fit_probe(base, task, budget, seed)
         if head is not None:
             _save(head, folder / "head.safetensors")
-        return {"task": task.name, "test_score": suite.evaluate(base, head, task, "test", budget),
-                "has_head": head is not None}
+        score, correct = scored(suite, base, head, task, "test", budget)
+        return {"task": task.name, "test_score": score, "has_head": head is not None, "test_correct": _packed(correct)}
 
     key = _entry_key(suite, task, budget, seed, kind="base-probe")
     for attempt in range(2):
@@ -230,7 +285,9 @@ def cached_base_probe(suite: Suite, task: TaskData, budget: Budget, seed: int, b
         meta = cache.read_meta(entry)
         try:
             head = _load(entry / "head.safetensors") if meta["has_head"] else None
-            return head, float(meta["test_score"])
+            packed = meta["test_correct"] if "test_correct" in meta else _packed(
+                suite.evaluate_examples(base, head, task, "test", budget))
+            return head, float(meta["test_score"]), packed
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             if attempt:
                 raise BenchError(f"cache entry {entry} cannot be read after a rebuild: {err}") from err
@@ -281,6 +338,23 @@ class MethodSpec:
     cls: Any
     transductive: bool
     runner: Runner | None = None
+    #: score the method once at :data:`.grids.PAPER_DEFAULTS` (no validation) instead of tuning it on its grid
+    paper_default: bool = False
+
+    @property
+    def row_name(self) -> str:
+        return self.name + (grids.PAPER_DEFAULT_SUFFIX if self.paper_default else "")
+
+
+def with_paper_defaults(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """``specs`` with, after each static method that has paper defaults (:data:`.grids.PAPER_DEFAULTS`), its
+    paper-default spec (row ``"<method> (paper default)"``)."""
+    out: list[MethodSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if spec.runner is None and not spec.paper_default and grids.paper_default(spec.name) is not None:
+            out.append(MethodSpec(spec.name, spec.cls, spec.transductive, paper_default=True))
+    return out
 
 
 def extra_runners() -> dict[str, tuple[Runner, bool]]:
@@ -293,13 +367,13 @@ def extra_runners() -> dict[str, tuple[Runner, bool]]:
 
 def resolve_methods(names: Sequence[str] | None) -> list[MethodSpec]:
     """Requested method names (aliases allowed) → canonical specs, in order, without duplicates; ``None`` →
-    every registered static method. Names of non-static methods (:func:`extra_runners`) resolve to runners.
-    Unknown names raise :class:`BenchError`."""
+    the papers' static methods with a grid (:data:`~.grids.DEFAULT_METHODS`). Names of non-static methods
+    (:func:`extra_runners`) resolve to runners. Unknown names raise :class:`BenchError`."""
     from ..errors import ConfigError
     from ..methods import available, get
 
-    if names is None:  # data-aware methods read task data and take minutes: only when asked for
-        names = [n for n in available() if not getattr(get(n), "data_aware", False)]
+    if names is None:  # data-aware methods read task data and take minutes, mergekit-parity ones are extra:
+        names = list(grids.DEFAULT_METHODS)  # only when asked for
     out: list[MethodSpec] = []
     extra: dict[str, tuple[Runner, bool]] = {}
     for n in names:
@@ -370,10 +444,16 @@ class Context:
         """Test scores of a routed ``module`` (the experts' heads; ``oracle``: each in-domain task routed to its
         own expert by forced one-hot router probabilities), normalized accuracy, OOD probes on its features."""
 
-        def evaluate(head: StateDict | None, t: TaskData) -> float:
-            return self.suite.evaluate_module(module, head, t, "test", self.budget)
+        def evaluate(head: StateDict | None, t: TaskData) -> Scored:
+            result = self.suite.evaluate_module_examples(module, head, t, "test", self.budget)
+            correct = _correct(result)
+            if correct is None:
+                score = result.score if isinstance(result, ExampleScores) else self.suite.evaluate_module(
+                    module, head, t, "test", self.budget)
+                return score, None
+            return _accuracy(correct), correct
 
-        def evaluate_in_domain(i: int, head: StateDict | None, t: TaskData) -> float:
+        def evaluate_in_domain(i: int, head: StateDict | None, t: TaskData) -> Scored:
             if not oracle:
                 return evaluate(head, t)
             probs = torch.zeros(1, len(self.in_domain))
@@ -387,24 +467,53 @@ class Context:
     def score(self, row: Row, backbone: StateDict) -> None:
         """Test scores with the experts' heads, normalized accuracy, OOD probes."""
 
-        def evaluate(head: StateDict | None, t: TaskData) -> float:
-            return self.suite.evaluate(backbone, head, t, "test", self.budget)
+        def evaluate(head: StateDict | None, t: TaskData) -> Scored:
+            return scored(self.suite, backbone, head, t, "test", self.budget)
 
         self._fill(row, lambda _i, head, t: evaluate(head, t), evaluate,
                    lambda t: self.suite.fit_probe(backbone, t, self.budget, self.seed))
 
-    def _fill(self, row: Row, evaluate_in_domain: Callable[[int, StateDict | None, TaskData], float],
-              evaluate: Callable[[StateDict | None, TaskData], float],
+    def _fill(self, row: Row, evaluate_in_domain: Callable[[int, StateDict | None, TaskData], Scored],
+              evaluate: Callable[[StateDict | None, TaskData], Scored],
               probe: Callable[[TaskData], StateDict | None]) -> None:
-        """``row``'s in-domain test scores (experts' heads), normalized accuracies and OOD scores (fresh probes)."""
+        """``row``'s in-domain test scores (experts' heads), normalized accuracies and OOD scores (fresh probes),
+        with each task's per-example correctness where the suite gives it (``row.examples``)."""
+        from ..evaluation.statistics import pack_correct
+
         with self.clock("evaluation"):
             for i, t in enumerate(self.in_domain):
                 e = self.experts[t.name]
-                row.test[t.name] = evaluate_in_domain(i, e.head, t)
+                row.test[t.name], correct = evaluate_in_domain(i, e.head, t)
                 row.normalized[t.name] = normalized_accuracy(row.test[t.name], e.test_score, t.metric)
+                if correct is not None:
+                    row.examples[t.name] = pack_correct(correct.cpu().numpy())
             for t in self.ood:
-                row.ood[t.name] = evaluate(probe(t), t)
+                row.ood[t.name], correct = evaluate(probe(t), t)
                 row.ood_metrics[t.name] = t.metric
+                if correct is not None:
+                    row.examples[t.name] = pack_correct(correct.cpu().numpy())
+
+
+#: a score and its per-example correctness (None where the suite cannot give it)
+Scored = tuple[float, "torch.Tensor | None"]
+
+
+def _accuracy(correct: torch.Tensor) -> float:
+    """``#correct / N`` as an exact Python float (equal counts, equal scores)."""
+    return int(correct.sum()) / len(correct) if len(correct) else float("nan")
+
+
+def scored(suite: Suite, backbone: StateDict, head: StateDict | None, task: TaskData, split: str,
+           budget: Budget) -> Scored:
+    """A backbone's score on a split and its per-example correctness: :meth:`Suite.evaluate_examples` where the
+    suite gives it (the score is then its mean), else :meth:`Suite.evaluate` and None."""
+    result = suite.evaluate_examples(backbone, head, task, split, budget)  # type: ignore[arg-type]
+    correct = _correct(result)
+    if correct is None:
+        if isinstance(result, ExampleScores):  # a perplexity task: its score, no per-example correctness
+            return result.score, None
+        return suite.evaluate(backbone, head, task, split, budget), None  # type: ignore[arg-type]
+    return _accuracy(correct), correct
 
 
 def state_bytes(state: StateDict) -> int:
@@ -460,18 +569,21 @@ def run_method_or_record(ctx: Context, spec: MethodSpec) -> Row:
     except Exception as err:
         traceback.print_exc(file=sys.stderr)
         reason = f"failed: {type(err).__name__}: {err}"
-    return Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
+    return Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive, skipped=reason)
 
 
 def run_method(ctx: Context, spec: MethodSpec) -> Row:
-    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc)."""
+    """Tune ``spec`` on the validation splits over its grid, then score the chosen point (see module doc); a
+    ``paper_default`` spec is scored at its paper defaults, without validation."""
     if spec.runner is not None:
         return run_produced(ctx, spec)
-    row = Row(name=spec.name, kind="method", method=spec.name, transductive=spec.transductive)
+    row = Row(name=spec.row_name, kind="method", method=spec.name, transductive=spec.transductive)
     problem = model_count_problem(spec.cls, len(ctx.in_domain))
     if problem:
         row.skipped = problem
         return row
+    if spec.paper_default:
+        return _run_paper_default(ctx, spec, row)
     t0 = time.perf_counter()
     phases0 = dict(ctx.clock.phases)
     points = grids.grid_for(spec.name, ctx.budget.quick)
@@ -499,6 +611,30 @@ def run_method(ctx: Context, spec: MethodSpec) -> Row:
         row.grid.sort(key=lambda g: points.index(g["params"]))
         ctx.score(row, best[2])
         row.storage_bytes = state_bytes(best[2])
+        bar.update(1)
+    row.time_s = time.perf_counter() - t0
+    row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
+                   if v - phases0.get(k, 0.0) > 0}
+    return row
+
+
+def _run_paper_default(ctx: Context, spec: MethodSpec, row: Row) -> Row:
+    """One merge at :data:`.grids.PAPER_DEFAULTS`, scored on the test splits (no validation score, no grid)."""
+    params = grids.paper_default(spec.name)
+    if params is None:
+        raise BenchError(f"method {spec.name!r} has no paper defaults (grids.PAPER_DEFAULTS)")
+    t0 = time.perf_counter()
+    phases0 = dict(ctx.clock.phases)
+    with ctx.bar(total=1, desc=f"{spec.row_name:<16}", leave=False) as bar:
+        try:
+            merged = ctx.merge(spec.name, params)
+        except Exception as err:
+            err.add_note(f"while merging with {spec.name} {params}")
+            raise
+        row.params = params
+        row.info["paper_default"] = grids.PAPER_DEFAULTS[spec.name].source
+        ctx.score(row, merged)
+        row.storage_bytes = state_bytes(merged)
         bar.update(1)
     row.time_s = time.perf_counter() - t0
     row.timings = {k: v - phases0.get(k, 0.0) for k, v in ctx.clock.phases.items()
@@ -626,6 +762,8 @@ def prepare_suite(suite: str | Suite, tasks: Sequence[str] | None = None, *, qui
             all_tasks += load_task_file(task_file, s.name, budget, reserved=[t.name for t in all_tasks])
     chosen = select_tasks(all_tasks, tasks)
     in_domain = [t for t in chosen if t.in_domain]
+    if callable(getattr(s, "prepare_mode", None)):  # a suite whose merged weights depend on the mode (llm)
+        s.prepare_mode(mode)  # type: ignore[attr-defined]
     if not in_domain and need_experts:
         raise BenchError("no in-domain task selected: nothing to train experts on or to merge")
     return Prepared(s, mode, budget, chosen, in_domain, [t for t in chosen if not t.in_domain], s.backbone_state(),
@@ -647,79 +785,160 @@ def train_experts(prep: Prepared, seed: int, *, rebuild: bool = False, clock: Cl
             b.update(1)
 
 
-def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
-              quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
-              model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
-              progress: bool | None = None, mode: str | None = None) -> BenchResults:
-    """Run the protocol (module docstring); see :func:`neuromerge.bench.run`."""
-    import datetime
-    import sys
-
-    from .suites import get_suite
-
-    t_start = time.perf_counter()
-    clock = Clock()
-    bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
-    s = suite if isinstance(suite, Suite) else get_suite(suite)
-    if methods is None and model is None and quick and s.quick_methods is not None:
-        methods = list(s.quick_methods)
-    specs = resolve_methods(methods) if (methods is not None or model is None) else []
-    prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed, mode=mode,
-                         clock=clock, bar=bar, need_experts=model is None or bool(specs))
-    s, budget, base, chosen = prep.suite, prep.budget, prep.base, prep.chosen
-    # checked before training: a merged model folder (its backbone tensors) or a routed-model folder (a module)
-    model_backbone: Any = None
-    if model is not None:
-        model_backbone = (load_routed_module(model, s, base) if is_routed_folder(model)
-                          else load_merged_backbone(model, base))
-    train_experts(prep, seed, rebuild=rebuild, clock=clock, bar=bar)
-    experts, expert_info, mode = prep.experts, prep.expert_info, prep.mode
-
-    base_row = Row(name=BASE_ROW, kind="baseline")
-    with clock("baselines"), bar(total=len(chosen), desc="pretrained+heads", leave=False) as b:
+def baseline_rows(prep: Prepared, seed: int, *, rebuild: bool, clock: Clock, bar: Callable[..., Any]) -> list[Row]:
+    """The "pretrained + heads" row (cached probes on the base) and the "individual experts" row of ``seed``."""
+    s, budget, base, experts = prep.suite, prep.budget, prep.base, prep.experts
+    base_row = Row(name=BASE_ROW, kind="baseline", seed=seed)
+    with clock("baselines"), bar(total=len(prep.chosen), desc="pretrained+heads", leave=False) as b:
         t0 = time.perf_counter()
-        for t in chosen:
-            _, score = cached_base_probe(s, t, budget, seed, base, rebuild=rebuild)
+        for t in prep.chosen:
+            _, score, packed = cached_base_probe(s, t, budget, seed, base, rebuild=rebuild)
             if t.in_domain:
                 base_row.test[t.name] = score
                 base_row.normalized[t.name] = normalized_accuracy(score, experts[t.name].test_score, t.metric)
             else:
                 base_row.ood[t.name] = score
                 base_row.ood_metrics[t.name] = t.metric
+            if packed is not None:
+                base_row.examples[t.name] = packed
             b.update(1)
         base_row.time_s = time.perf_counter() - t0
     base_row.storage_bytes = state_bytes(base)
-    expert_row = Row(name=EXPERT_ROW, kind="experts", params={"mode": mode},
+    expert_row = Row(name=EXPERT_ROW, kind="experts", params={"mode": prep.mode}, seed=seed,
                      test={n: e.test_score for n, e in experts.items()},
                      normalized={n: 100.0 for n in experts},
                      time_s=sum(float(e.meta.get("train_seconds", 0.0)) for e in experts.values()),
-                     storage_bytes=sum(state_bytes(e.backbone) for e in experts.values()))
-    rows = [base_row, expert_row]
+                     storage_bytes=sum(state_bytes(e.backbone) for e in experts.values()),
+                     examples={n: e.meta["test_correct"] for n, e in experts.items() if "test_correct" in e.meta})
+    return [base_row, expert_row]
 
-    ctx = prep.context(seed, clock, bar)
-    if model is not None and model_backbone is not None:
-        t0 = time.perf_counter()
-        model_row = Row(name=f"model: {Path(model).name}", kind="model", params={"path": str(model)})
-        if isinstance(model_backbone, torch.nn.Module):
-            ctx.score_module(model_row, model_backbone)
-        else:
-            ctx.score(model_row, model_backbone)
-        model_row.time_s = time.perf_counter() - t0
-        rows.append(model_row)
-    with bar(total=len(specs), desc="methods         ") as b:
-        for spec in specs:
-            b.set_postfix_str(spec.name)
-            rows.append(run_method_or_record(ctx, spec))
-            b.update(1)
+
+def parse_seeds(seeds: Sequence[int] | None, seed: int) -> list[int]:
+    """The run's seeds: ``seeds`` (distinct, non-negative, in order) or ``[seed]``."""
+    out = [seed] if seeds is None else [int(s) for s in seeds]
+    if not out:
+        raise BenchError("--seeds needs at least one seed")
+    if len(set(out)) != len(out):
+        raise BenchError(f"--seeds lists a seed twice: {out}")
+    if any(s < 0 for s in out):
+        raise BenchError(f"seeds are non-negative integers: {out}")
+    return out
+
+
+def run_suite(suite: str | Suite, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None, *,
+              quick: bool = False, out: str | Path | None = None, rebuild: bool = False,
+              model: str | Path | None = None, task_file: str | Path | None = None, seed: int = 0,
+              progress: bool | None = None, mode: str | None = None, seeds: Sequence[int] | None = None,
+              paper_defaults: bool | None = None) -> BenchResults:
+    """Run the protocol (module docstring) for every seed of ``seeds`` (default ``[seed]``); see
+    :func:`neuromerge.bench.run`. With ``out``, each finished (seed, row) is written there at once and a rerun with
+    the same ``out`` resumes (:mod:`.runstore`); ``rebuild`` recomputes every row. ``paper_defaults``: add the
+    paper-default rows (:func:`with_paper_defaults`; default: in the normal budget, not with ``quick``)."""
+    import datetime
+    import sys
+
+    from . import runstore
+    from .suites import get_suite
+
+    t_start = time.perf_counter()
+    seed_list = parse_seeds(seeds, seed)
+    clock = Clock()
+    bar = _bar_factory(sys.stderr.isatty() if progress is None else progress)
+    s = suite if isinstance(suite, Suite) else get_suite(suite)
+    if methods is None and model is None and quick and s.quick_methods is not None:
+        methods = list(s.quick_methods)
+    specs = resolve_methods(methods) if (methods is not None or model is None) else []
+    if paper_defaults is None:
+        paper_defaults = not quick  # one more merge and test scoring per method: not in the quick budget
+    if paper_defaults:
+        specs = with_paper_defaults(specs)
+    prep = prepare_suite(s, tasks, quick=quick, rebuild=rebuild, task_file=task_file, seed=seed_list[0], mode=mode,
+                         clock=clock, bar=bar, need_experts=model is None or bool(specs))
+    s, base, chosen = prep.suite, prep.base, prep.chosen
+    # checked before training: a merged model folder (its backbone tensors) or a routed-model folder (a module)
+    model_backbone: Any = None
+    if model is not None:
+        model_backbone = (load_routed_module(model, s, base) if is_routed_folder(model)
+                          else load_merged_backbone(model, base))
+    model_name = f"model: {Path(model).name}" if model is not None else None
+    folder = Path(out) if out is not None else None
+    names = [BASE_ROW, EXPERT_ROW, *([model_name] if model_name else []), *(sp.row_name for sp in specs)]
+    if folder is not None:
+        ident = runstore.identity(s.name, s.fingerprint(), [task_info(t) for t in chosen], asdict(prep.budget),
+                                  prep.mode, quick, str(model) if model is not None else None)
+        runstore.open_run(folder, ident, seed_list, names)
+
+    per_seed: dict[int, list[Row]] = {}
+    env: dict[int, dict[str, Any]] = {}
+    expert_info: dict[str, dict[str, Any]] = {}
+    for sd in seed_list:
+        done: dict[str, Row] = {}
+        if folder is not None and not rebuild:
+            done = {n: r for n in names if (r := runstore.load_row(folder, sd, n)) is not None}
+        env[sd] = runstore.environment()
+        if folder is not None:  # the machine that started the seed (a resume on another one keeps it)
+            if not runstore.load_environment(folder, sd):
+                runstore.save_environment(folder, sd, env[sd])
+            env[sd] = runstore.load_environment(folder, sd) or env[sd]
+        if len(done) == len(names):  # every row of this seed is finished: no expert is needed
+            per_seed[sd] = [done[n] for n in names]
+            continue
+        prep.experts, prep.expert_info = {}, {}
+        train_experts(prep, sd, rebuild=rebuild, clock=clock, bar=bar)
+        expert_info = expert_info or prep.expert_info
+        rows: dict[str, Row] = dict(done)
+
+        def keep(row: Row, sd: int = sd, rows: dict[str, Row] = rows) -> None:
+            row.seed = sd
+            rows[row.name] = row
+            if folder is not None and not (row.skipped or "").startswith("failed"):  # a failure is retried
+                runstore.save_row(folder, sd, row)
+
+        if BASE_ROW not in done or EXPERT_ROW not in done:
+            for row in baseline_rows(prep, sd, rebuild=rebuild, clock=clock, bar=bar):
+                if row.name not in done:
+                    keep(row)
+        ctx = prep.context(sd, clock, bar)
+        if model_name is not None and model_backbone is not None and model_name not in done:
+            t0 = time.perf_counter()
+            model_row = Row(name=model_name, kind="model", params={"path": str(model)})
+            if isinstance(model_backbone, torch.nn.Module):
+                ctx.score_module(model_row, model_backbone)
+            else:
+                ctx.score(model_row, model_backbone)
+            model_row.time_s = time.perf_counter() - t0
+            keep(model_row)
+        todo = [sp for sp in specs if sp.row_name not in done]
+        with bar(total=len(todo), desc=f"methods seed {sd:<4}") as b:
+            for spec in todo:
+                b.set_postfix_str(spec.row_name)
+                keep(run_method_or_record(ctx, spec))
+                b.update(1)
+        per_seed[sd] = [rows[n] for n in names]
 
     timings = {**clock.phases, "total": time.perf_counter() - t_start}
-    results = BenchResults(
-        suite=s.name, description=s.description, quick=quick, seed=seed, mode=mode, budget=asdict(budget),
-        tasks=[task_info(t) for t in chosen], experts=expert_info, rows=rows, timings=timings,
-        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-    if out is not None:
+    results = assemble(s.name, s.description, quick, prep.mode, asdict(prep.budget), [task_info(t) for t in chosen],
+                       expert_info, per_seed, timings, env,
+                       datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    if folder is not None:
         from .report import write_report
 
-        results.out = str(out)
-        write_report(results, Path(out))
+        results.out = str(folder)
+        write_report(results, folder)
+    return results
+
+
+def assemble(suite: str, description: str, quick: bool, mode: str, budget: dict[str, Any],
+             tasks: list[dict[str, Any]], experts: dict[str, dict[str, Any]], per_seed: dict[int, list[Row]],
+             timings: dict[str, float], environment: dict[int, dict[str, Any]], created: str) -> BenchResults:
+    """:class:`BenchResults` of one or several seeds: with one seed its rows as computed, with several the mean
+    rows (:func:`.stats.mean_rows`); statistics over the seeds (:func:`.stats.statistics`)."""
+    from . import stats
+
+    seeds = list(per_seed)
+    rows = per_seed[seeds[0]] if len(seeds) == 1 else stats.mean_rows(per_seed)
+    results = BenchResults(suite=suite, description=description, quick=quick, seed=seeds[0], mode=mode, budget=budget,
+                           tasks=tasks, experts=experts, rows=rows, timings=timings, created=created, seeds=seeds,
+                           per_seed=per_seed, environment=environment)
+    results.statistics = stats.statistics(results)
     return results

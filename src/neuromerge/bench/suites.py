@@ -48,3 +48,22 @@ def get_suite(name: str) -> Suite:
     except AttributeError:
         raise BenchError(f"suite {name!r}: neuromerge.bench.{module_name} defines no class {class_name}") from None
     return cls()
+
+
+#: head protocols of the suites with task heads (``--heads``): the first is the default
+HEADS: tuple[str, ...] = ("frozen", "trained")
+
+
+def with_heads(suite: Suite, heads: str) -> Suite:
+    """``suite`` (changed in place and returned) with its experts' head protocol set: ``"frozen"`` = heads fit on
+    θ0 (the base probe) and fixed while the backbone trains, the papers' protocol and the default; ``"trained"`` =
+    zero heads trained together with the backbone. The protocol is part of the suite fingerprint, hence of the
+    expert cache key. A suite without heads (``llm``: label words) or an unknown protocol is a
+    :class:`BenchError`."""
+    if heads not in HEADS:
+        raise BenchError(f"--heads must be one of {', '.join(HEADS)}, not {heads!r}")
+    config = getattr(suite, "config", None)
+    if config is None or not hasattr(config, "with_heads"):
+        raise BenchError(f"suite {suite.name!r} has no task heads (it scores label words): --heads does not apply")
+    suite.config = config.with_heads(heads)  # type: ignore[attr-defined]
+    return suite

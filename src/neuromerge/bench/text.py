@@ -11,9 +11,12 @@
   ``debate_party``, ``chatter_topic``; out-of-domain ``language_id`` (never merged; scored by a fresh linear probe
   on frozen merged features).
 - **Experts**: ``full`` fine-tuning (default) or ``lora`` (PEFT, r = 8, α = 16 on query / key / value and the
-  three dense layers of every block, merged into the weights for static merges: ``W + (α/r)·B·A``). The head
-  starts at zero (``head_init="probe"`` starts from a strongly regularized base probe instead, LP-FT); backbone
-  (lr 1e-4, LoRA 1e-3) and head (lr 1e-2) are trained with AdamW (weight decay 0.01), linear warm-up (10 %) and
+  three dense layers of every block, merged into the weights for static merges: ``W + (α/r)·B·A``).
+- **Heads** (``TextTrainConfig.with_heads``, ``--heads``): ``frozen`` (default) = each expert's head is the base
+  probe (the "pretrained + heads" row's head, fit on θ0's features) and stays fixed while the backbone trains, as
+  the task-arithmetic papers fix CLIP's zero-shot heads (Ilharco et al. 2023, §2; TIES, NeuroMerging follow them);
+  ``trained`` = the head starts at zero and trains with the backbone (lr 1e-2), the bench's protocol before issue
+  #18. The backbone (lr 1e-4, LoRA 1e-3) is trained with AdamW (weight decay 0.01), linear warm-up (10 %) and
   linear decay, on batches drawn from a generator seeded by ``(seed, task)``.
 - **Probes**: multinomial logistic regression on frozen features (full-batch L-BFGS, L2 ``probe_l2``).
 - **Speed**: tokenization once per task and split (truncated at ``seq_len``: 64, 32 in ``--quick``); batches are
@@ -26,12 +29,14 @@
   bf16 autocast as :meth:`TextSuite.evaluate` (pooling and head in fp32), so ``evaluate_module(module(s)) ==
   evaluate(s)``; the ``"embeddings"`` router source is the mean-pooled output of ``embeddings`` (after its
   LayerNorm).
-- **Budgets**: normal = 2,000 train / 100 val / 250 test examples per task at most, 120 steps of batch 16;
+- **Budgets**: normal = 2,000 train / 100 val examples per task at most and the *whole* test split (20 % of the
+  task's data: 155 to 2,551 examples), 120 steps of batch 16;
   ``--quick`` = 192 / 40 / 80, 24 steps. The OOD probe trains on ≤ 400 (quick 128) examples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import math
@@ -88,22 +93,39 @@ class TextTrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     probe_l2: float = 1e-2
-    #: expert head initialisation: "probe" = a linear probe on base features with L2 ``init_l2`` (LP-FT), "zero"
-    head_init: str = "zero"
+    #: expert head initialisation: "probe" = a linear probe on base features (L2 ``probe_l2`` when the head is
+    #: frozen, ``init_l2`` otherwise: LP-FT), "zero" = a zero head trained from scratch (``--heads trained``)
+    head_init: str = "probe"
     init_l2: float = 0.1
     #: keep the head fixed at the base probe (fit with ``probe_l2``: the "pretrained + heads" row's head) and train
-    #: only the backbone, as the task-arithmetic papers freeze CLIP's zero-shot heads; needs ``head_init="probe"``
-    freeze_head: bool = False
+    #: only the backbone, as the task-arithmetic papers freeze CLIP's zero-shot heads (the default since issue
+    #: #18, ``--heads frozen``); needs ``head_init="probe"``
+    freeze_head: bool = True
+    eval_batch: int = 64
+    #: bf16 mixed precision (autocast; fp32 master weights) for training and evaluation: "auto" = when the CPU
+    #: has native bf16 matmuls (AVX512-BF16 / AMX), ~2× faster there; "on" / "off" force it
+    bf16: str = "auto"
 
     def __post_init__(self) -> None:
         if self.head_init not in ("zero", "probe"):
             raise BenchError(f"text suite: head_init must be 'zero' or 'probe', not {self.head_init!r}")
         if self.freeze_head and self.head_init != "probe":
             raise BenchError("text suite: freeze_head needs head_init='probe' (a zero head cannot stay frozen)")
-    eval_batch: int = 64
-    #: bf16 mixed precision (autocast; fp32 master weights) for training and evaluation: "auto" = when the CPU
-    #: has native bf16 matmuls (AVX512-BF16 / AMX), ~2× faster there; "on" / "off" force it
-    bf16: str = "auto"
+
+    @property
+    def heads(self) -> str:
+        """The head protocol: ``"frozen"`` (base probe, fixed) or ``"trained"`` (trained with the backbone)."""
+        return "frozen" if self.freeze_head else "trained"
+
+    def with_heads(self, heads: str) -> TextTrainConfig:
+        """This config under a head protocol: ``"frozen"`` = heads fit on θ0 (the base probe) and fixed while the
+        backbone trains (the papers' protocol, the default); ``"trained"`` = zero heads trained together with the
+        backbone (the bench's protocol before issue #18)."""
+        if heads == "frozen":
+            return dataclasses.replace(self, head_init="probe", freeze_head=True)
+        if heads == "trained":
+            return dataclasses.replace(self, head_init="zero", freeze_head=False)
+        raise BenchError(f"heads must be 'frozen' or 'trained', not {heads!r}")
 
     def use_bf16(self) -> bool:
         if self.bf16 == "auto":
@@ -116,8 +138,13 @@ def _quick_budget() -> Budget:
                   extra={"seq_len": 32, "train_examples": 192, "val_examples": 40, "ood_train_examples": 128})
 
 
+#: test examples per task in the normal budget: more than any task has, so every test split is whole (issue #18:
+#: sentiment 2,551, subjectivity 434, bbc_topic 426, debate_party 155, chatter_topic 275, language_id 1,240)
+FULL_TEST_EXAMPLES = 3000
+
+
 def _full_budget() -> Budget:
-    return Budget(quick=False, train_steps=120, batch_size=16, eval_examples=250, probe_steps=100,
+    return Budget(quick=False, train_steps=120, batch_size=16, eval_examples=FULL_TEST_EXAMPLES, probe_steps=100,
                   extra={"seq_len": 64, "train_examples": 2000, "val_examples": 100, "ood_train_examples": 400})
 
 
@@ -283,7 +310,7 @@ class TextSuite(Suite):
         test = self.evaluate(backbone, head_sd, task, "test", budget)
         meta = {"mode": mode, "steps": budget.train_steps, "batch_size": budget.batch_size,
                 "final_loss": sum(losses[-5:]) / max(1, len(losses[-5:])), "train_seconds": train_s,
-                "bf16": self.config.use_bf16()}
+                "bf16": self.config.use_bf16(), "heads": self.config.heads}
         return Expert(task=task.name, backbone=backbone, head=head_sd, test_score=test, meta=meta)
 
     def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
@@ -395,7 +422,9 @@ class TextSuite(Suite):
         labels = task.train.labels
         body = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": body, "lr": body_lr}]
-        if not self.config.freeze_head:
+        if self.config.freeze_head:
+            head.requires_grad_(False)  # fixed at the base probe: no gradient, no optimizer state, no weight decay
+        else:
             groups.append({"params": list(head.parameters()), "lr": self.config.head_lr})
         opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
         base_lrs = [g["lr"] for g in opt.param_groups]

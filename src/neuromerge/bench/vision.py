@@ -28,10 +28,15 @@ Choices (documented in ``docs/bench_vision.md``):
   statistics, variances up to ~70) would dominate the *global* top-k trim of TIES / NeuroMerging, and Task
   Arithmetic with ``λ·T > 1`` can drive a variance negative. The merged backbone keeps the pre-trained statistics
   and re-estimation replaces them per task.
-- **Experts**: ``full`` fine-tunes every backbone weight and a zero-initialised head with Adam (cosine schedule,
-  5 % warm-up); ``lora`` wraps the 1×1 convolutions (``_expand_conv``, ``_project_conv``, ``_conv_head``: 88 % of
-  the backbone's weights) in PEFT LoRA adapters (the stem and the depthwise convs use "same" padding done outside
-  ``nn.Conv2d``, which PEFT's conv adapter would not reproduce), trains adapters + head, and returns the base with
+- **Heads** (``TrainConfig.with_heads``, ``--heads``): ``frozen`` (default) = each expert's head is the base probe
+  (:meth:`VisionSuite.fit_probe` on θ0, the "pretrained + heads" row's head) and stays fixed while the backbone
+  trains, as the task-arithmetic papers fix CLIP's zero-shot heads; ``trained`` = a zero-initialised head trained
+  with the backbone (lr ``lr_head``), the protocol before issue #18.
+- **Experts**: ``full`` fine-tunes every backbone weight (and the head under ``--heads trained``) with Adam (cosine
+  schedule, 5 % warm-up); ``lora`` wraps the 1×1 convolutions (``_expand_conv``, ``_project_conv``,
+  ``_conv_head``: 88 % of the backbone's weights) in PEFT LoRA adapters (the stem and the depthwise convs use
+  "same" padding done outside ``nn.Conv2d``, which PEFT's conv adapter would not reproduce), trains the adapters
+  (+ the head under ``--heads trained``), and returns the base with
   ``ΔW = (α/r)·B·A`` merged in (PEFT ``merge_and_unload``). In both modes BN running statistics follow the task
   (train mode, momentum 0.1); BN affine weights are trained only in ``full``. Batches, LoRA init and probes draw
   from generators seeded by ``(seed, task, purpose)``.
@@ -49,6 +54,7 @@ Choices (documented in ``docs/bench_vision.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import math
@@ -98,6 +104,21 @@ class TrainConfig:
     probe_lr: float = 5e-3
     probe_batch: int = 256
     probe_weight_decay: float = 1e-4
+    #: heads fit on θ0 (the base probe: the "pretrained + heads" row's head) and fixed while the backbone trains,
+    #: the papers' protocol (default since issue #18, ``--heads frozen``); False = zero heads trained with the
+    #: backbone (``--heads trained``, the protocol before)
+    freeze_head: bool = True
+
+    @property
+    def heads(self) -> str:
+        """The head protocol: ``"frozen"`` or ``"trained"``."""
+        return "frozen" if self.freeze_head else "trained"
+
+    def with_heads(self, heads: str) -> TrainConfig:
+        """This config under a head protocol (``"frozen"`` or ``"trained"``, see :attr:`freeze_head`)."""
+        if heads not in ("frozen", "trained"):
+            raise BenchError(f"heads must be 'frozen' or 'trained', not {heads!r}")
+        return dataclasses.replace(self, freeze_head=heads == "frozen")
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -285,7 +306,8 @@ class VisionSuite(Suite):
             return Budget(quick=True, train_steps=40, batch_size=32, eval_examples=200, probe_steps=150,
                           extra={**BN_DEFAULTS, "bn_batches": 2, "train_examples": 600, "val_examples": 100,
                                  "probe_examples": 300})
-        return Budget(quick=False, train_steps=200, batch_size=32, eval_examples=400, probe_steps=300,
+        # eval_examples 1,000: every task's whole test split (MNIST-based 1,000, digits 359, letters 624, faces 40)
+        return Budget(quick=False, train_steps=200, batch_size=32, eval_examples=1000, probe_steps=300,
                       extra={**BN_DEFAULTS, "train_examples": None, "val_examples": 200, "probe_examples": 1000})
 
     def tasks(self, budget: Budget) -> list[TaskData]:
@@ -310,12 +332,20 @@ class VisionSuite(Suite):
         lora = mode == "lora"
         if lora:
             net = self._wrap_lora(net, derive_seed(seed, task.name, "lora-init"))
-        weight = torch.zeros(task.num_classes, FEATURE_DIM, requires_grad=True)
-        bias = torch.zeros(task.num_classes, requires_grad=True)
+        frozen = self.config.freeze_head
+        if frozen:  # the base probe (fit on θ0's BN-re-estimated features), fixed: no gradient, not optimized
+            probe = self.fit_probe(self.backbone_state(), task, budget, seed)
+            assert probe is not None
+            weight, bias = probe["weight"].clone(), probe["bias"].clone()
+        else:
+            weight = torch.zeros(task.num_classes, FEATURE_DIM, requires_grad=True)
+            bias = torch.zeros(task.num_classes, requires_grad=True)
         backbone_params = [p for p in net.parameters() if p.requires_grad]
         lr = self.config.lr_lora if lora else self.config.lr_full
-        opt = torch.optim.Adam([{"params": backbone_params, "lr": lr},
-                                {"params": [weight, bias], "lr": self.config.lr_head}])
+        groups = [{"params": backbone_params, "lr": lr}]
+        if not frozen:
+            groups.append({"params": [weight, bias], "lr": self.config.lr_head})
+        opt = torch.optim.Adam(groups)
         base_lrs = [g["lr"] for g in opt.param_groups]
         g = torch.Generator().manual_seed(derive_seed(seed, task.name, "batches"))
         images, labels = task.train.inputs, task.train.labels
@@ -343,7 +373,8 @@ class VisionSuite(Suite):
                       meta={"mode": mode, "seed": seed, "steps": budget.train_steps, "batch_size": budget.batch_size,
                             "lr": lr, "val_score": val, "final_train_loss": sum(tail) / max(1, len(tail)),
                             "train_seconds": round(time.perf_counter() - start, 2),
-                            "trainable_backbone_params": sum(p.numel() for p in backbone_params)})
+                            "trainable_backbone_params": sum(p.numel() for p in backbone_params),
+                            "heads": self.config.heads})
 
     def fit_probe(self, backbone: StateDict, task: TaskData, budget: Budget, seed: int) -> StateDict | None:
         """Logistic regression (:meth:`fit_head`) on the frozen pooled features of ``probe_examples`` train

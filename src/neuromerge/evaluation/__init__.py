@@ -8,6 +8,9 @@ a task set and normalised against its experts (layer 3: it reads routed folders)
 - :mod:`.heads`: which head scores a task (the folder's ``heads/<task>.safetensors``, the expert's
   ``*ForSequenceClassification`` head, label words, or a probe on the expert's features);
 - :mod:`.models`: opening a merged, adapter or routed folder.
+- :mod:`.statistics`: t-intervals over seeds, the paired task-stratified bootstrap of a difference in mean
+  normalized accuracy, Holm's adjustment, minimum detectable differences, packed per-example correctness
+  (numpy only; the bench's statistics use it).
 
 ``neuromerge evaluate CONFIG --model X`` and ``neuromerge bench --base B --experts E --task-file T --model X`` call
 :func:`evaluate`; so does :func:`neuromerge.evaluate`. Names are imported lazily.

@@ -55,12 +55,15 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, nor
     With ``w`` the weights (divided by ``Σ w`` when ``normalize_weights``), ``u_i = x_i / (‖x_i‖ + eps)``, ``μ =
     Σ w_i u_i / ‖Σ w_i u_i‖``, tangent vectors ``v_i = u_i − ⟨u_i, μ⟩ μ`` and ``v = Σ w_i v_i``: the result is
     ``(cos ‖v‖' μ + sin ‖v‖' · v / ‖v‖') · Σ w_i ‖x_i‖`` with ``‖v‖' = ‖v‖ + eps`` (the exponential map at ``μ``).
-    One tensor is returned as is. When ``‖Σ w_i u_i‖ < eps`` two tensors are interpolated linearly (``w_0 x_0 +
-    w_1 x_1``) and more raise :class:`ValueError` (antipodal inputs whose weights cancel).
+    One tensor is returned as is; inputs that are all zero (a tensor no expert changes, as task vectors) give zero
+    (mergekit raises there). When ``‖Σ w_i u_i‖ < eps`` two tensors are interpolated linearly (``w_0 x_0 + w_1 x_1``)
+    and more raise :class:`ValueError` (antipodal inputs whose weights cancel).
     """
     if len(tensors) == 1:
         return tensors[0]
     stacked = torch.stack(list(tensors))
+    if not bool(stacked.any()):
+        return torch.zeros_like(stacked[0])
     flat = stacked.reshape(stacked.shape[0], -1)
     w = torch.tensor(list(weights), dtype=flat.dtype, device=flat.device)
     if normalize_weights:
