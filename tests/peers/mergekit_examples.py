@@ -354,6 +354,11 @@ CASES: list[Case] = [
     Case("ramplus-tl", "test_basic_merges: ramplus_tl, r 0.2, alpha 0.3",
          lambda m: _cfg("ramplus_tl", m, ("a", None), ("b", None), ("c", None), base="base",
                         params={"r": 0.2, "alpha": 0.3})),
+    Case("nearswap", "test_basic_merges: nearswap, t 0.0001, base listed under models",
+         lambda m: _cfg("nearswap", m, ("base", None), ("a", None), base="base", params={"t": 0.0001},
+                        dtype="bfloat16")),
+    Case("nearswap-t", "variant: nearswap, t 0.01, fp32",
+         lambda m: _cfg("nearswap", m, ("a", None), base="base", params={"t": 0.01})),
     # ---- other architectures mergekit 0.1.5 knows (qwen2.json: q/k/v biases; granite.json; mistral.json)
     Case("qwen2-ties", "variant: Qwen2, ties scope: tensor, weights 0.6 / 0.4",
          lambda m: _cfg("ties", m, ("qwen2-a", {"weight": 0.6, "density": 0.5}),
