@@ -361,10 +361,13 @@ class Suite(ABC):
         ``evaluate_examples(...).score`` where the suite implements :meth:`evaluate_examples`."""
 
     def evaluate_examples(self, backbone: StateDict, head: StateDict | None, task: TaskData, split: SplitName,
-                          budget: Budget) -> ExampleScores:
+                          budget: Budget) -> ExampleScores | None:
         """Per-example results of ``backbone`` + ``head`` on a split (:class:`ExampleScores`, split order), whose
         ``score`` is :meth:`evaluate`'s. Default: :meth:`evaluate_module_examples` of :meth:`module`
-        (``backbone``) — suites without forward hooks override it."""
+        (``backbone``); None for a suite without forward hooks that does not override it (it gives scores only:
+        the bench then has no per-example data for it)."""
+        if type(self).module is Suite.module:
+            return None
         return self.evaluate_module_examples(self.module(backbone), head, task, split, budget)
 
     def fingerprint(self) -> dict[str, Any]:
