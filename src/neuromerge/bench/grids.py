@@ -114,7 +114,7 @@ class PaperDefault:
 #: keep docs/bench.md's table in step (a test compares them)
 PAPER_DEFAULTS: dict[str, PaperDefault] = {
     "task_arithmetic": PaperDefault(
-        {"lam": 0.3}, "METHODS.md §4 (official-code default); FusionBench task_arithmetic scaling_factor 0.3"),
+        {"lam": 0.3}, "docs/methods/spec.md §4 (official-code default); FusionBench task_arithmetic scaling_factor 0.3"),
     "ties": PaperDefault(
         {"density": 0.2, "lam": 1.0},
         "Yadav et al. 2023 (NeurIPS): top-20 % (k = 20), λ = 1 when no validation set is available"),
@@ -140,7 +140,7 @@ PAPER_DEFAULTS: dict[str, PaperDefault] = {
                         "validation (FusionBench TaskSingularVectorMerging alpha 1)"),
     "neuromerging": PaperDefault(
         {"density": 0.2, "lambda1": 0.0, "lambda2": "auto"}, "Fang et al. 2025 (arXiv 2503.05320): density 0.2, "
-        "λ1 = 0 (released scripts), λ2 = 1/(1−σ) without validation (METHODS.md §1.7)"),
+        "λ1 = 0 (released scripts), λ2 = 1/(1−σ) without validation (docs/methods/spec.md §1.7)"),
 }
 
 #: suffix of the row name of a method at its paper defaults
