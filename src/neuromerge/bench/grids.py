@@ -114,7 +114,8 @@ class PaperDefault:
 #: keep docs/bench.md's table in step (a test compares them)
 PAPER_DEFAULTS: dict[str, PaperDefault] = {
     "task_arithmetic": PaperDefault(
-        {"lam": 0.3}, "docs/methods/spec.md §4 (official-code default); FusionBench task_arithmetic scaling_factor 0.3"),
+        {"lam": 0.3},
+        "docs/methods/spec.md §4 (official-code default); FusionBench task_arithmetic scaling_factor 0.3"),
     "ties": PaperDefault(
         {"density": 0.2, "lam": 1.0},
         "Yadav et al. 2023 (NeurIPS): top-20 % (k = 20), λ = 1 when no validation set is available"),
