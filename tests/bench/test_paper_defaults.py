@@ -29,19 +29,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("NEUROMERGE_CACHE", str(d))
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_table_holds_exactly_the_documented_values():

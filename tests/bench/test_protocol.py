@@ -88,20 +88,7 @@ class ToySuite(Suite):
         return {"suite": "toy", "n": self.n_tasks}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine a 2-thread pool makes each op ~100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("NEUROMERGE_CACHE", str(d))
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rows_normalized_accuracy_and_report(cache_dir, tmp_path):

@@ -41,19 +41,7 @@ class SeedToy(ToySuite):
         return (self._feats(backbone, s.inputs) @ head["weight"].T + head["bias"]).argmax(-1) == s.labels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("NEUROMERGE_CACHE", str(d))
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close(a, b, tol=1e-9) -> bool:

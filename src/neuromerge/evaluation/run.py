@@ -275,37 +275,32 @@ class _Scorer:
               head: StateDict | None, classifier: ClassifierHead | None) -> float:
         """The score of ``model`` on ``t``'s ``split`` with the head of ``source`` (the suite's ``evaluate`` /
         ``evaluate_module``, so a suite without per-example results is scored too)."""
-        suite, budget = self.ts.suite, self.ts.budget
-        is_state = isinstance(model, dict)
-        if source == "classifier":
-            assert classifier is not None
-            module = self.module(model) if is_state else model
-            batches = suite.batches(t, split, budget, limit=budget.eval_examples)  # type: ignore[arg-type]
-            return classifier.accuracy(module, batches)
-        head = None if source == "label_words" else head
-        if is_state and isinstance(suite, HFSuite):  # its evaluate is evaluate_module on a fresh copy: reuse one
-            return suite.evaluate_module(self.module(model), head, t, split, budget)  # type: ignore[arg-type]
-        if is_state:
-            return suite.evaluate(model, head, t, split, budget)  # type: ignore[arg-type]
-        return suite.evaluate_module(model, head, t, split, budget)  # type: ignore[arg-type]
+        return self._run(model, t, split, source, head, classifier, examples=False)
 
     def examples(self, model: StateDict | Any, t: TaskData, split: str, source: HeadSource,
                  head: StateDict | None, classifier: ClassifierHead | None) -> ExampleScores:
         """Per-example results of ``model`` on ``t``'s ``split`` with the head of ``source`` (the same paths as
         :meth:`score`; ``.score`` equals it)."""
+        return self._run(model, t, split, source, head, classifier, examples=True)
+
+    def _run(self, model: StateDict | Any, t: TaskData, split: str, source: HeadSource, head: StateDict | None,
+             classifier: ClassifierHead | None, *, examples: bool) -> Any:
+        """One path for :meth:`score` and :meth:`examples`: a classifier expert's head on the module, or the
+        suite's ``evaluate`` / ``evaluate_module`` (their ``*_examples`` forms with ``examples``)."""
         suite, budget = self.ts.suite, self.ts.budget
-        is_state = isinstance(model, dict)
         if source == "classifier":
             assert classifier is not None
-            module = self.module(model) if is_state else model
+            module = self.module(model) if isinstance(model, dict) else model
             batches = suite.batches(t, split, budget, limit=budget.eval_examples)  # type: ignore[arg-type]
-            return classifier.examples(module, batches)
+            return classifier.examples(module, batches) if examples else classifier.accuracy(module, batches)
         head = None if source == "label_words" else head
-        if is_state and isinstance(suite, HFSuite):  # its evaluate is evaluate_module on a fresh copy: reuse one
-            return suite.evaluate_module_examples(self.module(model), head, t, split, budget)  # type: ignore[arg-type]
-        if is_state:
-            return suite.evaluate_examples(model, head, t, split, budget)  # type: ignore[arg-type]
-        return suite.evaluate_module_examples(model, head, t, split, budget)  # type: ignore[arg-type]
+        if isinstance(model, dict) and isinstance(suite, HFSuite):  # evaluate = evaluate_module on a fresh copy
+            model = self.module(model)  # reuse one
+        if isinstance(model, dict):
+            fn = suite.evaluate_examples if examples else suite.evaluate
+        else:
+            fn = suite.evaluate_module_examples if examples else suite.evaluate_module
+        return fn(model, head, t, split, budget)  # type: ignore[arg-type]
 
 
 def _fill(row: Row, model: StateDict | Any, ts: TaskSet, splits: Sequence[str], scorer: _Scorer,
