@@ -19,7 +19,19 @@ from .task_arithmetic import ConsensusCombineParams, LinearCombineParams, Sparsi
 from .ties import density_field
 
 
-class DareParams(MethodParams):
+class MergekitRescale(MethodParams):
+    """A ``rescale`` parameter that also takes mergekit's booleans: ``true`` = ``l1``, ``false`` = ``none`` (DARE and
+    DELLA)."""
+
+    @field_validator("rescale", mode="before", check_fields=False)
+    @classmethod
+    def _mergekit_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "l1" if value else "none"
+        return value
+
+
+class DareParams(MergekitRescale):
     """Drop parameters shared by both DARE variants."""
 
     density: FiniteFloat = density_field(0.5, "keep probability 1 − p; FusionBench's default p = 0.5")
@@ -29,13 +41,6 @@ class DareParams(MethodParams):
         "of τ_t over the tensor (mergekit's rescale: true; needs whole tensors); none: no rescale. "
         "mergekit's booleans are accepted: true = l1, false = none",
     )
-
-    @field_validator("rescale", mode="before")
-    @classmethod
-    def _mergekit_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            return "l1" if value else "none"
-        return value
 
 
 class DareLinearParams(DareParams, LinearCombineParams):

@@ -16,17 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..errors import ConfigError
 from ..numeric import FiniteFloat
 from ..tensors.magprune import DellaRescale, check_density_epsilon, magprune
 from ..tensors.sparsify import ZeroSign
-from .base import MergeInput, MethodParams
+from .base import MergeInput
+from .dare import MergekitRescale, dare_whole_tensor_reasons
 from .task_arithmetic import ConsensusCombineParams, LinearCombineParams, Sparsifier, lam_field
 
 
-class DellaParams(MethodParams):
+class DellaParams(MergekitRescale):
     """MAGPRUNE parameters shared by both DELLA variants (mergekit 0.1.5's names and defaults)."""
 
     density: FiniteFloat = Field(
@@ -39,13 +40,6 @@ class DellaParams(MethodParams):
         "l1", description="l1: scale the kept entries to the L1 norm of τ_t over the tensor (mergekit's rescale: "
         "true, its default; needs whole tensors); inverse: divide each kept entry by its keep probability (DELLA "
         "paper); none. mergekit's booleans are accepted: true = l1, false = none")
-
-    @field_validator("rescale", mode="before")
-    @classmethod
-    def _mergekit_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            return "l1" if value else "none"
-        return value
 
 
 class DellaTiesParams(DellaParams, ConsensusCombineParams):
@@ -66,10 +60,6 @@ def magprune_drop(x: MergeInput[Any]) -> list[torch.Tensor]:
     ]
 
 
-def magprune_whole_tensor_reasons(params: Any) -> list[str]:
-    return ["rescale='l1' (per-tensor L1 norms)"] if params.rescale == "l1" else []
-
-
 def magprune_check(method: str, name: str, params: Any, per_model: Sequence[Any]) -> None:
     """``density ± ε`` must lie in (0, 1) for every model, refused at planning (``--dry-run`` too)."""
     for i, p in enumerate(per_model):
@@ -80,7 +70,7 @@ def magprune_check(method: str, name: str, params: Any, per_model: Sequence[Any]
 
 #: DELLA's sparsifier: magnitude-ranked keep probabilities ``density ± ε`` per row, seeded draws, rescale
 MAGPRUNE = Sparsifier(magprune_drop, per_model=frozenset({"density", "epsilon"}),
-                      whole_tensor_reasons=magprune_whole_tensor_reasons, random=True, check=magprune_check)
+                      whole_tensor_reasons=dare_whole_tensor_reasons, random=True, check=magprune_check)
 
 DELLA_LINEAR_DOC = """DELLA + Task Arithmetic.
 
